@@ -1,0 +1,1 @@
+"""Analysis helpers (loaders, figures, tables) arrive with the sweeps issue."""

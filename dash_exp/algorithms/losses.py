@@ -1,0 +1,78 @@
+"""Per-token losses, KL estimators and aggregation. Pure tensor math, no I/O.
+
+Notation (per response token t of sample i): logp = log pi_theta, old = log pi_old (pre-update policy),
+ref = log pi_ref (frozen start policy), A_i the sample's advantage, ratio = exp(logp - old).
+
+  policy gradient / PPO-clip:  l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+      (on-policy: old = logp.detach(), so ratio == 1 and the gradient is -A * grad logp)
+  KL penalty (Schulman's estimators of KL(pi_theta || pi_ref), with log_r = ref - logp):
+      k1 = -log_r      k2 = log_r^2 / 2      k3 = exp(log_r) - 1 - log_r
+  SFT: l = -logp
+  total: l + beta * k
+
+Aggregation: every micro-batch contributes a SUM of weighted token losses; the step divides by one
+normalizer computed from the step's batch BEFORE gradient filtering, so any micro-batching and any
+filtering of zero-gradient samples leaves the gradient unchanged.
+  token_mean:               weight 1,           normalizer = total response tokens
+  seq_mean_token_mean:      weight 1/len_i,     normalizer = number of sequences
+  seq_mean_token_sum_norm:  weight 1,           normalizer = sequences * max_new_tokens  (Dr.GRPO)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta."""
+    log_r = ref_logp - logp
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"kl estimator {estimator!r}: expected one of k1, k2, k3")
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip per-token loss and the mask of tokens where clipping is active.
+
+    advantages broadcast against logp (shape [B, 1] for per-sample advantages).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def sft_loss(logp: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy on the target tokens."""
+    return -logp
+
+
+def aggregate_sum(token_loss: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Sum of weighted token losses of one micro-batch (divide by `normalizer` of the step)."""
+    masked = token_loss * mask
+    if aggregation in ("token_mean", "seq_mean_token_sum_norm"):
+        return masked.sum()
+    if aggregation == "seq_mean_token_mean":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    raise ValueError(f"aggregation {aggregation!r}: expected token_mean, seq_mean_token_mean "
+                     "or seq_mean_token_sum_norm")
+
+
+def normalizer(response_lengths: Sequence[int], aggregation: str, max_new_tokens: int) -> float:
+    """The step's divisor, from ALL of its samples (before filtering)."""
+    if aggregation == "token_mean":
+        return float(max(sum(response_lengths), 1))
+    if aggregation == "seq_mean_token_mean":
+        return float(len(response_lengths))
+    if aggregation == "seq_mean_token_sum_norm":
+        return float(len(response_lengths) * max_new_tokens)
+    raise ValueError(f"aggregation {aggregation!r}: expected token_mean, seq_mean_token_mean "
+                     "or seq_mean_token_sum_norm")

@@ -1,0 +1,110 @@
+"""One optimizer step's gradient: micro-batched forward/backward of the kept samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dash_exp.algorithms.losses import aggregate_sum, kl_estimate, policy_loss, sft_loss
+from dash_exp.batching import TrainSample, microbatches, pad_right, response_logprobs
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss to build per token, and how to aggregate it."""
+
+    # "pg" (policy gradient / PPO-clip, optionally + beta * KL) or "sft"
+    kind: str
+    aggregation: str = "token_mean"
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    beta: float = 0.0
+    estimator: str = "k3"
+
+
+@dataclass
+class UpdateStats:
+    """Sums over the micro-batches of one optimizer step (divide by tokens for means)."""
+
+    loss: float = 0.0
+    pg: float = 0.0
+    kl_loss: float = 0.0
+    kl_sum: float = 0.0
+    clipped: float = 0.0
+    approx_kl_sum: float = 0.0
+    tokens: int = 0
+    forward_samples: int = 0
+
+
+def accumulate_gradients(
+    policy: torch.nn.Module,
+    samples: Sequence[TrainSample],
+    spec: LossSpec,
+    norm: float,
+    microbatch: int,
+    pad_id: int,
+    ref: torch.nn.Module | None = None,
+) -> UpdateStats:
+    """Add d(sum of weighted token losses / norm)/d(theta) of `samples` into .grad, micro-batch by micro-batch.
+
+    The result does not depend on how samples are split into micro-batches.
+    """
+    stats = UpdateStats()
+    for micro in microbatches(samples, microbatch):
+        logp, mask = response_logprobs(policy, micro, pad_id, spec.temperature)
+        stats.forward_samples += len(micro)
+        stats.tokens += int(mask.sum())
+        if spec.kind == "sft":
+            token_loss = sft_loss(logp)
+            loss = aggregate_sum(token_loss, mask, spec.aggregation) / norm
+            stats.pg += float(loss.detach())
+        else:
+            has_old = micro[0].old_logprobs is not None
+            old = pad_right([s.old_logprobs for s in micro], logp.shape[1]) if has_old else logp.detach()
+            adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
+            pg_tokens, clipped = policy_loss(logp, old, adv, spec.clip_low, spec.clip_high)
+            pg = aggregate_sum(pg_tokens, mask, spec.aggregation) / norm
+            loss = pg
+            stats.pg += float(pg.detach())
+            stats.clipped += float((clipped * mask).sum())
+            log_ratio = (logp - old).detach()
+            stats.approx_kl_sum += float(((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum())
+            if spec.beta > 0:
+                if ref is None:
+                    raise ValueError("beta > 0 needs a reference model")
+                ref_lp = reference_logprobs(ref, micro, pad_id, spec.temperature, logp.shape[1])
+                kl = kl_estimate(logp, ref_lp, spec.estimator)
+                kl_loss = aggregate_sum(kl, mask, spec.aggregation) / norm
+                loss = loss + spec.beta * kl_loss
+                stats.kl_loss += float(kl_loss.detach())
+                stats.kl_sum += float((kl.detach() * mask).sum())
+        loss.backward()
+        stats.loss += float(loss.detach())
+    return stats
+
+
+def reference_logprobs(
+    ref: torch.nn.Module, micro: Sequence[TrainSample], pad_id: int, temperature: float, width: int
+) -> torch.Tensor:
+    """Reference log-probs of the micro-batch, computed once per sample and cached on it."""
+    missing = [s for s in micro if s.ref_logprobs is None]
+    if missing:
+        with torch.no_grad():
+            lp, mask = response_logprobs(ref, missing, pad_id, temperature)
+        for s, row, m in zip(missing, lp, mask, strict=True):
+            s.ref_logprobs = row[: int(m.sum())].clone()
+    return pad_right([s.ref_logprobs for s in micro], width)
+
+
+@torch.no_grad()
+def old_logprobs(
+    policy: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, temperature: float, microbatch: int
+) -> None:
+    """Store log-probs of the pre-update policy on each sample (needed only for off-policy PPO)."""
+    for micro in microbatches(samples, microbatch):
+        lp, mask = response_logprobs(policy, micro, pad_id, temperature)
+        for s, row, m in zip(micro, lp, mask, strict=True):
+            s.old_logprobs = row[: int(m.sum())].clone()

@@ -1,0 +1,60 @@
+"""Atomic checkpoints (temp dir + rename) of everything a run needs to continue exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint in the run dir (incomplete temp dirs never match)."""
+    root = checkpoint_dir(run_dir)
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "meta.json").exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write state (torch objects) and meta (JSON) to checkpoints/step_<step>; keep the newest `keep`."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=root))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({**state, "rng": rng}, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a checkpoint; restores the python/numpy/torch RNG states."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path}: cannot load state.pt ({exc})") from exc
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state, read_meta(path)

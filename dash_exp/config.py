@@ -1,0 +1,312 @@
+"""Structured configs (the schema behind conf/) and the validation run before any model loads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+ALGORITHMS = ("sft", "grpo", "ppo", "dash")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+ADV_NORMS = ("std", "mean")
+SFT_SOURCES = ("reference", "traces")
+ROLLOUTS = ("hf",)
+LOGGERS = ("wandb", "none")
+LOGGER_MODES = ("online", "offline", "disabled")
+MODEL_SOURCES = ("tiny", "hub")
+DTYPES = ("float32", "bfloat16", "float16")
+RESUME = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key and what is allowed."""
+
+
+@dataclass
+class AlgorithmConfig:
+    # algorithm name: sft | grpo | ppo | dash
+    name: str = MISSING
+    # advantage normalisation within a group: std -> (r - mean)/(std + eps); mean -> r - mean
+    adv_norm: str = "std"
+    # epsilon added to the group std in the advantage denominator
+    adv_eps: float = 1e-4
+    # passes over each step's batch (PPO "Multi" uses 3; policy gradient uses 1)
+    ppo_epochs: int = 1
+    # optimizer steps per pass, each on 1/ppo_minibatches of the batch (PPO "Mini" uses 32)
+    ppo_minibatches: int = 1
+    # PPO ratio clip below 1 (ratio >= 1 - clip_low)
+    clip_low: float = 0.2
+    # PPO ratio clip above 1 (ratio <= 1 + clip_high); asymmetric allowed
+    clip_high: float = 0.2
+    # loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (Dr.GRPO)
+    aggregation: str = "token_mean"
+    # SFT data: reference (task's reference solutions, SFT-H) | traces (JSONL of model traces, SFT-M)
+    sft_source: str = "reference"
+    # SFT-M traces JSONL (one {"prompt", "response"} object per line); required when sft_source=traces
+    traces_path: str | None = None
+
+
+@dataclass
+class KLConfig:
+    # name of the kl preset (on | off), used in run names and W&B groups
+    name: str = MISSING
+    # KL penalty coefficient beta; 0 disables the penalty and the reference model is never built
+    beta: float = 0.0
+    # KL estimator against the frozen reference policy: k1 | k2 | k3
+    estimator: str = "k3"
+
+
+@dataclass
+class TinyModelConfig:
+    # hidden size of the tiny Llama model
+    hidden_size: int = 128
+    # transformer layers
+    num_layers: int = 4
+    # attention heads
+    num_heads: int = 4
+    # MLP inner size
+    intermediate_size: int = 512
+    # longest prompt + response the tiny model handles
+    max_position_embeddings: int = 512
+    # warm-up pre-training steps that turn the random init into the "base" model
+    warmup_steps: int = 500
+    # warm-up batch size (sequences)
+    warmup_batch: int = 32
+    # warm-up constant learning rate
+    warmup_lr: float = 1e-3
+    # fraction of warm-up traces with a deliberate arithmetic slip (keeps the base model imperfect)
+    warmup_noise: float = 0.3
+    # seed of the init and the warm-up data
+    warmup_seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    # short name used in run names and W&B groups
+    name: str = MISSING
+    # tiny: build (or reuse from cache) the embedded tiny model; hub: load path_or_id with transformers
+    source: str = "tiny"
+    # hub model id or local directory (source=hub)
+    path_or_id: str | None = None
+    # parameter dtype: float32 | bfloat16 | float16
+    dtype: str = "float32"
+    # cache directory for built tiny models (keyed by a hash of their config)
+    cache_dir: str = "${oc.env:DASH_EXP_CACHE,${oc.env:HOME}/.cache/dash_exp}"
+    # tiny model architecture and warm-up (source=tiny)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class TaskConfig:
+    # task name: arith
+    name: str = MISSING
+    # training problems (fixed split; one pass over it is one epoch)
+    n_train: int = 2000
+    # held-out test problems
+    n_test: int = 200
+    # fewest numbers in an arithmetic chain
+    min_terms: int = 3
+    # most numbers in an arithmetic chain
+    max_terms: int = 4
+    # numbers are drawn from [0, max_value]
+    max_value: int = 99
+    # seed of the problem generator (fixed: the splits never change between runs)
+    seed: int = 0
+    # held-out problems used by the periodic evaluation (<= n_test)
+    eval_size: int = 200
+
+
+@dataclass
+class RolloutConfig:
+    # sampling backend: hf (batched transformers sampling with a KV cache)
+    name: str = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    # metric sink: wandb (plus metrics.jsonl) | none (metrics.jsonl only)
+    name: str = MISSING
+    # W&B mode: online | offline | disabled (online falls back to offline without WANDB_API_KEY)
+    mode: str = "offline"
+    # W&B project
+    project: str = "dash_exp"
+    # W&B entity (team or user); null = your default
+    entity: str | None = None
+    # W&B group; null = <algorithm>-kl_<kl>-<model>
+    group: str | None = None
+    # extra W&B tags
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    algorithm: AlgorithmConfig = MISSING
+    kl: KLConfig = MISSING
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    logger: LoggerConfig = MISSING
+    # drop samples with |advantage| <= this before any forward pass (gradient filtering); null = keep all
+    filter_threshold: float | None = None
+    # samples per sampler call (whole groups); null = the whole step batch (preemptive sampling)
+    inference_batch: int | None = None
+    # sequences per forward/backward pass
+    train_microbatch: int = 16
+    # samples per prompt (the group in group-relative advantages)
+    group_size: int = 8
+    # prompts per optimizer step; the step batch is prompts_per_step * group_size samples
+    prompts_per_step: int = 16
+    # optimizer steps (one step = one batch of prompts_per_step prompts)
+    steps: int = 150
+    # if set, overrides steps with ceil(epochs * n_train / prompts_per_step)
+    epochs: float | None = None
+    # AdamW learning rate (constant)
+    lr: float = 1e-4
+    # AdamW weight decay
+    weight_decay: float = 0.0
+    # clip the global gradient norm to this; null = no clipping
+    grad_clip: float | None = 1.0
+    # most tokens generated per response
+    max_new_tokens: int = 64
+    # sampling temperature (also divides the logits in training log-probs)
+    temperature: float = 1.0
+    # nucleus sampling mass; 1.0 = off
+    top_p: float = 1.0
+    # top-k sampling; 0 = off
+    top_k: int = 0
+    # seed of everything (init of RL state, prompt order, sampling noise)
+    seed: int = 0
+    # torch CPU threads; null = the cores this process may use
+    threads: int | None = None
+    # evaluate every this many steps (and at start and end); 0 = only at start and end
+    eval_every: int = 50
+    # samples per held-out problem for sampled accuracy
+    eval_samples: int = 1
+    # checkpoint every this many steps (and at the end); 0 = only at the end
+    save_every: int = 0
+    # resume: auto (continue from the run dir's latest checkpoint) | never
+    resume: str = "auto"
+    # where this run writes config.yaml, metrics.jsonl, summary.json, checkpoints, wandb/
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore (conf/config.yaml names it in its defaults)."""
+    ConfigStore.instance().store(name="dash_exp_schema", node=Config)
+
+
+def step_batch(cfg: Config | DictConfig) -> int:
+    """Samples (RL) or sequences (SFT) consumed by one outer step."""
+    return cfg.prompts_per_step * cfg.group_size
+
+
+def resolved_inference_batch(cfg: Config | DictConfig) -> int:
+    """Samples per sampler call; null means the whole step batch (preemptive sampling)."""
+    return cfg.inference_batch if cfg.inference_batch is not None else step_batch(cfg)
+
+
+def resolved_threads(cfg: Config | DictConfig) -> int:
+    """Torch threads: the configured number, else the cores this process may run on."""
+    return cfg.threads if cfg.threads is not None else len(os.sched_getaffinity(0))
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r}: expected a number {bound}")
+
+
+def validate(cfg: Config | DictConfig) -> None:
+    """Reject bad values and bad combinations with one line naming the key; loads nothing."""
+    a = cfg.algorithm
+    _one_of("algorithm.name", a.name, ALGORITHMS)
+    _one_of("algorithm.adv_norm", a.adv_norm, ADV_NORMS)
+    _one_of("algorithm.aggregation", a.aggregation, AGGREGATIONS)
+    _one_of("algorithm.sft_source", a.sft_source, SFT_SOURCES)
+    _one_of("kl.estimator", cfg.kl.estimator, KL_ESTIMATORS)
+    _one_of("model.source", cfg.model.source, MODEL_SOURCES)
+    _one_of("model.dtype", cfg.model.dtype, DTYPES)
+    _one_of("rollout.name", cfg.rollout.name, ROLLOUTS)
+    _one_of("logger.name", cfg.logger.name, LOGGERS)
+    _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    _one_of("resume", cfg.resume, RESUME)
+    for key in ("group_size", "prompts_per_step", "train_microbatch", "max_new_tokens",
+                "algorithm.ppo_epochs", "algorithm.ppo_minibatches", "task.n_train", "task.n_test",
+                "task.eval_size", "eval_samples"):
+        _positive(key, _get(cfg, key))
+    for key in ("lr", "temperature", "top_p"):
+        _positive(key, getattr(cfg, key))
+    for key in ("steps", "eval_every", "save_every", "top_k", "weight_decay", "kl.beta",
+                "algorithm.clip_low", "algorithm.clip_high", "algorithm.adv_eps"):
+        _positive(key, _get(cfg, key), allow_zero=True)
+    _positive("filter_threshold", cfg.filter_threshold, allow_none=True, allow_zero=True)
+    _positive("epochs", cfg.epochs, allow_none=True)
+    _positive("grad_clip", cfg.grad_clip, allow_none=True)
+    _positive("threads", cfg.threads, allow_none=True)
+    _positive("inference_batch", cfg.inference_batch, allow_none=True)
+    if cfg.top_p > 1:
+        raise ConfigError(f"top_p={cfg.top_p}: expected a number in (0, 1]")
+    if a.clip_low >= 1:
+        raise ConfigError(f"algorithm.clip_low={a.clip_low}: expected a number in [0, 1)")
+
+    batch = step_batch(cfg)
+    infer = resolved_inference_batch(cfg)
+    if a.name != "sft":
+        if cfg.group_size < 2:
+            raise ConfigError(f"group_size={cfg.group_size}: group-relative advantages need >= 2")
+        if infer % cfg.group_size:
+            raise ConfigError(f"inference_batch={infer}: expected a multiple of group_size={cfg.group_size}")
+        if infer > batch:
+            raise ConfigError(f"inference_batch={infer}: expected <= the step batch "
+                              f"prompts_per_step*group_size={batch}")
+        if cfg.train_microbatch > infer:
+            raise ConfigError(f"train_microbatch={cfg.train_microbatch}: expected <= inference_batch={infer}")
+    if batch % a.ppo_minibatches:
+        raise ConfigError(f"algorithm.ppo_minibatches={a.ppo_minibatches}: expected a divisor of the step "
+                          f"batch prompts_per_step*group_size={batch}")
+    if a.name in ("grpo", "dash", "sft") and (a.ppo_epochs, a.ppo_minibatches) != (1, 1):
+        raise ConfigError(f"algorithm.ppo_epochs/ppo_minibatches: {a.name} is on-policy, expected 1/1 "
+                          f"(use algorithm=ppo for off-policy updates)")
+    if a.name == "sft" and cfg.kl.beta > 0:
+        raise ConfigError(f"kl.beta={cfg.kl.beta}: algorithm=sft has no KL penalty, use kl=off")
+    if a.name == "sft" and a.sft_source == "traces" and not a.traces_path:
+        raise ConfigError("algorithm.traces_path: required when algorithm.sft_source=traces "
+                          "(make one with python -m dash_exp.traces)")
+    if cfg.task.eval_size > cfg.task.n_test:
+        raise ConfigError(f"task.eval_size={cfg.task.eval_size}: expected <= task.n_test={cfg.task.n_test}")
+    if cfg.task.min_terms < 2 or cfg.task.max_terms < cfg.task.min_terms:
+        raise ConfigError(f"task.min_terms/max_terms={cfg.task.min_terms}/{cfg.task.max_terms}: "
+                          "expected 2 <= min_terms <= max_terms")
+    if cfg.model.source == "hub" and not cfg.model.path_or_id:
+        raise ConfigError("model.path_or_id: required when model.source=hub (a hub id or a local directory)")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose and validate conf/config.yaml with overrides, outside a Hydra app (CLIs, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=list(overrides or []), return_hydra_config=False)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,163 @@
+"""Policy, reference and tokenizer loading; the embedded tiny model and its cached warm-up "base" model.
+
+Every model, the tiny one included, is loaded from a directory (or hub id) with transformers'
+Auto classes, so the code path that serves Qwen2.5 from the hub is the one the tests exercise on
+the locally built tiny model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from dash_exp.algorithms.update import LossSpec, accumulate_gradients
+from dash_exp.batching import TrainSample
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# printable ASCII plus newline and tab; anything else maps to <unk>
+CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]
+# bump when the tiny model's recipe changes in a way its config hash does not capture
+TINY_RECIPE_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one id per character, specials <pad>=0, <eos>=1, <unk>=2."""
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *CHARSET])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerFast:
+    """Tokenizer of a model directory or hub id, left-padded for generation, with a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path_or_id: str, dtype: str = "float32", device: torch.device | None = None) -> torch.nn.Module:
+    """Causal LM from a directory or hub id, in `dtype`, on `device`, in train mode."""
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=DTYPES[dtype])
+    model.to(device or default_device())
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build_reference(policy: torch.nn.Module) -> torch.nn.Module:
+    """Frozen copy of the starting policy for the KL penalty (built only when beta > 0)."""
+    ref = copy.deepcopy(policy).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def eos_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def tiny_model_key(tiny_cfg: Any, task_cfg: Any) -> str:
+    """Hash of everything that determines the tiny base model's weights."""
+    task = _config_dict(task_cfg)
+    payload = {
+        "tiny": _config_dict(tiny_cfg),
+        "task": {k: task[k] for k in ("min_terms", "max_terms", "max_value")},
+        "recipe": TINY_RECIPE_VERSION,
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
+    """Directory or hub id to load; builds the tiny base model once (cached by config hash)."""
+    if model_cfg.source == "hub":
+        return str(model_cfg.path_or_id)
+    from dash_exp.config import TaskConfig
+
+    arith = task_cfg if task_cfg.name == "arith" else TaskConfig(name="arith")
+    path = Path(os.path.expanduser(model_cfg.cache_dir)) / f"tiny-{tiny_model_key(model_cfg.tiny, arith)}"
+    if not (path / "config.json").exists():
+        build_base_model(model_cfg.tiny, arith, path)
+    return str(path)
+
+
+def build_base_model(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
+    """Init a tiny Llama and warm it up on noisy CoT arithmetic traces; save it atomically to out_dir."""
+    from dash_exp.tasks.arithmetic import warmup_examples
+
+    torch.manual_seed(tiny_cfg.warmup_seed)
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=tiny_cfg.hidden_size, num_hidden_layers=tiny_cfg.num_layers,
+        num_attention_heads=tiny_cfg.num_heads, num_key_value_heads=tiny_cfg.num_heads,
+        intermediate_size=tiny_cfg.intermediate_size, max_position_embeddings=tiny_cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=True, use_cache=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    examples = warmup_examples(task_cfg, tiny_cfg.warmup_steps * tiny_cfg.warmup_batch, tiny_cfg.warmup_noise,
+                               tiny_cfg.warmup_seed)
+    samples = [TrainSample(tokenizer.encode(p), tokenizer.encode(r) + [tokenizer.eos_token_id]) for p, r in examples]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny_cfg.warmup_lr, weight_decay=0.0)
+    spec = LossSpec(kind="sft")
+    bar = tqdm(range(tiny_cfg.warmup_steps), desc=f"building tiny base model {out_dir.name}", unit="step")
+    for step in bar:
+        batch = samples[step * tiny_cfg.warmup_batch: (step + 1) * tiny_cfg.warmup_batch]
+        norm = float(sum(len(s.response_ids) for s in batch))
+        stats = accumulate_gradients(model, batch, spec, norm, tiny_cfg.warmup_batch, tokenizer.pad_token_id)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{stats.loss:.3f}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)

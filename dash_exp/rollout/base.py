@@ -1,0 +1,62 @@
+"""The Sampler protocol (generate, sync) and what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that shapes sampling; always passed explicitly, never taken from model defaults."""
+
+    # samples per prompt
+    n: int = 1
+    temperature: float = 1.0
+    # nucleus mass, 1.0 = off
+    top_p: float = 1.0
+    # top-k, 0 = off
+    top_k: int = 0
+    max_new_tokens: int = 64
+    # argmax decoding (ignores temperature/top_p/top_k)
+    greedy: bool = False
+
+
+@dataclass
+class Rollout:
+    """One sampled response."""
+
+    prompt_ids: list[int]
+    # response tokens, including the EOS token when the response stopped on its own
+    response_ids: list[int]
+    # log softmax(logits / temperature) of each response token (before top-p/top-k truncation)
+    logprobs: list[float]
+    # hit max_new_tokens without EOS
+    truncated: bool
+
+
+class Sampler(Protocol):
+    """Generates from the CURRENT policy; `sync` is called after every optimizer step."""
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Rollout]:
+        """params.n rollouts per prompt, grouped: [p0 s0, p0 s1, ..., p1 s0, ...].
+
+        seeds[i] keys prompt i's sampling noise; a backend that honours it samples the same responses
+        whatever the batch a prompt is sampled in.
+        """
+        ...
+
+    def sync(self, policy: torch.nn.Module) -> None: ...
+
+
+def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any) -> Sampler:
+    """The backend named by cfg.rollout.name."""
+    if cfg.rollout.name == "hf":
+        from dash_exp.models import eos_token_ids
+        from dash_exp.rollout.hf import HFSampler
+
+        return HFSampler(policy, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy))
+    raise ValueError(f"rollout.name={cfg.rollout.name!r}: expected one of hf")

@@ -1,0 +1,1 @@
+"""Tasks: problems with prompts and reference answers, scored by the shared grader."""

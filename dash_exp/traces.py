@@ -1,0 +1,96 @@
+"""SFT-M traces: sample any model on the task's training prompts and keep correct responses.
+
+    python -m dash_exp.traces --out traces.jsonl --samples 4 model=qwen2.5-1.5b
+    python -m dash_exp.run algorithm=sft algorithm.sft_source=traces algorithm.traces_path=traces.jsonl
+
+Writes one JSON object per line: {"prompt", "response", "answer"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from dash_exp.tasks.base import Problem
+
+
+def load_traces(path: Path) -> list[Problem]:
+    """Traces JSONL -> Problems (solution = response); errors name path:line and what was expected."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: traces file not found (make one with python -m dash_exp.traces)")
+    problems = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "response")):
+                raise ValueError(f"{path}:{lineno}: expected an object with string fields 'prompt' and 'response'")
+            problems.append(Problem(prompt=row["prompt"], answer=str(row.get("answer", "")), solution=row["response"]))
+    if not problems:
+        raise ValueError(f"{path}: no traces (empty file)")
+    return problems
+
+
+def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts: int | None) -> dict[str, float]:
+    """Rejection sampling over the training split; returns counts."""
+    import torch
+
+    from dash_exp.batching import TokenCache
+    from dash_exp.config import resolved_inference_batch, resolved_threads
+    from dash_exp.evaluate import generate_in_chunks
+    from dash_exp.models import load_policy, load_tokenizer, resolve_model_path
+    from dash_exp.rollout.base import SamplingParams, build_sampler
+    from dash_exp.rollout.hf import mix32
+    from dash_exp.tasks.base import build_task
+
+    torch.set_num_threads(resolved_threads(cfg))
+    task = build_task(cfg.task)
+    path = resolve_model_path(cfg.model, cfg.task)
+    tokenizer = load_tokenizer(path)
+    sampler = build_sampler(cfg, load_policy(path, cfg.model.dtype), tokenizer)
+    tokens = TokenCache(tokenizer)
+    problems = task.train[:max_prompts] if max_prompts else task.train
+    params = SamplingParams(n=samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens)
+    seeds = [mix32(cfg.seed, -2, i) for i in range(len(problems))]
+    rollouts = generate_in_chunks(sampler, [tokens(p.prompt) for p in problems], params, seeds,
+                                  resolved_inference_batch(cfg))
+    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+    graded = task.score(texts, [p for p in problems for _ in range(samples)])
+    task.close()
+    written = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for i, problem in enumerate(problems):
+            group = range(i * samples, (i + 1) * samples)
+            correct = dict.fromkeys(texts[j] for j in group if graded.rewards[j] > 0 and not rollouts[j].truncated)
+            for text in list(correct)[:per_prompt]:
+                f.write(json.dumps({"prompt": problem.prompt, "response": text, "answer": problem.answer}) + "\n")
+                written += 1
+    return {"prompts": len(problems), "samples": len(texts), "accepted": sum(graded.rewards), "written": written}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="traces JSONL to write")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--per-prompt", type=int, default=1, help="most distinct correct traces kept per prompt")
+    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N training prompts")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen2.5-1.5b task=arith")
+    args = parser.parse_args(argv)
+    from dash_exp.config import compose_config
+
+    cfg = compose_config(args.overrides)
+    counts = make_traces(cfg, args.out, args.samples, args.per_prompt, args.max_prompts)
+    print(f"wrote {counts['written']} traces to {args.out} "
+          f"({counts['accepted']:.0f}/{counts['samples']} samples correct over {counts['prompts']} prompts)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""One metric sink for every run: run_dir/metrics.jsonl always, Weights & Biases when configured."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timers:
+    """Named wall-clock accumulators: `with timers("inference"): ...` then `timers.pop()`."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        """`time/<name>` seconds since the last pop, and reset."""
+        out = {f"time/{k}": v for k, v in self.totals.items()}
+        self.totals = {}
+        return out
+
+
+def wandb_mode(requested: str) -> str:
+    """online only with credentials; otherwise offline (one warning)."""
+    if requested == "online" and not os.environ.get("WANDB_API_KEY"):
+        warnings.warn("logger.mode=online but WANDB_API_KEY is not set: logging to W&B offline", stacklevel=2)
+        return "offline"
+    return requested
+
+
+class MetricSink:
+    """Writes each step's metrics as one JSON line (flushed) and, if enabled, to a W&B run."""
+
+    def __init__(self, run_dir: Path, logger_cfg: Any, run_name: str, group: str, config: dict[str, Any],
+                 resume_id: str | None = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.wandb_run = None
+        mode = wandb_mode(logger_cfg.mode) if logger_cfg.name == "wandb" else "disabled"
+        if mode != "disabled":
+            self.wandb_run = self._init_wandb(run_dir, logger_cfg, mode, run_name, group, config, resume_id)
+
+    @staticmethod
+    def _init_wandb(run_dir, logger_cfg, mode, run_name, group, config, resume_id):
+        try:
+            import wandb
+
+            return wandb.init(
+                project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group or group,
+                tags=list(logger_cfg.tags), name=run_name, config=config, dir=str(run_dir), mode=mode,
+                id=resume_id, resume="allow" if resume_id else None,
+                settings=wandb.Settings(console="off", quiet=True, init_timeout=60),
+            )
+        except Exception as exc:  # W&B is optional: metrics.jsonl still has everything
+            warnings.warn(f"W&B disabled for this run ({type(exc).__name__}: {exc}); metrics go to "
+                          f"{run_dir / 'metrics.jsonl'} only", stacklevel=2)
+            return None
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            if summary:
+                self.wandb_run.summary.update(summary)
+            self.wandb_run.finish()
+
+
+def _jsonable(value: Any) -> Any:
+    value = float(value) if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows after `last_step` (resume replays those steps)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)

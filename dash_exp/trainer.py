@@ -1,0 +1,229 @@
+"""The training loop shared by GRPO, DASH, PPO and SFT. No backend or model specifics live here.
+
+One RL step: prompts -> sampler calls of `inference_batch` samples -> rewards -> group advantages ->
+gradient filtering -> ppo_epochs x ppo_minibatches optimizer steps, each micro-batched -> sampler sync.
+GRPO and DASH differ only in config (sampler call size, filter threshold).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dash_exp.algorithms.advantages import gradient_filter, group_advantages
+from dash_exp.algorithms.losses import normalizer
+from dash_exp.algorithms.update import LossSpec, UpdateStats, accumulate_gradients, old_logprobs
+from dash_exp.batching import TokenCache, TrainSample
+from dash_exp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dash_exp.config import resolved_inference_batch, step_batch
+from dash_exp.evaluate import evaluate, generate_in_chunks
+from dash_exp.rollout.base import Sampler, SamplingParams
+from dash_exp.rollout.hf import mix32
+from dash_exp.tasks.base import Problem, ProblemStream
+from dash_exp.tracking import MetricSink, Timers, peak_rss_mb, truncate_metrics
+
+
+def total_steps(cfg: Any, n_items: int) -> int:
+    """cfg.steps, or ceil(epochs * items / items per step) when cfg.epochs is set."""
+    if cfg.epochs is None:
+        return int(cfg.steps)
+    per_step = step_batch(cfg) if cfg.algorithm.name == "sft" else cfg.prompts_per_step
+    return math.ceil(cfg.epochs * n_items / per_step)
+
+
+def loss_spec(cfg: Any) -> LossSpec:
+    a = cfg.algorithm
+    return LossSpec(
+        kind="sft" if a.name == "sft" else "pg", aggregation=a.aggregation, temperature=cfg.temperature,
+        clip_low=a.clip_low, clip_high=a.clip_high, beta=cfg.kl.beta, estimator=cfg.kl.estimator,
+    )
+
+
+class Trainer:
+    """Owns the optimizer, the data stream and the loop; talks to the sampler only through its protocol."""
+
+    def __init__(self, cfg: Any, policy: torch.nn.Module, tokenizer: Any, sampler: Sampler, task: Any,
+                 sink: MetricSink, run_dir: Path, ref: torch.nn.Module | None = None,
+                 sft_items: list[Problem] | None = None) -> None:
+        self.cfg, self.policy, self.sampler, self.task, self.sink = cfg, policy, sampler, task, sink
+        self.ref, self.run_dir = ref, run_dir
+        self.tokens = TokenCache(tokenizer)
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.is_sft = cfg.algorithm.name == "sft"
+        items = sft_items if sft_items is not None else task.train
+        self.stream = ProblemStream(items, seed=cfg.seed)
+        self.steps = total_steps(cfg, len(items))
+        self.spec = loss_spec(cfg)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.timers = Timers()
+        self.step = 0
+        self.elapsed = 0.0
+        self.initial_eval: dict[str, float] = {}
+        self.sampling = SamplingParams(
+            n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "stream": self.stream.state_dict()}
+        meta = {"elapsed": self.elapsed, "initial_eval": self.initial_eval, "wandb_id": self.sink.wandb_id}
+        return state, meta
+
+    def save(self) -> None:
+        state, meta = self.state()
+        save_checkpoint(self.run_dir, self.step, state, meta)
+
+    def maybe_resume(self) -> bool:
+        """Continue from the run dir's latest checkpoint (resume=auto); push restored weights to the sampler."""
+        path = latest_checkpoint(self.run_dir) if self.cfg.resume == "auto" else None
+        if path is None:
+            return False
+        state, meta = load_checkpoint(path)
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.elapsed, self.initial_eval = meta["step"], meta["elapsed"], meta["initial_eval"]
+        truncate_metrics(self.sink.path, self.step)
+        self.sampler.sync(self.policy)
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        resumed = self.maybe_resume()
+        if not self.initial_eval:
+            self.initial_eval = self.evaluate()
+            self.sink.log(0, self.initial_eval)
+        bar = tqdm(range(self.step + 1, self.steps + 1), initial=self.step, total=self.steps,
+                   desc=f"{self.cfg.algorithm.name} kl={self.cfg.kl.name}", unit="step", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        for step in bar:
+            start = time.perf_counter()
+            self.step = step
+            metrics = self.sft_step() if self.is_sft else self.rl_step(step)
+            metrics.update(self.timers.pop())
+            metrics["time/step"] = time.perf_counter() - start
+            self.elapsed += metrics["time/step"]
+            metrics["time/elapsed"] = self.elapsed
+            metrics["epoch"] = self.stream.epoch
+            metrics["mem/peak_mb"] = peak_rss_mb()
+            if step < self.steps and self.cfg.eval_every and step % self.cfg.eval_every == 0:
+                metrics.update(self.evaluate())
+            self.sink.log(step, metrics)
+            last = metrics
+            bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                            loss=f"{metrics.get('loss/total', float('nan')):.3f}")
+            if step < self.steps and self.cfg.save_every and step % self.cfg.save_every == 0:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.sink.log(self.steps, final)
+        self.save()
+        return {"steps": self.steps, "resumed": resumed, "time/elapsed": self.elapsed,
+                "initial": self.initial_eval, "final": final, "last_step": last}
+
+    def evaluate(self) -> dict[str, float]:
+        problems = self.task.test[: self.cfg.task.eval_size]
+        sampled = SamplingParams(n=self.cfg.eval_samples, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                 top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens)
+        with self.timers("eval"):
+            return evaluate(self.sampler, self.tokens, self.task, problems, sampled, self.cfg.seed,
+                            max(resolved_inference_batch(self.cfg), self.cfg.train_microbatch))
+
+    # ---------------------------------------------------------------- steps
+    def rl_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        problems: list[Problem] = self.stream.next(cfg.prompts_per_step)
+        prompts = [self.tokens(p.prompt) for p in problems]
+        seeds = [mix32(cfg.seed, step, i) for i in range(len(problems))]
+        with self.timers("inference"):
+            start = time.perf_counter()
+            rollouts = generate_in_chunks(self.sampler, prompts, self.sampling, seeds,
+                                          resolved_inference_batch(cfg))
+            gen_time = time.perf_counter() - start
+        with self.timers("reward"):
+            texts = [self.tokens.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+            graded = self.task.score(texts, [p for p in problems for _ in range(cfg.group_size)])
+        rewards = torch.tensor(graded.rewards)
+        adv = group_advantages(rewards, cfg.group_size, cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
+        keep = gradient_filter(adv, cfg.filter_threshold)
+        samples = [TrainSample(r.prompt_ids, r.response_ids, float(a)) for r, a in zip(rollouts, adv, strict=True)]
+        lengths = [len(r.response_ids) for r in rollouts]
+        metrics = {
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/timeouts": graded.timeouts, "reward/unparsed": graded.unparsed,
+            "adv/abs_mean": float(adv.abs().mean()), "filter/kept_frac": float(keep.float().mean()),
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
+            "throughput/gen_tokens_per_s": sum(lengths) / max(gen_time, 1e-9),
+        }
+        metrics.update(self.update(samples, keep.tolist(), step))
+        with self.timers("sync"):
+            self.sampler.sync(self.policy)
+        return metrics
+
+    def sft_step(self) -> dict[str, float]:
+        items: list[Problem] = self.stream.next(step_batch(self.cfg))
+        samples = [TrainSample(self.tokens(p.prompt), self.tokens(p.solution) + [self.eos_id]) for p in items]
+        metrics = self.update(samples, [True] * len(samples), self.step)
+        metrics["loss/sft"] = metrics.pop("loss/pg")
+        return metrics
+
+    # ---------------------------------------------------------------- update
+    def update(self, samples: list[TrainSample], keep: list[bool], step: int) -> dict[str, float]:
+        """ppo_epochs x ppo_minibatches optimizer steps; normalizers from each mini-batch BEFORE filtering."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        with self.timers("update"):
+            start = time.perf_counter()
+            off_policy = a.ppo_epochs * a.ppo_minibatches > 1
+            if off_policy:
+                old_logprobs(self.policy, [s for s, k in zip(samples, keep, strict=True) if k], self.pad_id,
+                             cfg.temperature, cfg.train_microbatch)
+            total, grad_norms, optimizer_steps = UpdateStats(), [], 0
+            indices = list(range(len(samples)))
+            size = len(samples) // a.ppo_minibatches
+            for epoch in range(a.ppo_epochs):
+                if a.ppo_minibatches > 1:
+                    random.Random(mix32(cfg.seed, step, epoch)).shuffle(indices)
+                for start_idx in range(0, len(indices), size):
+                    chunk = indices[start_idx: start_idx + size]
+                    norm = normalizer([len(samples[i].response_ids) for i in chunk], a.aggregation,
+                                      cfg.max_new_tokens)
+                    kept = [samples[i] for i in chunk if keep[i]]
+                    if not kept:
+                        continue
+                    stats = accumulate_gradients(self.policy, kept, self.spec, norm, cfg.train_microbatch,
+                                                 self.pad_id, self.ref)
+                    grad_norms.append(self.optimizer_step())
+                    optimizer_steps += 1
+                    _add(total, stats)
+            update_time = time.perf_counter() - start
+        tokens = max(total.tokens, 1)
+        n_opt = max(optimizer_steps, 1)
+        return {
+            "loss/total": total.loss / n_opt, "loss/pg": total.pg / n_opt, "loss/kl": total.kl_loss / n_opt,
+            "kl/mean": total.kl_sum / tokens, "ppo/clip_frac": total.clipped / tokens,
+            "ppo/approx_kl": total.approx_kl_sum / tokens, "ppo/optimizer_steps": optimizer_steps,
+            "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+            "filter/forward_samples": total.forward_samples,
+            "throughput/train_tokens_per_s": total.tokens / max(update_time, 1e-9),
+        }
+
+    def optimizer_step(self) -> float:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+def _add(total: UpdateStats, stats: UpdateStats) -> None:
+    for name in vars(total):
+        setattr(total, name, getattr(total, name) + getattr(stats, name))

@@ -1,0 +1,73 @@
+"""Hydra composition and validation: bad configs fail with one line naming the key, before any model loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dash_exp.config import ConfigError, compose_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("algorithm", "kl"), [(a, k) for a in ("sft", "grpo", "ppo", "dash") for k in ("on", "off")])
+def test_every_algorithm_kl_combination_composes(algorithm, kl):
+    if algorithm == "sft" and kl == "on":
+        with pytest.raises(ConfigError, match="kl.beta"):
+            compose_config([f"algorithm={algorithm}", f"kl={kl}", "run_dir=x"])
+        return
+    cfg = compose_config([f"algorithm={algorithm}", f"kl={kl}", "run_dir=x"])
+    assert cfg.algorithm.name == algorithm and cfg.kl.name == kl
+    assert cfg.kl.beta == (0.04 if kl == "on" else 0.0)
+
+
+def test_presets_follow_the_paper():
+    grpo, dash = compose_config(["algorithm=grpo", "run_dir=x"]), compose_config(["algorithm=dash", "run_dir=x"])
+    assert grpo.inference_batch == grpo.train_microbatch and grpo.filter_threshold is None
+    assert dash.inference_batch is None and dash.filter_threshold == 0.1
+    multi, mini = compose_config(["algorithm=ppo", "run_dir=x"]), compose_config(["algorithm=ppo_mini", "run_dir=x"])
+    assert (multi.algorithm.ppo_epochs, multi.algorithm.ppo_minibatches) == (3, 1)
+    assert (mini.algorithm.ppo_epochs, mini.algorithm.ppo_minibatches) == (1, 32)
+    qwen = compose_config(["model=qwen2.5-0.5b", "run_dir=x"])
+    assert (qwen.lr, qwen.group_size, qwen.prompts_per_step, qwen.train_microbatch) == (3e-6, 4, 64, 8)
+    assert qwen.model.path_or_id == "Qwen/Qwen2.5-0.5B" and qwen.model.dtype == "bfloat16"
+
+
+BAD = [
+    (["algorithm=grpo", "inference_batch=12"], "inference_batch=12: expected a multiple of group_size=8"),
+    (["train_microbatch=64", "inference_batch=32"], "train_microbatch=64: expected <= inference_batch=32"),
+    (["filter_threshold=-0.1"], "filter_threshold=-0.1: expected a number >= 0"),
+    (["algorithm=ppo", "algorithm.ppo_minibatches=3"], "algorithm.ppo_minibatches=3: expected a divisor"),
+    (["algorithm.aggregation=mean"], "algorithm.aggregation='mean': expected one of token_mean"),
+    (["kl.estimator=k4"], "kl.estimator='k4': expected one of k1, k2, k3"),
+    (["group_size=1"], "group_size=1: group-relative advantages need >= 2"),
+    (["lr=0"], "lr=0.0: expected a number > 0"),
+    (["top_p=1.5"], "top_p=1.5: expected a number in (0, 1]"),
+    (["inference_batch=256"], "inference_batch=256: expected <= the step batch"),
+    (["algorithm=grpo", "algorithm.ppo_epochs=3"], "algorithm.ppo_epochs/ppo_minibatches: grpo is on-policy"),
+    (["algorithm=sft", "algorithm.sft_source=traces"], "algorithm.traces_path: required"),
+    (["task.eval_size=500"], "task.eval_size=500: expected <= task.n_test=200"),
+    (["logger.mode=cloud"], "logger.mode='cloud': expected one of online, offline, disabled"),
+    (["model=qwen2.5-0.5b", "model.path_or_id=null"], "model.path_or_id: required when model.source=hub"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_rejected_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        compose_config([*overrides, "run_dir=x"])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [BAD[0], BAD[2], (["steps=abc"], "steps")])
+def test_cli_rejects_bad_config_before_any_model_loads(tmp_path, cli_env, overrides, message):
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dash_exp.run", *overrides, f"model.cache_dir={cache}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert message.split(":")[0] in proc.stderr
+    assert not cache.exists(), "a model was built/loaded before validation failed"
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,72 @@
+"""Gradient accumulation, normalisation before filtering, and forward passes skipped by filtering."""
+
+import random
+
+import pytest
+import torch
+
+from dash_exp.algorithms.losses import normalizer
+from dash_exp.algorithms.update import LossSpec, accumulate_gradients
+from dash_exp.batching import TrainSample
+from dash_exp.models import build_reference
+from dash_exp.run import build
+
+
+@pytest.fixture
+def policy_and_samples(make_cfg):
+    torch.manual_seed(0)
+    parts = build(make_cfg())
+    parts.task.close()
+    rng = random.Random(0)
+    vocab = len(parts.tokenizer)
+    samples = [
+        TrainSample([rng.randrange(3, vocab) for _ in range(rng.randint(3, 9))],
+                    [rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))], advantage=rng.uniform(-2, 2))
+        for _ in range(7)
+    ]
+    # perturb a copy so the reference differs from the policy and the KL term has a gradient
+    policy = parts.policy.double()  # float64: compare gradients tightly, free of float32 rounding
+    ref = build_reference(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, ref, samples, parts.tokenizer.pad_token_id
+
+
+def grads(policy, samples, spec, norm, microbatch, pad_id, ref=None):
+    policy.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(policy, samples, spec, norm, microbatch, pad_id, ref)
+    return [p.grad.clone() for p in policy.parameters()], stats
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("kind", ["pg", "pg+kl", "sft"])
+def test_microbatches_of_unequal_sizes_give_the_full_batch_gradient(policy_and_samples, aggregation, kind):
+    policy, ref, samples, pad = policy_and_samples
+    spec = LossSpec(kind="sft" if kind == "sft" else "pg", aggregation=aggregation,
+                    beta=0.04 if kind == "pg+kl" else 0.0, temperature=0.9)
+    norm = normalizer([len(s.response_ids) for s in samples], aggregation, max_new_tokens=12)
+    full, full_stats = grads(policy, samples, spec, norm, 7, pad, ref)
+    for s in samples:
+        s.ref_logprobs = None
+    micro, micro_stats = grads(policy, samples, spec, norm, 3, pad, ref)  # sizes 3, 3, 1
+    assert micro_stats.forward_samples == full_stats.forward_samples == 7
+    assert micro_stats.loss == pytest.approx(full_stats.loss, rel=1e-9)
+    assert any(g.abs().sum() > 0 for g in full)
+    for a, b in zip(full, micro, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_filtering_zero_advantage_samples_keeps_the_gradient_and_skips_their_forward(policy_and_samples):
+    policy, _, samples, pad = policy_and_samples
+    for s in samples[::2]:
+        s.advantage = 0.0
+    spec = LossSpec(kind="pg", beta=0.0)
+    # the normalizer comes from ALL samples, before filtering
+    norm = normalizer([len(s.response_ids) for s in samples], "token_mean", 12)
+    everything, all_stats = grads(policy, samples, spec, norm, 2, pad)
+    kept = [s for s in samples if abs(s.advantage) > 0.1]
+    filtered, kept_stats = grads(policy, kept, spec, norm, 2, pad)
+    assert all_stats.forward_samples == 7 and kept_stats.forward_samples == len(kept) == 3
+    for a, b in zip(everything, filtered, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
