@@ -79,7 +79,7 @@ class TinyModelConfig:
     # warm-up constant learning rate
     warmup_lr: float = 1e-3
     # fraction of warm-up traces with a deliberate arithmetic slip (keeps the base model imperfect)
-    warmup_noise: float = 0.3
+    warmup_noise: float = 0.2
     # seed of the init and the warm-up data
     warmup_seed: int = 1234
 
@@ -111,9 +111,9 @@ class TaskConfig:
     # fewest numbers in an arithmetic chain
     min_terms: int = 3
     # most numbers in an arithmetic chain
-    max_terms: int = 4
+    max_terms: int = 3
     # numbers are drawn from [0, max_value]
-    max_value: int = 99
+    max_value: int = 30
     # seed of the problem generator (fixed: the splits never change between runs)
     seed: int = 0
     # held-out problems used by the periodic evaluation (<= n_test)

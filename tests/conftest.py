@@ -1,4 +1,4 @@
-"""Shared fixtures: a small real tiny model (built once per machine, cached) and config composition."""
+"""Shared fixtures: the real embedded tiny model (built once per machine, cached) and config composition."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# small sizes for tests: the real code path, a smaller model and batch
+# small sizes for tests: the real code path and the default model (the cache `make run` uses), small batches
 TEST_OVERRIDES = [
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=128", "model.tiny.warmup_steps=150", "model.tiny.warmup_batch=16",
     "task.n_train=64", "task.n_test=16", "task.eval_size=8", "prompts_per_step=4", "group_size=4",
     "train_microbatch=4", "max_new_tokens=40", "logger=none", "threads=1", "eval_every=0",
 ]

@@ -1,0 +1,48 @@
+"""Tokenizer round trip through every loading path; the tiny model loads through the hub code path."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from dash_exp.models import build_char_tokenizer, eos_token_ids, load_policy, load_tokenizer, resolve_model_path
+
+TEXT = "12 + 7=?\n12+7=19\n\\boxed{19}\t(x, y) {a_b} ~!"
+
+
+def test_char_tokenizer_round_trip_through_every_loading_path(tmp_path):
+    tok = build_char_tokenizer()
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert len(ids) == len(TEXT) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == TEXT
+    tok.save_pretrained(tmp_path)
+    for loaded in (AutoTokenizer.from_pretrained(tmp_path), PreTrainedTokenizerFast.from_pretrained(tmp_path),
+                   load_tokenizer(str(tmp_path))):
+        assert loaded.encode(TEXT, add_special_tokens=False) == ids, type(loaded)
+        assert loaded.decode(ids) == TEXT
+        assert (loaded.pad_token_id, loaded.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
+    assert load_tokenizer(str(tmp_path)).padding_side == "left"
+
+
+def test_unknown_characters_map_to_unk():
+    tok = build_char_tokenizer()
+    assert tok.encode("é", add_special_tokens=False) == [tok.unk_token_id]
+
+
+def test_tiny_base_model_is_cached_and_loads_like_a_hub_model(make_cfg):
+    cfg = make_cfg()
+    path = resolve_model_path(cfg.model, cfg.task)
+    assert resolve_model_path(cfg.model, cfg.task) == path  # cached: same directory, no rebuild
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "llama"  # qwen2's AutoTokenizer would swap in Qwen's tokenizer
+    policy, tok = load_policy(path), load_tokenizer(path)
+    assert policy.training and next(policy.parameters()).dtype == torch.float32
+    assert eos_token_ids(tok, policy) == [tok.eos_token_id]
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert tok.decode(ids) == TEXT
+
+
+def test_cache_key_changes_with_the_config(make_cfg):
+    from dash_exp.models import tiny_model_key
+
+    a, b = make_cfg(), make_cfg("model.tiny.warmup_steps=151")
+    assert tiny_model_key(a.model.tiny, a.task) != tiny_model_key(b.model.tiny, b.task)
+    assert tiny_model_key(a.model.tiny, a.task) == tiny_model_key(make_cfg().model.tiny, a.task)
