@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dash_exp.traces import load_traces
-
 from conftest import TEST_OVERRIDES
+
+from dash_exp.traces import load_traces
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith(("logger=", "run_dir="))]
