@@ -60,7 +60,8 @@ def test_bad_config_is_rejected_naming_the_key(overrides, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [BAD[0], BAD[2], (["steps=abc"], "steps")])
+@pytest.mark.parametrize(("overrides", "message"), [*BAD, (["steps=abc"], "steps")],
+                         ids=[" ".join(o) for o, _ in BAD] + ["steps=abc"])
 def test_cli_rejects_bad_config_before_any_model_loads(tmp_path, cli_env, overrides, message):
     cache = tmp_path / "cache"
     proc = subprocess.run(
@@ -69,5 +70,7 @@ def test_cli_rejects_bad_config_before_any_model_loads(tmp_path, cli_env, overri
     )
     assert proc.returncode != 0
     assert message.split(":")[0] in proc.stderr
+    if overrides != ["steps=abc"]:  # ours: exit 2 and exactly one line; Hydra's own type errors exit 1
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert not cache.exists(), "a model was built/loaded before validation failed"
     assert "Traceback" not in proc.stderr
