@@ -68,9 +68,32 @@ def build(cfg: Any) -> Components:
     return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer), sft_items)
 
 
+def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from (resume=auto), with metrics.jsonl cut back to it; resume=never moves a
+    previous run's checkpoints and metrics to previous/<time>/ (nothing is deleted) and starts over."""
+    import time
+
+    from dash_exp.checkpoint import checkpoint_dir, latest_checkpoint, read_meta
+    from dash_exp.tracking import truncate_metrics
+
+    metrics = run_dir / "metrics.jsonl"
+    if resume == "auto":
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            truncate_metrics(metrics, read_meta(ckpt)["step"])
+        return ckpt
+    old = [p for p in (checkpoint_dir(run_dir), metrics) if p.exists()]
+    if old:
+        archive = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        archive.mkdir(parents=True)
+        for p in old:
+            p.rename(archive / p.name)
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run, end to end; returns the summary also written to run_dir/summary.json."""
-    from dash_exp.checkpoint import latest_checkpoint, read_meta
+    from dash_exp.checkpoint import read_meta
     from dash_exp.tracking import MetricSink
     from dash_exp.trainer import Trainer
 
@@ -79,14 +102,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed, resolved_threads(cfg))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     parts = build(cfg)
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+    ckpt = prepare_run_dir(run_dir, cfg.resume)
     resume_id = read_meta(ckpt).get("wandb_id") if ckpt else None
     config = OmegaConf.to_container(cfg, resolve=True)
     sink = MetricSink(run_dir, cfg.logger, run_name(cfg), run_name(cfg), config, resume_id)  # type: ignore[arg-type]
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
                           ref=parts.ref, sft_items=parts.sft_items)
-        summary = {"run": run_name(cfg), "run_dir": str(run_dir), **trainer.fit()}
+        summary = {"run": run_name(cfg), "run_dir": str(run_dir), **trainer.fit(ckpt)}
     finally:
         parts.task.close()
     sink.close(summary["final"])

@@ -100,11 +100,13 @@ def _jsonable(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows after `last_step` (resume replays those steps)."""
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows a resume from `step` will not write again: every row before `step`, and the training
+    row of `step` itself (a later row at `step`, such as the final evaluation of a shorter run, goes)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] < step or (r["step"] == step and "time/step" in r)]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

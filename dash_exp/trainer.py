@@ -20,13 +20,13 @@ from dash_exp.algorithms.advantages import gradient_filter, group_advantages
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import TokenCache, TrainSample
-from dash_exp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dash_exp.checkpoint import load_checkpoint, save_checkpoint
 from dash_exp.config import resolved_inference_batch, step_batch
 from dash_exp.evaluate import evaluate, generate_in_chunks
 from dash_exp.rollout.base import Sampler, SamplingParams
 from dash_exp.rollout.hf import mix32
 from dash_exp.tasks.base import Problem, ProblemStream
-from dash_exp.tracking import MetricSink, Timers, peak_rss_mb, truncate_metrics
+from dash_exp.tracking import MetricSink, Timers, peak_rss_mb
 
 
 def total_steps(cfg: Any, n_items: int) -> int:
@@ -81,23 +81,20 @@ class Trainer:
         state, meta = self.state()
         save_checkpoint(self.run_dir, self.step, state, meta)
 
-    def maybe_resume(self) -> bool:
-        """Continue from the run dir's latest checkpoint (resume=auto); push restored weights to the sampler."""
-        path = latest_checkpoint(self.run_dir) if self.cfg.resume == "auto" else None
-        if path is None:
-            return False
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint; push the restored weights to the sampler."""
         state, meta = load_checkpoint(path)
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.elapsed, self.initial_eval = meta["step"], meta["elapsed"], meta["initial_eval"]
-        truncate_metrics(self.sink.path, self.step)
         self.sampler.sync(self.policy)
-        return True
 
     # ---------------------------------------------------------------- loop
-    def fit(self) -> dict[str, Any]:
-        resumed = self.maybe_resume()
+    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
+        """Train to the last step (from `resume_from` if given), evaluate, checkpoint; return the summary."""
+        if resume_from is not None:
+            self.resume(resume_from)
         if not self.initial_eval:
             self.initial_eval = self.evaluate()
             self.sink.log(0, self.initial_eval)
@@ -126,16 +123,17 @@ class Trainer:
         final = self.evaluate()
         self.sink.log(self.steps, final)
         self.save()
-        return {"steps": self.steps, "resumed": resumed, "time/elapsed": self.elapsed,
+        return {"steps": self.steps, "resumed": resume_from is not None, "time/elapsed": self.elapsed,
                 "initial": self.initial_eval, "final": final, "last_step": last}
 
     def evaluate(self) -> dict[str, float]:
         problems = self.task.test[: self.cfg.task.eval_size]
         sampled = SamplingParams(n=self.cfg.eval_samples, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                  top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens)
-        with self.timers("eval"):
-            return evaluate(self.sampler, self.tokens, self.task, problems, sampled, self.cfg.seed,
-                            max(resolved_inference_batch(self.cfg), self.cfg.train_microbatch))
+        start = time.perf_counter()
+        metrics = evaluate(self.sampler, self.tokens, self.task, problems, sampled, self.cfg.seed,
+                           max(resolved_inference_batch(self.cfg), self.cfg.train_microbatch))
+        return {**metrics, "time/eval": time.perf_counter() - start}
 
     # ---------------------------------------------------------------- steps
     def rl_step(self, step: int) -> dict[str, float]:

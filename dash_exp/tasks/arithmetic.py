@@ -39,7 +39,8 @@ def chain_value(numbers: list[int], ops: list[str]) -> int:
 
 
 def cot_trace(numbers: list[int], ops: list[str], rng: random.Random | None = None, noise: float = 0.0) -> str:
-    """Step-by-step solution; with probability `noise` one step carries a small slip that propagates."""
+    """Step-by-step solution; with probability `noise` one step carries a small slip that propagates
+    (a slip below 0 is clamped to 0, so a step whose true result is 0 may keep it)."""
     slip_at = rng.randrange(len(ops)) if rng is not None and rng.random() < noise else -1
     value, lines = numbers[0], []
     for i, (op, b) in enumerate(zip(ops, numbers[1:], strict=True)):

@@ -1,0 +1,141 @@
+"""Checkpoint/resume of real runs: a resumed run continues bit-exactly; checkpoint rotation; resume=never."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dash_exp.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from dash_exp.run import train
+
+TIMING = ("time/", "throughput/", "mem/")
+# A (uninterrupted, 4 steps) and B (2 steps, then the same run dir continued to 4) of each test that needs them
+_PAIRS: dict[str, tuple[Path, Path, dict, dict, dict]] = {}
+
+
+def untimed(row: dict) -> dict:
+    """A metrics row or eval dict without its wall-clock keys."""
+    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def state_at(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "state.pt", map_location="cpu",
+                      weights_only=False)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture
+def resumed_pair(make_cfg, tmp_path):
+    """Run A: steps=4 save_every=2. Run B: steps=2, then train() again on the same dir with steps=4.
+    Computed once per module (several tests read the same two run dirs)."""
+    if "dash" not in _PAIRS:
+        common = ["algorithm=dash", "save_every=2"]
+        dir_a, dir_b = tmp_path / "A", tmp_path / "B"
+        train(make_cfg(*common, "steps=4", f"run_dir={dir_a}"))
+        summary_a = json.loads((dir_a / "summary.json").read_text())
+        first_b = train(make_cfg(*common, "steps=2", f"run_dir={dir_b}"))
+        second_b = train(make_cfg(*common, "steps=4", f"run_dir={dir_b}"))
+        _PAIRS["dash"] = (dir_a, dir_b, summary_a, first_b, second_b)
+    return _PAIRS["dash"]
+
+
+def test_resumed_run_ends_bit_identical_to_uninterrupted_run(resumed_pair):
+    dir_a, dir_b, summary_a, first_b, second_b = resumed_pair
+    assert summary_a["resumed"] is False and first_b["resumed"] is False
+    assert second_b["resumed"] is True
+    assert second_b["steps"] == summary_a["steps"] == 4
+    # A's mid-run checkpoint at step 2 and B's end-of-run checkpoint at step 2 hold the same state
+    a2, b2 = state_at(dir_a, 2), state_at(dir_b, 2)
+    assert_same_tensors(a2["policy"], b2["policy"])
+    assert a2["stream"] == b2["stream"] == {"consumed": 2 * 4}
+    # ... and so do the final ones: weights, optimizer moments, stream position
+    a4, b4 = state_at(dir_a, 4), state_at(dir_b, 4)
+    assert_same_tensors(a4["policy"], b4["policy"])
+    assert a4["stream"] == b4["stream"] == {"consumed": 4 * 4}
+    opt_a, opt_b = a4["optimizer"]["state"], b4["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        assert_same_tensors(opt_a[k], opt_b[k])
+    assert not all(torch.equal(a2["policy"][k], a4["policy"][k]) for k in a4["policy"])  # training moved
+    # the resumed run keeps the initial eval of its first part and ends with the same final eval
+    assert second_b["initial"] == first_b["initial"]  # restored from the checkpoint, timings included
+    assert untimed(second_b["initial"]) == untimed(summary_a["initial"])
+    assert untimed(second_b["final"]) == untimed(summary_a["final"])
+    assert read_meta(dir_b / "checkpoints" / "step_00000004")["initial_eval"] == first_b["initial"]
+
+
+def test_resumed_run_metrics_match_uninterrupted_run(resumed_pair):
+    dir_a, dir_b = resumed_pair[:2]
+    rows_a, rows_b = metrics(dir_a), metrics(dir_b)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == [0, 1, 2, 3, 4, 4]
+    for row_a, row_b in zip(rows_a, rows_b, strict=True):
+        assert untimed(row_b) == untimed(row_a), row_a["step"]  # tolerance 0: the resumed run replays bit-exactly
+
+
+def test_save_checkpoint_keeps_newest_and_latest_ignores_incomplete(tmp_path):
+    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        assert latest_checkpoint(tmp_path) is None
+        for step in range(1, 6):
+            path = save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {"tag": step}, keep=2)
+            assert path.name == f"step_{step:08d}"
+        root = tmp_path / "checkpoints"
+        assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000005"]  # no temp dirs left
+        assert latest_checkpoint(tmp_path) == root / "step_00000005"
+        assert read_meta(root / "step_00000005") == {"tag": 5, "step": 5}
+        save_checkpoint(tmp_path, 6, {"w": torch.zeros(2)}, {}, keep=3)
+        assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000005", "step_00000006"]
+        # re-saving an existing step replaces it
+        save_checkpoint(tmp_path, 6, {"w": torch.ones(2)}, {"again": True}, keep=3)
+        assert read_meta(root / "step_00000006") == {"again": True, "step": 6}
+        assert torch.equal(torch.load(root / "step_00000006" / "state.pt", weights_only=False)["w"], torch.ones(2))
+        # an interrupted write: a newer step dir without meta.json, and a leftover temp dir, are never "latest"
+        (root / "step_00000009").mkdir()
+        (root / "step_00000009" / "state.pt").write_bytes(b"partial")
+        (root / ".tmp_crashed").mkdir()
+        (root / ".tmp_crashed" / "meta.json").write_text("{}")
+        assert latest_checkpoint(tmp_path) == root / "step_00000006"
+        # load_checkpoint restores the global RNG streams saved with the checkpoint
+        path = save_checkpoint(tmp_path, 7, {}, {}, keep=10)
+        expected = random.random(), float(np.random.rand()), torch.rand(3)
+        state, meta = load_checkpoint(path)
+        assert meta == {"step": 7} and set(state) == {"rng"}
+        again = random.random(), float(np.random.rand()), torch.rand(3)
+        assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+    finally:
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
+        torch.set_rng_state(rng_states[2])
+
+
+def test_resume_never_starts_from_scratch(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["algorithm=grpo", f"run_dir={run_dir}"]
+    first = train(make_cfg(*common, "steps=4", "save_every=2"))
+    old2, old4 = state_at(run_dir, 2), state_at(run_dir, 4)
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+    again = train(make_cfg(*common, "steps=2", "resume=never"))
+    assert again["resumed"] is False
+    # from the base model, not from step 4: its step-2 weights are the first run's step-2 weights
+    new2 = state_at(run_dir, 2)
+    assert_same_tensors(new2["policy"], old2["policy"])
+    assert not all(torch.equal(new2["policy"][k], old4["policy"][k]) for k in old4["policy"])
+    assert untimed(again["initial"]) == untimed(first["initial"])  # evaluated afresh on the base model
+    assert new2["stream"] == {"consumed": 2 * 4}
+    # the earlier run is archived, not mixed in: a later resume=auto continues the new run
+    assert latest_checkpoint(run_dir).name == "step_00000002"
+    assert [r["step"] for r in metrics(run_dir)] == [0, 1, 2, 2]
+    archived = list((run_dir / "previous").glob("*/checkpoints/step_00000004"))
+    assert len(archived) == 1 and [r["step"] for r in metrics(archived[0].parent.parent)][-1] == 4
