@@ -278,8 +278,6 @@ def validate(cfg: Config | DictConfig) -> None:
     if a.name in ("grpo", "dash", "sft") and (a.ppo_epochs, a.ppo_minibatches) != (1, 1):
         raise ConfigError(f"algorithm.ppo_epochs/ppo_minibatches: {a.name} is on-policy, expected 1/1 "
                           f"(use algorithm=ppo for off-policy updates)")
-    if a.name == "sft" and cfg.kl.beta > 0:
-        raise ConfigError(f"kl.beta={cfg.kl.beta}: algorithm=sft has no KL penalty, use kl=off")
     if a.name == "sft" and a.sft_source == "traces" and not a.traces_path:
         raise ConfigError("algorithm.traces_path: required when algorithm.sft_source=traces "
                           "(make one with python -m dash_exp.traces)")

@@ -40,11 +40,11 @@ def grads(policy, samples, spec, norm, microbatch, pad_id, ref=None):
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
-@pytest.mark.parametrize("kind", ["pg", "pg+kl", "sft"])
+@pytest.mark.parametrize("kind", ["pg", "pg+kl", "sft", "sft+kl"])
 def test_microbatches_of_unequal_sizes_give_the_full_batch_gradient(policy_and_samples, aggregation, kind):
     policy, ref, samples, pad = policy_and_samples
-    spec = LossSpec(kind="sft" if kind == "sft" else "pg", aggregation=aggregation,
-                    beta=0.04 if kind == "pg+kl" else 0.0, temperature=0.9)
+    spec = LossSpec(kind=kind.split("+")[0], aggregation=aggregation, beta=0.04 if kind.endswith("+kl") else 0.0,
+                    temperature=0.9)
     norm = normalizer([len(s.response_ids) for s in samples], aggregation, max_new_tokens=12)
     full, full_stats = grads(policy, samples, spec, norm, 7, pad, ref)
     for s in samples:

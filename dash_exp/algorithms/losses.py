@@ -7,7 +7,7 @@ ref = log pi_ref (frozen start policy), A_i the sample's advantage, ratio = exp(
       (on-policy: old = logp.detach(), so ratio == 1 and the gradient is -A * grad logp)
   KL penalty (Schulman's estimators of KL(pi_theta || pi_ref), with log_r = ref - logp):
       k1 = -log_r      k2 = log_r^2 / 2      k3 = exp(log_r) - 1 - log_r
-  SFT: l = -logp
+  SFT: l = -logp  (on reference/trace tokens; with kl=on the same beta * k term pulls toward pi_ref)
   total: l + beta * k
 
 Aggregation: every micro-batch contributes a SUM of weighted token losses; the step divides by one

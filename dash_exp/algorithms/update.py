@@ -58,29 +58,26 @@ def accumulate_gradients(
         stats.forward_samples += len(micro)
         stats.tokens += int(mask.sum())
         if spec.kind == "sft":
-            token_loss = sft_loss(logp)
-            loss = aggregate_sum(token_loss, mask, spec.aggregation) / norm
-            stats.pg += float(loss.detach())
+            loss = aggregate_sum(sft_loss(logp), mask, spec.aggregation) / norm
         else:
             has_old = micro[0].old_logprobs is not None
             old = pad_right([s.old_logprobs for s in micro], logp.shape[1]) if has_old else logp.detach()
             adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
             pg_tokens, clipped = policy_loss(logp, old, adv, spec.clip_low, spec.clip_high)
-            pg = aggregate_sum(pg_tokens, mask, spec.aggregation) / norm
-            loss = pg
-            stats.pg += float(pg.detach())
+            loss = aggregate_sum(pg_tokens, mask, spec.aggregation) / norm
             stats.clipped += float((clipped * mask).sum())
             log_ratio = (logp - old).detach()
             stats.approx_kl_sum += float(((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum())
-            if spec.beta > 0:
-                if ref is None:
-                    raise ValueError("beta > 0 needs a reference model")
-                ref_lp = reference_logprobs(ref, micro, pad_id, spec.temperature, logp.shape[1])
-                kl = kl_estimate(logp, ref_lp, spec.estimator)
-                kl_loss = aggregate_sum(kl, mask, spec.aggregation) / norm
-                loss = loss + spec.beta * kl_loss
-                stats.kl_loss += float(kl_loss.detach())
-                stats.kl_sum += float((kl.detach() * mask).sum())
+        stats.pg += float(loss.detach())
+        if spec.beta > 0:
+            if ref is None:
+                raise ValueError("beta > 0 needs a reference model")
+            ref_lp = reference_logprobs(ref, micro, pad_id, spec.temperature, logp.shape[1])
+            kl = kl_estimate(logp, ref_lp, spec.estimator)
+            kl_loss = aggregate_sum(kl, mask, spec.aggregation) / norm
+            loss = loss + spec.beta * kl_loss
+            stats.kl_loss += float(kl_loss.detach())
+            stats.kl_sum += float((kl.detach() * mask).sum())
         loss.backward()
         stats.loss += float(loss.detach())
     return stats
