@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PIN) 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"
+	$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '2.13.0')"
 	$(PIP) install -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import dash_exp.run"
 	@touch $(STAMP)
