@@ -111,7 +111,7 @@ class TaskConfig:
     # fewest numbers in an arithmetic chain
     min_terms: int = 3
     # most numbers in an arithmetic chain
-    max_terms: int = 3
+    max_terms: int = 4
     # numbers are drawn from [0, max_value]
     max_value: int = 30
     # seed of the problem generator (fixed: the splits never change between runs)
