@@ -14,7 +14,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 ADV_NORMS = ("std", "mean")
 SFT_SOURCES = ("reference", "traces")
-ROLLOUTS = ("hf",)
+ROLLOUTS = ("auto", "hf", "vllm")
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("online", "offline", "disabled")
 MODEL_SOURCES = ("tiny", "hub")
@@ -122,8 +122,20 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    # sampling backend: hf (batched transformers sampling with a KV cache)
+    # sampling backend: auto (vllm when CUDA is available, else hf) | hf | vllm
     name: str = MISSING
+    # vllm, GPU: fraction of GPU memory vLLM may take (weights + KV cache), colocated with training
+    gpu_memory_utilization: float = 0.4
+    # vllm, GPU: tensor-parallel GPUs for generation
+    tensor_parallel_size: int = 1
+    # vllm, GPU: release vLLM's weights and KV cache while training (sleep mode), restore at sync
+    enable_sleep_mode: bool = False
+    # vllm: longest prompt + response; null = the model's own limit
+    max_model_len: int | None = None
+    # vllm: explicit KV-cache size in GiB; null = 1 on CPU (vLLM otherwise claims most of RAM), memory-utilization-based on GPU
+    kv_cache_gb: float | None = None
+    # vllm: eager mode (no CUDA graphs); null = eager on CPU only
+    enforce_eager: bool | None = None
 
 
 @dataclass
@@ -255,6 +267,14 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("grad_clip", cfg.grad_clip, allow_none=True)
     _positive("threads", cfg.threads, allow_none=True)
     _positive("inference_batch", cfg.inference_batch, allow_none=True)
+    r = cfg.rollout
+    _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)
+    _positive("rollout.kv_cache_gb", r.kv_cache_gb, allow_none=True)
+    _positive("rollout.max_model_len", r.max_model_len, allow_none=True)
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: expected a number in (0, 1]")
+    if r.max_model_len is not None and r.max_model_len <= cfg.max_new_tokens:
+        raise ConfigError(f"rollout.max_model_len={r.max_model_len}: expected > max_new_tokens={cfg.max_new_tokens}")
     if cfg.top_p > 1:
         raise ConfigError(f"top_p={cfg.top_p}: expected a number in (0, 1]")
     if a.clip_low >= 1:

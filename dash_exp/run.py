@@ -65,7 +65,7 @@ def build(cfg: Any) -> Components:
     tokenizer = load_tokenizer(path)
     policy = load_policy(path, cfg.model.dtype)
     ref = build_reference(policy) if cfg.kl.beta > 0 else None
-    return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer), sft_items)
+    return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer, path), sft_items)
 
 
 def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:

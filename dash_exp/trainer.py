@@ -146,6 +146,7 @@ class Trainer:
             rollouts = generate_in_chunks(self.sampler, prompts, self.sampling, seeds,
                                           resolved_inference_batch(cfg))
             gen_time = time.perf_counter() - start
+            self.sampler.offload()
         with self.timers("reward"):
             texts = [self.tokens.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
             graded = self.task.score(texts, [p for p in problems for _ in range(cfg.group_size)])

@@ -49,14 +49,35 @@ class Sampler(Protocol):
         """
         ...
 
-    def sync(self, policy: torch.nn.Module) -> None: ...
+    def offload(self) -> None:
+        """Rollouts of this step are done: free accelerator memory for training if the backend can."""
+        ...
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Make the next `generate` sample from `policy`'s current weights."""
+        ...
 
 
-def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any) -> Sampler:
-    """The backend named by cfg.rollout.name."""
-    if cfg.rollout.name == "hf":
+def resolved_rollout(name: str) -> str:
+    """auto -> vllm when CUDA is available, hf otherwise."""
+    if name != "auto":
+        return name
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path: str) -> Sampler:
+    """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf)."""
+    name = resolved_rollout(cfg.rollout.name)
+    if name == "hf":
         from dash_exp.models import eos_token_ids
         from dash_exp.rollout.hf import HFSampler
 
         return HFSampler(policy, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy))
-    raise ValueError(f"rollout.name={cfg.rollout.name!r}: expected one of hf")
+    from dash_exp.rollout.vllm import VLLMSampler, vllm_available
+
+    if not vllm_available():
+        raise RuntimeError(f"rollout={cfg.rollout.name} needs vLLM, which is not installed: run `make install-vllm` "
+                           "(or choose rollout=hf)")
+    sampler = VLLMSampler(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+    sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
+    return sampler

@@ -62,6 +62,9 @@ class HFSampler:
         self.model, self.pad_id = model, pad_id
         self.eos = torch.tensor(list(eos_ids))
 
+    def offload(self) -> None:
+        """Nothing to free: the sampler is the policy."""
+
     def sync(self, policy: torch.nn.Module) -> None:
         self.model = policy
 

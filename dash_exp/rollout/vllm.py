@@ -1,0 +1,134 @@
+"""vLLM's offline engine, colocated in the training process, with weight sync after every optimizer step.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so `sync` can hand it the policy's own
+parameter tensors one at a time through `collective_rpc("reload_weights", ...)`: no copy of the whole
+model, no restart. Sampling is seeded once, through LLM(seed=...); per-request seeds made the k-th sample
+of every prompt nearly identical in a trial here. Log-probs are vLLM's "processed" ones, i.e. after
+temperature (vLLM's default returns them before temperature), matching training's logits / temperature.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dash_exp.rollout.base import Rollout, SamplingParams
+
+# the in-process engine needs this before it is built
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# vLLM on CPU otherwise asks for most of NUMA node 0 for its KV cache and refuses to start
+DEFAULT_CPU_KV_CACHE_GB = 1.0
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _ProcessState:
+    """What building an in-process vLLM engine on CPU changes globally: torch.set_num_threads (made a
+    no-op), the thread count, and the global RNGs (seeded). Captured before, put back after."""
+
+    def __init__(self) -> None:
+        self.set_num_threads = torch.set_num_threads
+        self.threads = torch.get_num_threads()
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def restore(self) -> None:
+        torch.set_num_threads = self.set_num_threads
+        torch.set_num_threads(self.threads)
+        random.setstate(self.rng[0])
+        np.random.set_state(self.rng[1])
+        torch.set_rng_state(self.rng[2])
+
+
+def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: bool) -> dict[str, Any]:
+    """LLM(...) arguments for the configured rollout settings."""
+    kwargs: dict[str, Any] = {
+        "model": model_path, "tokenizer": model_path, "dtype": dtype, "seed": seed,
+        "logprobs_mode": "processed_logprobs",
+        "enforce_eager": (not on_gpu) if rollout.enforce_eager is None else rollout.enforce_eager,
+        "tensor_parallel_size": rollout.tensor_parallel_size,
+    }
+    if rollout.max_model_len is not None:
+        kwargs["max_model_len"] = rollout.max_model_len
+    kv_gb = rollout.kv_cache_gb if rollout.kv_cache_gb is not None else (None if on_gpu else DEFAULT_CPU_KV_CACHE_GB)
+    if kv_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = rollout.enable_sleep_mode
+    return kwargs
+
+
+class VLLMSampler:
+    """Generates with vLLM from the current policy; `sync` pushes the policy's weights into the engine."""
+
+    def __init__(self, model_path: str, rollout: Any, dtype: str, seed: int) -> None:
+        from vllm import LLM
+
+        state = _ProcessState()
+        self.on_gpu = torch.cuda.is_available()
+        self.tensor_parallel = rollout.tensor_parallel_size > 1
+        self.sleep_mode = self.on_gpu and rollout.enable_sleep_mode
+        try:
+            self.llm = LLM(**engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu))
+        finally:
+            state.restore()
+        self.asleep = False
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Rollout]:
+        """params.n rollouts per prompt; `seeds` is not used (vLLM is seeded once, at construction)."""
+        from vllm import SamplingParams as VLLMParams
+        from vllm.inputs import TokensPrompt
+
+        if self.asleep:
+            raise RuntimeError("VLLMSampler.generate after offload: call sync first (sleep mode released the weights)")
+        sampling = VLLMParams(
+            n=params.n, temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p, top_k=0 if params.greedy else params.top_k,
+            max_tokens=params.max_new_tokens, logprobs=0,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                    use_tqdm=False)
+        rollouts = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            for completion in out.outputs:
+                ids = list(completion.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)]
+                rollouts.append(Rollout(prompt_ids=list(prompt), response_ids=ids, logprobs=logprobs,
+                                        truncated=completion.finish_reason == "length"))
+        return rollouts
+
+    def offload(self) -> None:
+        """Sleep mode (GPU): release vLLM's weights and KV cache while the trainer backprops; the next sync
+        brings them back (level 2: the old weights are not kept, sync overwrites them anyway)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Load the policy's current weights into the engine in place, then drop stale prefix-cache entries."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        # in-process: a generator hands over one tensor at a time; worker processes (tensor parallel) need a list
+        weights = list(_weights(policy)) if self.tensor_parallel else _weights(policy)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+
+
+def _weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights in checkpoint format, streamed one tensor at a time, without copies. Tied weights
+    appear under both names, as in a checkpoint: vLLM re-ties them only when it sees both."""
+    yield from policy.state_dict().items()
