@@ -132,7 +132,8 @@ class RolloutConfig:
     enable_sleep_mode: bool = False
     # vllm: longest prompt + response; null = the model's own limit
     max_model_len: int | None = None
-    # vllm: explicit KV-cache size in GiB; null = 1 on CPU (vLLM otherwise claims most of RAM), memory-utilization-based on GPU
+    # vllm: explicit KV-cache size in GiB; null = 1 on CPU (vLLM otherwise claims most of RAM),
+    # on GPU sized by gpu_memory_utilization
     kv_cache_gb: float | None = None
     # vllm: eager mode (no CUDA graphs); null = eager on CPU only
     enforce_eager: bool | None = None

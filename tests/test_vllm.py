@@ -68,7 +68,8 @@ def test_sync_after_an_optimizer_step_is_needed_and_enough(parts):
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     # one real optimizer step: SFT on terse answers, large enough to change greedy outputs
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    batch = [TrainSample(tok.encode(p.prompt), tok.encode(p.solution) + [tok.eos_token_id]) for p in parts.task.train[:16]]
+    batch = [TrainSample(tok.encode(p.prompt), tok.encode(p.solution) + [tok.eos_token_id])
+             for p in parts.task.train[:16]]
     logp, mask = response_logprobs(policy, batch, tok.pad_token_id)
     (-(logp * mask).sum() / mask.sum()).backward()
     optimizer.step()
@@ -87,26 +88,23 @@ def test_sync_after_an_optimizer_step_is_needed_and_enough(parts):
         parts.sampler.sync(policy)
 
 
-def test_building_the_engine_restores_threads_and_rng(parts):
+def test_building_the_engine_restores_threads_and_rng():
+    from dash_exp.config import compose_config
+    from dash_exp.models import resolve_model_path
     from dash_exp.rollout.vllm import VLLMSampler
 
+    cfg = compose_config([*TEST_OVERRIDES, "rollout=vllm", "run_dir=x"])
     torch.set_num_threads(1)
     random.seed(7)
     torch.manual_seed(7)
     expected = (random.random(), torch.rand(3))
     random.seed(7)
     torch.manual_seed(7)
-    VLLMSampler(str(parts.sampler.llm.llm_engine.model_config.model), parts_cfg_rollout(), "float32", seed=123)
-    assert (random.random(), torch.rand(3))[0] == expected[0]
+    VLLMSampler(resolve_model_path(cfg.model, cfg.task), cfg.rollout, "float32", seed=123)  # seeds globally inside
+    assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
     torch.set_num_threads(2)
     assert torch.get_num_threads() == 2, "torch.set_num_threads is still vLLM's no-op"
     torch.set_num_threads(1)
-
-
-def parts_cfg_rollout():
-    from dash_exp.config import compose_config
-
-    return compose_config(["rollout=vllm", "run_dir=x"]).rollout
 
 
 @pytest.mark.parametrize("algorithm", ["dash", "grpo", "ppo"])
