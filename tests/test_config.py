@@ -18,6 +18,16 @@ def test_every_algorithm_kl_combination_composes(algorithm, kl):
     assert cfg.kl.beta == (0.04 if kl == "on" else 0.0)
 
 
+def test_rollout_auto_is_vllm_with_cuda_else_hf():
+    import torch
+
+    from dash_exp.rollout.base import resolved_rollout
+
+    assert compose_config(["run_dir=x"]).rollout.name == "auto"
+    assert resolved_rollout("auto") == ("vllm" if torch.cuda.is_available() else "hf")
+    assert resolved_rollout("hf") == "hf" and resolved_rollout("vllm") == "vllm"
+
+
 def test_presets_follow_the_paper():
     grpo, dash = compose_config(["algorithm=grpo", "run_dir=x"]), compose_config(["algorithm=dash", "run_dir=x"])
     assert grpo.inference_batch == grpo.train_microbatch and grpo.filter_threshold is None
@@ -46,6 +56,8 @@ BAD = [
     (["task.eval_size=500"], "task.eval_size=500: expected <= task.n_test=200"),
     (["logger.mode=cloud"], "logger.mode='cloud': expected one of online, offline, disabled"),
     (["model=qwen2.5-0.5b", "model.path_or_id=null"], "model.path_or_id: required when model.source=hub"),
+    (["rollout=vllm", "rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5: expected"),
+    (["rollout.max_model_len=32"], "rollout.max_model_len=32: expected > max_new_tokens=64"),
 ]
 
 
@@ -56,8 +68,12 @@ def test_bad_config_is_rejected_naming_the_key(overrides, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [*BAD, (["steps=abc"], "steps")],
-                         ids=[" ".join(o) for o, _ in BAD] + ["steps=abc"])
+# rejected by Hydra itself while composing (wrong type, unknown group option): its own message, exit 1
+HYDRA_BAD = [(["steps=abc"], "steps"), (["rollout=sglang"], "rollout")]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [*BAD, *HYDRA_BAD],
+                         ids=[" ".join(o) for o, _ in BAD + HYDRA_BAD])
 def test_cli_rejects_bad_config_before_any_model_loads(tmp_path, cli_env, overrides, message):
     cache = tmp_path / "cache"
     proc = subprocess.run(
@@ -66,7 +82,7 @@ def test_cli_rejects_bad_config_before_any_model_loads(tmp_path, cli_env, overri
     )
     assert proc.returncode != 0
     assert message.split(":")[0] in proc.stderr
-    if overrides != ["steps=abc"]:  # ours: exit 2 and exactly one line; Hydra's own type errors exit 1
+    if (overrides, message) not in HYDRA_BAD:  # ours: exit 2 and exactly one line
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert not cache.exists(), "a model was built/loaded before validation failed"
     assert "Traceback" not in proc.stderr
