@@ -58,3 +58,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state, read_meta(path)
+
+
+def load_policy_weights(policy: torch.nn.Module, path: Path) -> int:
+    """Load the policy weights of a run dir (its latest checkpoint) or a checkpoint dir; returns its step."""
+    ckpt = latest_checkpoint(path) if checkpoint_dir(path).is_dir() else path
+    if ckpt is None or not (ckpt / "state.pt").is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here (expected a run dir with checkpoints/step_*/ "
+                                "or a checkpoint dir with state.pt)")
+    state, meta = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False), read_meta(ckpt)
+    try:
+        policy.load_state_dict(state["policy"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{ckpt}: checkpoint does not fit the configured model ({first})") from exc
+    return int(meta["step"])

@@ -10,6 +10,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 ALGORITHMS = ("sft", "grpo", "ppo", "dash")
+TASKS = ("arith", "math", "gsm8k")
+PROMPT_FORMATS = ("raw", "instruct", "chat", "few_shot")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 ADV_NORMS = ("std", "mean")
@@ -102,22 +104,32 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    # task name: arith
+    # task name: arith (procedural, embedded) | math (MATH train, MATH-500 + GSM8K eval) | gsm8k
     name: str = MISSING
-    # training problems (fixed split; one pass over it is one epoch)
+    # prompt format: raw (the paper: problem text only) | instruct (+ box-your-answer line) | chat | few_shot
+    prompt_format: str = "raw"
+    # solved training exemplars prepended for prompt_format=few_shot
+    few_shot: int = 4
+    # held-out problems per evaluation set; null = the whole set
+    eval_size: int | None = 200
+    # math/gsm8k: directory holding math500/test.jsonl and gsm8k/{train,test}.jsonl (relative: to the repo root)
+    data_dir: str = "${oc.env:DASH_EXP_DATA,../shared/data}"
+    # math: the MATH train split: a local .jsonl/.parquet (fields problem, solution[, answer]) or a hub dataset id
+    train_path: str | None = None
+    # math: split name when train_path is a hub dataset
+    train_split: str = "train"
+    # arith: training problems (fixed split; one pass over it is one epoch)
     n_train: int = 2000
-    # held-out test problems
+    # arith: held-out test problems
     n_test: int = 200
-    # fewest numbers in an arithmetic chain
+    # arith: fewest numbers in a chain
     min_terms: int = 3
-    # most numbers in an arithmetic chain
+    # arith: most numbers in a chain
     max_terms: int = 4
-    # numbers are drawn from [0, max_value]
+    # arith: numbers are drawn from [0, max_value]
     max_value: int = 30
-    # seed of the problem generator (fixed: the splits never change between runs)
+    # arith: seed of the problem generator (fixed: the splits never change between runs)
     seed: int = 0
-    # held-out problems used by the periodic evaluation (<= n_test)
-    eval_size: int = 200
 
 
 @dataclass
@@ -249,6 +261,8 @@ def validate(cfg: Config | DictConfig) -> None:
     _one_of("algorithm.sft_source", a.sft_source, SFT_SOURCES)
     _one_of("kl.estimator", cfg.kl.estimator, KL_ESTIMATORS)
     _one_of("model.source", cfg.model.source, MODEL_SOURCES)
+    _one_of("task.name", cfg.task.name, TASKS)
+    _one_of("task.prompt_format", cfg.task.prompt_format, PROMPT_FORMATS)
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     _one_of("rollout.name", cfg.rollout.name, ROLLOUTS)
     _one_of("logger.name", cfg.logger.name, LOGGERS)
@@ -256,7 +270,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _one_of("resume", cfg.resume, RESUME)
     for key in ("group_size", "prompts_per_step", "train_microbatch", "max_new_tokens",
                 "algorithm.ppo_epochs", "algorithm.ppo_minibatches", "task.n_train", "task.n_test",
-                "task.eval_size", "eval_samples"):
+                "eval_samples"):
         _positive(key, _get(cfg, key))
     for key in ("lr", "temperature", "top_p"):
         _positive(key, getattr(cfg, key))
@@ -264,6 +278,8 @@ def validate(cfg: Config | DictConfig) -> None:
                 "algorithm.clip_low", "algorithm.clip_high", "algorithm.adv_eps"):
         _positive(key, _get(cfg, key), allow_zero=True)
     _positive("filter_threshold", cfg.filter_threshold, allow_none=True, allow_zero=True)
+    _positive("task.eval_size", cfg.task.eval_size, allow_none=True)
+    _positive("task.few_shot", cfg.task.few_shot, allow_zero=True)
     _positive("epochs", cfg.epochs, allow_none=True)
     _positive("grad_clip", cfg.grad_clip, allow_none=True)
     _positive("threads", cfg.threads, allow_none=True)
@@ -302,7 +318,7 @@ def validate(cfg: Config | DictConfig) -> None:
     if a.name == "sft" and a.sft_source == "traces" and not a.traces_path:
         raise ConfigError("algorithm.traces_path: required when algorithm.sft_source=traces "
                           "(make one with python -m dash_exp.traces)")
-    if cfg.task.eval_size > cfg.task.n_test:
+    if cfg.task.name == "arith" and cfg.task.eval_size is not None and cfg.task.eval_size > cfg.task.n_test:
         raise ConfigError(f"task.eval_size={cfg.task.eval_size}: expected <= task.n_test={cfg.task.n_test}")
     if cfg.task.min_terms < 2 or cfg.task.max_terms < cfg.task.min_terms:
         raise ConfigError(f"task.min_terms/max_terms={cfg.task.min_terms}/{cfg.task.max_terms}: "

@@ -49,7 +49,7 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Any) -> Components:
+def build(cfg: Any, need_train: bool = True) -> Components:
     """Task, tokenizer, policy, reference (only when kl.beta > 0) and sampler for a validated config."""
     from dash_exp.models import build_reference, load_policy, load_tokenizer, resolve_model_path
     from dash_exp.rollout.base import build_sampler
@@ -60,9 +60,9 @@ def build(cfg: Any) -> Components:
         from dash_exp.traces import load_traces
 
         sft_items = load_traces(Path(cfg.algorithm.traces_path))
-    task = build_task(cfg.task)
     path = resolve_model_path(cfg.model, cfg.task)
     tokenizer = load_tokenizer(path)
+    task = build_task(cfg.task, tokenizer, need_train)
     policy = load_policy(path, cfg.model.dtype)
     ref = build_reference(policy) if cfg.kl.beta > 0 else None
     return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer, path), sft_items)
@@ -114,14 +114,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         parts.task.close()
     sink.close(summary["final"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    report(summary, parts.task.name)
+    report(summary, next(iter(parts.task.evals)))
     return summary
 
 
-def report(summary: dict[str, Any], task: str) -> None:
-    """Print start -> end held-out accuracy."""
+def report(summary: dict[str, Any], eval_set: str) -> None:
+    """Print start -> end held-out accuracy on the main evaluation set."""
     first, last = summary["initial"], summary["final"]
-    for label, key in (("greedy", f"eval/{task}/accuracy"), ("sampled", f"eval/{task}/sampled_accuracy")):
+    for label, key in (("greedy", f"eval/{eval_set}/accuracy"), ("sampled", f"eval/{eval_set}/sampled_accuracy")):
         delta = 100 * (last[key] - first[key])
         print(f"held-out {label} accuracy: {first[key]:.3f} -> {last[key]:.3f} ({delta:+.1f} points)")
     print(f"run dir: {summary['run_dir']}  ({summary['time/elapsed']:.0f} s of training)")

@@ -52,8 +52,8 @@ class MetricSink:
     """Writes each step's metrics as one JSON line (flushed) and, if enabled, to a W&B run."""
 
     def __init__(self, run_dir: Path, logger_cfg: Any, run_name: str, group: str, config: dict[str, Any],
-                 resume_id: str | None = None) -> None:
-        self.path = run_dir / "metrics.jsonl"
+                 resume_id: str | None = None, filename: str = "metrics.jsonl") -> None:
+        self.path = run_dir / filename
         self.file = self.path.open("a")
         self.wandb_run = None
         mode = wandb_mode(logger_cfg.mode) if logger_cfg.name == "wandb" else "disabled"

@@ -127,12 +127,11 @@ class Trainer:
                 "initial": self.initial_eval, "final": final, "last_step": last}
 
     def evaluate(self) -> dict[str, float]:
-        problems = self.task.test[: self.cfg.task.eval_size]
         sampled = SamplingParams(n=self.cfg.eval_samples, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                  top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens)
         start = time.perf_counter()
-        metrics = evaluate(self.sampler, self.tokens, self.task, problems, sampled, self.cfg.seed,
-                           max(resolved_inference_batch(self.cfg), self.cfg.train_microbatch))
+        metrics = evaluate(self.sampler, self.tokens, self.task, sampled, self.cfg.seed,
+                           max(resolved_inference_batch(self.cfg), self.cfg.eval_samples), self.cfg.task.eval_size)
         return {**metrics, "time/eval": time.perf_counter() - start}
 
     # ---------------------------------------------------------------- steps

@@ -27,7 +27,8 @@ class Task(Protocol):
 
     name: str
     train: list[Problem]
-    test: list[Problem]
+    # held-out evaluation sets by dataset name (metrics: eval/<name>/...)
+    evals: dict[str, list[Problem]]
 
     def score(self, responses: Sequence[str], problems: Sequence[Problem]) -> GradeResult: ...
 
@@ -37,11 +38,17 @@ class Task(Protocol):
 class GradedTask:
     """Scoring shared by every task: the last \\boxed{} answer graded by math-verify with hard timeouts."""
 
-    def __init__(self, name: str, train: list[Problem], test: list[Problem], timeout_s: float = 5.0) -> None:
+    def __init__(self, name: str, train: list[Problem], evals: dict[str, list[Problem]],
+                 timeout_s: float = 5.0) -> None:
         from dash_exp.reward import Grader
 
-        self.name, self.train, self.test = name, train, test
+        self.name, self.train, self.evals = name, train, evals
         self.grader = Grader(timeout_s=timeout_s)
+
+    @property
+    def test(self) -> list[Problem]:
+        """The first (main) evaluation set."""
+        return next(iter(self.evals.values()))
 
     def score(self, responses: Sequence[str], problems: Sequence[Problem]) -> GradeResult:
         return self.grader.grade(responses, [p.answer for p in problems])
@@ -87,11 +94,16 @@ class ProblemStream:
         self.consumed = int(state["consumed"])
 
 
-def build_task(cfg: Any) -> GradedTask:
-    """The task named by cfg.name (the `task` config group)."""
+def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask:
+    """The task named by cfg.name (the `task` config group); `tokenizer` serves prompt_format=chat."""
     if cfg.name == "arith":
         from dash_exp.tasks.arithmetic import make_splits
 
         train, test = make_splits(cfg)
-        return GradedTask("arith", train, test)
-    raise ValueError(f"task.name={cfg.name!r}: expected one of arith")
+        return GradedTask("arith", train, {"arith": test})
+    if cfg.name in ("math", "gsm8k"):
+        from dash_exp.tasks.math import make_math_task
+
+        train, evals = make_math_task(cfg, tokenizer, need_train)
+        return GradedTask(cfg.name, train, evals)
+    raise ValueError(f"task.name={cfg.name!r}: expected one of arith, math, gsm8k")

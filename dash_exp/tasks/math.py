@@ -1,0 +1,175 @@
+"""MATH, MATH-500 and GSM8K: loaders with file:line errors, prompt formats, reference answers.
+
+Splits (as the paper): train on the MATH training split (7,500 problems; a local JSONL/Parquet file or a
+hub dataset, `task.train_path`), with every problem that also appears in MATH-500 removed (matched on the
+problem text); evaluate on MATH-500 (in distribution) and the GSM8K test split (out of distribution).
+`task=gsm8k` trains on the GSM8K train split and evaluates on its test split.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dash_exp.reward import extract_boxed
+from dash_exp.tasks.base import Problem
+
+PROMPT_FORMATS = ("raw", "instruct", "chat", "few_shot")
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file (and line) and what was expected."""
+
+
+def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every line of a JSONL file as a dict with string `fields`; errors name path:line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            _check_row(row, fields, f"{path}:{lineno}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows (empty file)")
+    return rows
+
+
+def _check_row(row: Any, fields: tuple[str, ...], where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
+    for name in fields:
+        if not isinstance(row.get(name), str):
+            got = "missing" if name not in row else type(row[name]).__name__
+            raise DataError(f"{where}: field {name!r} must be a string (got {got})")
+
+
+def load_rows(source: str, fields: tuple[str, ...], split: str = "train") -> list[dict[str, Any]]:
+    """Rows from a local .jsonl / .parquet file, or from a hub dataset id (or local dataset dir) via `datasets`."""
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, fields)
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        records = pd.read_parquet(path).to_dict("records")
+    else:
+        import datasets
+
+        try:
+            records = list(datasets.load_dataset(source, split=split))
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise DataError(f"{source}: cannot load split {split!r} as a dataset ({reason})") from exc
+    for i, row in enumerate(records):
+        _check_row(row, fields, f"{source}: row {i}")
+    if not records:
+        raise DataError(f"{source}: no rows")
+    return records
+
+
+def gsm8k_final(answer: str) -> str:
+    """The number after '#### ' in a GSM8K answer, without thousands separators."""
+    if "####" not in answer:
+        raise DataError(f"GSM8K answer without '#### N': {answer[-80:]!r}")
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def math_problem(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(question, answer, solution) of a MATH row; the answer is `answer` or the solution's last \\boxed{}."""
+    answer = row.get("answer") or extract_boxed(row["solution"])
+    if not answer:
+        raise DataError(f"MATH row without an answer and without \\boxed{{}} in its solution: {row['problem'][:80]!r}")
+    return row["problem"], answer, row["solution"]
+
+
+def gsm8k_problem(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(question, answer, solution); the solution drops calculator annotations and ends in \\boxed{N}."""
+    answer = gsm8k_final(row["answer"])
+    reasoning = _CALCULATOR.sub("", row["answer"].rsplit("####", 1)[0]).strip()
+    return row["question"], answer, f"{reasoning}\nThe answer is \\boxed{{{answer}}}."
+
+
+class PromptFormatter:
+    """Turns a question into the prompt string: raw (the paper), instruct, chat (tokenizer template), few_shot."""
+
+    def __init__(self, fmt: str, tokenizer: Any = None, exemplars: list[tuple[str, str]] | None = None) -> None:
+        if fmt not in PROMPT_FORMATS:
+            raise ValueError(f"task.prompt_format={fmt!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+        if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("task.prompt_format=chat: the model's tokenizer has no chat template")
+        self.fmt, self.tokenizer = fmt, tokenizer
+        self.prefix = "".join(f"Problem: {q}\nSolution: {s}\n\n" for q, s in exemplars or [])
+
+    def __call__(self, question: str) -> str:
+        if self.fmt == "raw":
+            return question
+        if self.fmt == "instruct":
+            return f"{question}\n{INSTRUCTION}\n"
+        if self.fmt == "few_shot":
+            return f"{self.prefix}Problem: {question}\nSolution:"
+        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def to_problems(rows: list[dict[str, Any]], parse: Callable[[dict[str, Any]], tuple[str, str, str]],
+                prompt: PromptFormatter) -> list[Problem]:
+    out = []
+    for row in rows:
+        question, answer, solution = parse(row)
+        out.append(Problem(prompt=prompt(question), answer=answer, solution=solution))
+    return out
+
+
+def data_path(cfg: Any, relative: str) -> Path:
+    """A file under task.data_dir (relative data_dir: relative to the repository root)."""
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_absolute():
+        root = Path(__file__).resolve().parents[2] / root
+    return root / relative
+
+
+MATH_FIELDS = ("problem", "solution")
+GSM8K_FIELDS = ("question", "answer")
+
+
+def make_math_task(cfg: Any, tokenizer: Any, need_train: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """(train, eval sets) of task=math or task=gsm8k."""
+    math500_rows = read_jsonl(data_path(cfg, "math500/test.jsonl"), MATH_FIELDS)
+    gsm8k_test_rows = read_jsonl(data_path(cfg, "gsm8k/test.jsonl"), GSM8K_FIELDS)
+    if cfg.name == "math":
+        train_rows = _math_train_rows(cfg, {r["problem"].strip() for r in math500_rows}) if need_train else []
+        parse = math_problem
+    else:
+        train_rows = read_jsonl(data_path(cfg, "gsm8k/train.jsonl"), GSM8K_FIELDS) if need_train else []
+        parse = gsm8k_problem
+    exemplars = [(q, s) for q, _, s in (parse(r) for r in train_rows[: cfg.few_shot])]
+    if cfg.prompt_format == "few_shot" and len(exemplars) < cfg.few_shot:
+        raise DataError(f"task.prompt_format=few_shot needs {cfg.few_shot} training exemplars, found {len(exemplars)}")
+    prompt = PromptFormatter(cfg.prompt_format, tokenizer, exemplars)
+    evals = {"math500": to_problems(math500_rows, math_problem, prompt),
+             "gsm8k": to_problems(gsm8k_test_rows, gsm8k_problem, prompt)}
+    if cfg.name == "gsm8k":
+        evals = {"gsm8k": evals["gsm8k"], "math500": evals["math500"]}
+    return to_problems(train_rows[cfg.few_shot if cfg.prompt_format == "few_shot" else 0:], parse, prompt), evals
+
+
+def _math_train_rows(cfg: Any, math500: set[str]) -> list[dict[str, Any]]:
+    if not cfg.train_path:
+        raise DataError("task.train_path: required to train on MATH (a local .jsonl/.parquet of the MATH train "
+                        "split, or a hub dataset id such as DigitalLearningGmbH/MATH-lighteval)")
+    rows = load_rows(cfg.train_path, MATH_FIELDS, cfg.train_split)
+    return [r for r in rows if r["problem"].strip() not in math500]
