@@ -134,7 +134,13 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    train(cfg)
+    from dash_exp.trainer import NonFiniteError
+
+    try:
+        train(cfg)
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

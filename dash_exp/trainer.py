@@ -45,6 +45,10 @@ def loss_spec(cfg: Any) -> LossSpec:
     )
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
 class Trainer:
     """Owns the optimizer, the data stream and the loop; talks to the sampler only through its protocol."""
 
@@ -62,6 +66,9 @@ class Trainer:
         self.spec = loss_spec(cfg)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.timers = Timers()
+        # skipped optimizer steps: in a row (stops the run at max_nonfinite_steps) and in total
+        self.nonfinite_run = 0
+        self.nonfinite_total = 0
         self.step = 0
         self.elapsed = 0.0
         self.initial_eval: dict[str, float] = {}
@@ -74,7 +81,8 @@ class Trainer:
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "stream": self.stream.state_dict()}
-        meta = {"elapsed": self.elapsed, "initial_eval": self.initial_eval, "wandb_id": self.sink.wandb_id}
+        meta = {"elapsed": self.elapsed, "initial_eval": self.initial_eval, "wandb_id": self.sink.wandb_id,
+                "nonfinite_total": self.nonfinite_total}
         return state, meta
 
     def save(self) -> None:
@@ -88,6 +96,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.elapsed, self.initial_eval = meta["step"], meta["elapsed"], meta["initial_eval"]
+        self.nonfinite_total = meta["nonfinite_total"]
         self.sampler.sync(self.policy)
 
     # ---------------------------------------------------------------- loop
@@ -104,7 +113,13 @@ class Trainer:
         for step in bar:
             start = time.perf_counter()
             self.step = step
-            metrics = self.sft_step() if self.is_sft else self.rl_step(step)
+            try:
+                metrics = self.sft_step() if self.is_sft else self.rl_step(step)
+            except NonFiniteError:
+                # the weights are the last good ones (skipped steps change nothing): keep them for inspection
+                self.step = step - 1
+                self.save()
+                raise
             metrics.update(self.timers.pop())
             metrics["time/step"] = time.perf_counter() - start
             self.elapsed += metrics["time/step"]
@@ -199,7 +214,10 @@ class Trainer:
                         continue
                     stats = accumulate_gradients(self.policy, kept, self.spec, norm, cfg.train_microbatch,
                                                  self.pad_id, self.ref)
-                    grad_norms.append(self.optimizer_step())
+                    grad_norm = self.optimizer_step(stats.loss)
+                    if grad_norm is None:
+                        continue
+                    grad_norms.append(grad_norm)
                     optimizer_steps += 1
                     _add(total, stats)
             update_time = time.perf_counter() - start
@@ -210,13 +228,25 @@ class Trainer:
             "kl/mean": total.kl_sum / tokens, "ppo/clip_frac": total.clipped / tokens,
             "ppo/approx_kl": total.approx_kl_sum / tokens, "ppo/optimizer_steps": optimizer_steps,
             "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
-            "filter/forward_samples": total.forward_samples,
+            "filter/forward_samples": total.forward_samples, "loss/nonfinite_steps": self.nonfinite_total,
             "throughput/train_tokens_per_s": total.tokens / max(update_time, 1e-9),
         }
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, loss: float) -> float | None:
+        """Clip and step; returns the gradient norm, or None when the step was skipped as non-finite."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        if not (math.isfinite(norm) and math.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"step {self.step}: {self.nonfinite_run} optimizer steps in a row had a non-finite loss or "
+                    f"gradient (loss={loss}, grad norm={norm}); stopped with the last good weights saved in "
+                    f"{self.run_dir / 'checkpoints'} (lower lr, or check the data)")
+            return None
+        self.nonfinite_run = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -1,0 +1,26 @@
+"""Failure handling: non-finite steps are skipped, counted, and stop the run with the last good weights."""
+
+import json
+
+import pytest
+import torch
+
+from dash_exp.checkpoint import latest_checkpoint, read_meta
+from dash_exp.run import train
+from dash_exp.trainer import NonFiniteError
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(make_cfg, tmp_path):
+    # an absurd learning rate without clipping blows the weights up after the first step
+    cfg = make_cfg("algorithm=grpo", "lr=1e6", "grad_clip=null", "steps=8", "max_nonfinite_steps=2")
+    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row had a non-finite loss or gradient"):
+        train(cfg)
+    run_dir = tmp_path / "run"
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    counted = [r["loss/nonfinite_steps"] for r in rows if "loss/nonfinite_steps" in r]
+    assert counted and counted[-1] >= 1
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["policy"].values()), "the saved weights are not the good ones"
+    assert read_meta(ckpt)["nonfinite_total"] >= 2
