@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dash_exp.config import ConfigError, register_configs, resolved_threads, validate
@@ -127,6 +128,30 @@ def report(summary: dict[str, Any], eval_set: str) -> None:
     print(f"run dir: {summary['run_dir']}  ({summary['time/elapsed']:.0f} s of training)")
 
 
+ERROR_FILE = "error.txt"
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> Path:
+    """Write the exception and its traceback into the run dir."""
+    import traceback
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ERROR_FILE
+    path.write_text("".join(traceback.format_exception(exc)))
+    return path
+
+
+class FailedJobsReport(Callback):
+    """Hydra callback: after a multirun, list the jobs that failed and exit non-zero if any did."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}"))
+        if failed:
+            lines = "\n".join(f"  {p.parent}: {p.read_text().strip().splitlines()[-1]}" for p in failed)
+            print(f"{len(failed)} job(s) of the sweep failed:\n{lines}", file=sys.stderr)
+            sys.exit(1)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
@@ -134,13 +159,23 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from dash_exp.trainer import NonFiniteError
 
     try:
         train(cfg)
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as exc:
+        path = record_failure(Path(cfg.run_dir), exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # one failed job must not stop the sweep: the error is in its run dir; FailedJobsReport sums up
+            print(f"job failed: {type(exc).__name__}: {exc} (traceback in {path}); the sweep goes on", file=sys.stderr)
+            return
+        if isinstance(exc, NonFiniteError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -24,3 +24,23 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(make_cfg, tmp_path
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in state["policy"].values()), "the saved weights are not the good ones"
     assert read_meta(ckpt)["nonfinite_total"] >= 2
+
+
+def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path, cli_env):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TEST_OVERRIDES
+
+    sweep = tmp_path / "sweep"
+    small = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dash_exp.run", "-m", "lr=1e6,1e-4", "grad_clip=null", "max_nonfinite_steps=1",
+         "algorithm=grpo", "steps=2", *small, f"hydra.sweep.dir={sweep}"],
+        cwd=Path(__file__).resolve().parent.parent, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    failed, ok = sweep / "0_grpo_kl-off_tiny", sweep / "1_grpo_kl-off_tiny"
+    assert "NonFiniteError" in (failed / "error.txt").read_text() and not (failed / "summary.json").exists()
+    assert (ok / "summary.json").exists() and not (ok / "error.txt").exists()
+    assert "1 job(s) of the sweep failed" in proc.stderr
