@@ -35,6 +35,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], meta: dict[
     """Write state (torch objects) and meta (JSON) to checkpoints/step_<step>; keep the newest `keep`."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp_*"):  # left by a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=root))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -1,0 +1,449 @@
+"""MATH-500 / GSM8K data on the real files: reference answers grade as correct, loaders report file:line,
+the MATH train split is de-duplicated against MATH-500, prompt formats. Real math-verify grading, no mocks.
+
+The shared data (../shared/data, or $DASH_EXP_DATA) is read-only and never copied; tests that need it skip
+when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from dash_exp.config import TaskConfig
+from dash_exp.reward import Grader, extract_boxed
+from dash_exp.tasks.base import build_task
+from dash_exp.tasks.math import (
+    GSM8K_FIELDS,
+    INSTRUCTION,
+    MATH_FIELDS,
+    DataError,
+    PromptFormatter,
+    data_path,
+    gsm8k_final,
+    gsm8k_problem,
+    load_rows,
+    math_problem,
+    read_jsonl,
+)
+
+# resolve task.data_dir exactly as the composed config does (the ${oc.env:DASH_EXP_DATA,...} default)
+_DEFAULT = OmegaConf.structured(TaskConfig(name="math"))
+MATH500 = data_path(_DEFAULT, "math500/test.jsonl")
+GSM8K_TRAIN = data_path(_DEFAULT, "gsm8k/train.jsonl")
+GSM8K_TEST = data_path(_DEFAULT, "gsm8k/test.jsonl")
+DATA_DIR = str(MATH500.parents[1].resolve())
+needs_data = pytest.mark.skipif(
+    not all(p.is_file() for p in (MATH500, GSM8K_TRAIN, GSM8K_TEST)),
+    reason=f"shared data not found under {MATH500.parents[1]} (math500/test.jsonl, gsm8k/{{train,test}}.jsonl)",
+)
+
+
+@pytest.fixture(scope="module")
+def grader() -> Iterator[Grader]:
+    with Grader(timeout_s=5) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def math500_rows() -> list[dict[str, Any]]:
+    if not MATH500.is_file():
+        pytest.skip(f"{MATH500} not found")
+    return read_jsonl(MATH500, MATH_FIELDS)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_test_rows() -> list[dict[str, Any]]:
+    if not GSM8K_TEST.is_file():
+        pytest.skip(f"{GSM8K_TEST} not found")
+    return read_jsonl(GSM8K_TEST, GSM8K_FIELDS)
+
+
+# ------------------------------------------------------------------ the references grade as correct
+@needs_data
+def test_math500_solutions_grade_against_their_own_answers(grader, math500_rows):
+    result = grader.grade([r["solution"] for r in math500_rows], [r["answer"] for r in math500_rows])
+    correct = sum(result.rewards)
+    # measured: 500/500 (each solution's last \boxed{} is the `answer` field verbatim, up to surrounding spaces)
+    print(f"MATH-500 self-grading: {correct:.0f}/{len(math500_rows)}")
+    assert len(math500_rows) == 500
+    assert correct >= 0.99 * len(math500_rows)
+    assert result.unparsed == 0 and result.timeouts == 0
+
+
+@needs_data
+def test_math500_answers_are_the_last_box_of_the_solution(math500_rows):
+    # math_problem falls back to the last \boxed{} when a row has no `answer` (e.g. the MATH train split)
+    same = sum(extract_boxed(r["solution"]).strip() == r["answer"].strip() for r in math500_rows)
+    assert same == len(math500_rows)
+    row = math500_rows[0]
+    assert math_problem({"problem": row["problem"], "solution": row["solution"]})[1] == extract_boxed(row["solution"])
+
+
+@needs_data
+def test_gsm8k_references_grade_as_correct(grader, gsm8k_test_rows):
+    finals = [gsm8k_final(r["answer"]) for r in gsm8k_test_rows]
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", f) for f in finals), [f for f in finals if not f.isdigit()][:5]
+    result = grader.grade([f"The answer is \\boxed{{{f}}}." for f in finals], finals)
+    assert result.rewards == [1.0] * len(gsm8k_test_rows) and result.unparsed == 0
+
+    converted = [gsm8k_problem(r) for r in gsm8k_test_rows]
+    assert all(s.endswith(f"\\boxed{{{a}}}.") and "<<" not in s for _, a, s in converted)
+    result = grader.grade([s for _, _, s in converted], [a for _, a, _ in converted])
+    assert result.rewards == [1.0] * len(gsm8k_test_rows) and result.unparsed == 0
+
+
+def test_gsm8k_final_strips_thousands_separators_and_requires_the_marker():
+    assert gsm8k_final("She pays 1,200 + 34 = <<1200+34=1234>>1,234 dollars.\n#### 1,234") == "1234"
+    assert gsm8k_final("#### -5") == "-5"
+    question, answer, solution = gsm8k_problem({"question": "Q?", "answer": "2 * 3 = <<2*3=6>>6 apples\n#### 6"})
+    assert (question, answer, solution) == ("Q?", "6", "2 * 3 = 6 apples\nThe answer is \\boxed{6}.")
+    with pytest.raises(DataError, match="####"):
+        gsm8k_final("the answer is 6")
+
+
+# ------------------------------------------------------------------ hand-made answer pairs
+# (boxed answer, reference, correct?): only pairs whose verdict is mathematically clear
+EQUIVALENT = [
+    # fractions and decimals
+    ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac{1}{2}", "\\frac12"),
+    ("1/2", "\\frac{1}{2}"),
+    ("1/2", "0.5"),
+    ("\\tfrac{3}{4}", "0.75"),
+    ("\\frac{2}{4}", "\\frac{1}{2}"),
+    ("0.25", "\\frac{1}{4}"),
+    ("2.50", "2.5"),
+    ("3", "3.0"),
+    # negatives
+    ("-\\frac{1}{2}", "-0.5"),
+    ("\\frac{-1}{2}", "-\\frac{1}{2}"),
+    ("-2.5", "-\\frac{5}{2}"),
+    ("-7", "-7.0"),
+    ("-0", "0"),
+    # degrees
+    ("30^\\circ", "30"),
+    ("30^{\\circ}", "30"),
+    ("30", "30^\\circ"),
+    # intervals
+    ("[1, 2)", "[1,2)"),
+    ("\\left[0, 1\\right)", "[0,1)"),
+    ("(-\\infty, 3]", "(-\\infty,3]"),
+    ("(2,\\infty)", "(2, \\infty)"),
+    ("x \\in [-2,7]", "[-2,7]"),
+    # \text{} wrappers and units
+    ("\\text{east}", "east"),
+    ("\\mathrm{east}", "\\text{east}"),
+    ("\\text{(C)}", "C"),
+    ("5\\text{ cm}", "5"),
+    ("5", "5\\text{ cm}"),
+    ("864", "864 \\mbox{ inches}^2"),
+    ("\\$32", "32"),
+    ("10,080", "10080"),
+    ("10,\\!080", "10080"),
+    # tuples, sets
+    ("(1, 2)", "(1,2)"),
+    ("(1,2,3)", "(1, 2, 3)"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    # roots
+    ("\\sqrt{8}", "2\\sqrt{2}"),
+    ("\\sqrt{12}", "2\\sqrt{3}"),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}"),
+    ("\\sqrt{3}", "3^{1/2}"),
+    ("\\sqrt{4}", "2"),
+    # pi and expressions
+    ("2\\pi", "2 \\pi"),
+    ("\\frac{3\\pi}{4}", "\\frac{3}{4}\\pi"),
+    ("\\frac{\\pi}{2}", "\\frac12\\pi"),
+    ("x^2+2x+1", "(x+1)^2"),
+    ("x=5", "5"),
+]
+DIFFERENT = [
+    ("\\frac{1}{3}", "0.33"),
+    ("\\frac{1}{2}", "\\frac{2}{1}"),
+    ("\\dfrac{3}{4}", "\\frac{4}{3}"),
+    ("0.2", "\\frac{1}{4}"),
+    ("2.5", "2.05"),
+    ("100", "1000"),
+    ("-3", "3"),
+    ("3", "-3"),
+    ("-2.5", "\\frac{5}{2}"),
+    ("-\\infty", "\\infty"),
+    ("30^\\circ", "60"),
+    ("45^\\circ", "135"),
+    ("(1,2)", "[1,2]"),
+    ("[1,2)", "(1,2]"),
+    ("(3,4]", "(3,4)"),
+    ("[0,1]", "(0,1)"),
+    ("\\text{east}", "\\text{west}"),
+    ("\\text{(C)}", "\\text{(B)}"),
+    ("5\\text{ cm}", "6"),
+    ("(1,2)", "(2,1)"),
+    ("(1,2,3)", "(1,3,2)"),
+    ("(-1, 4)", "(-1,-4)"),
+    ("(1,2)", "(1,2,3)"),
+    ("\\sqrt{2}", "2"),
+    ("\\sqrt{12}", "3\\sqrt{2}"),
+    ("2\\sqrt{2}", "\\sqrt{2}"),
+    ("\\pi", "3.14159"),
+    ("3.14", "\\pi"),
+    ("\\pi", "2\\pi"),
+    ("4\\pi", "12.566"),
+]
+PAIRS = [(a, b, 1.0) for a, b in EQUIVALENT] + [(a, b, 0.0) for a, b in DIFFERENT]
+
+
+@pytest.mark.parametrize(("answer", "reference", "reward"), PAIRS, ids=[f"{a} vs {b}" for a, b, _ in PAIRS])
+def test_hand_made_pairs(grader, answer, reference, reward):
+    result = grader.grade([f"Some work first. So the answer is $\\boxed{{{answer}}}$."], [reference])
+    assert result.rewards == [reward], f"{answer!r} vs {reference!r}"
+    assert result.unparsed == 0 and result.timeouts == 0
+
+
+def test_enough_pairs_of_both_kinds():
+    assert len(PAIRS) >= 30 and len(EQUIVALENT) >= 15 and len(DIFFERENT) >= 15
+
+
+def test_a_response_without_a_box_gets_zero_and_counts_as_unparsed(grader):
+    result = grader.grade(["The answer is 5.", "so \\boxed{5}", "5"], ["5", "5", "5"])
+    assert result.rewards == [0.0, 1.0, 0.0]
+    assert result.unparsed == 2 and result.timeouts == 0
+
+
+# ------------------------------------------------------------------ loaders
+@needs_data
+def test_read_jsonl_reads_every_line_of_the_shared_files():
+    assert len(read_jsonl(MATH500, MATH_FIELDS)) == 500
+    assert len(read_jsonl(GSM8K_TRAIN, GSM8K_FIELDS)) == 7473
+    assert len(read_jsonl(GSM8K_TEST, GSM8K_FIELDS)) == 1319
+    for path in (MATH500, GSM8K_TRAIN, GSM8K_TEST):
+        assert sum(1 for line in path.open(encoding="utf-8") if line.strip()) in (500, 7473, 1319)
+    rows = load_rows(str(MATH500), MATH_FIELDS)  # .jsonl through load_rows
+    assert len(rows) == 500 and set(rows[0]) >= {"problem", "solution", "answer", "subject", "level", "unique_id"}
+
+
+GOOD = json.dumps({"problem": "p", "solution": "s"})
+
+
+@pytest.mark.parametrize(
+    ("lines", "where", "expected"),
+    [
+        ([GOOD, GOOD, '{"problem": "p", "solution": '], 3, "invalid JSON"),
+        ([GOOD, "", json.dumps({"problem": "p"})], 3, "field 'solution' must be a string (got missing)"),
+        ([GOOD, json.dumps({"problem": 3, "solution": "s"})], 2, "field 'problem' must be a string (got int)"),
+        ([json.dumps({"problem": None, "solution": "s"})], 1, "field 'problem' must be a string (got NoneType)"),
+        ([GOOD, "[1, 2]"], 2, "expected a JSON object with fields problem, solution"),
+    ],
+    ids=["invalid-json", "missing-field-after-blank-line", "wrong-type", "null", "not-an-object"],
+)
+def test_malformed_line_names_path_line_and_expectation(tmp_path, lines, where, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_jsonl(path, MATH_FIELDS)
+    message = str(info.value)
+    assert f"bad.jsonl:{where}:" in message and str(path) in message
+    assert expected in message
+    with pytest.raises(DataError, match=re.escape(f"bad.jsonl:{where}:")):
+        load_rows(str(path), MATH_FIELDS)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
+def test_empty_and_missing_files_raise(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: no rows (empty file)")):
+        read_jsonl(path, MATH_FIELDS)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: file not found")):
+        read_jsonl(tmp_path / "nope.jsonl", MATH_FIELDS)
+    with pytest.raises(DataError, match="file not found"):
+        load_rows(str(tmp_path / "nope.parquet"), MATH_FIELDS)
+
+
+@needs_data
+def test_load_rows_from_a_local_parquet(tmp_path, math500_rows):
+    import pandas as pd
+
+    rows = math500_rows[:5]
+    pd.DataFrame(rows).to_parquet(tmp_path / "math.parquet")
+    assert load_rows(str(tmp_path / "math.parquet"), MATH_FIELDS) == rows
+
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame([{"problem": 7, "solution": "s"}, {"problem": 8, "solution": "s"}]).to_parquet(bad)
+    with pytest.raises(DataError, match=re.escape(f"{bad}: row 0: field 'problem' must be a string (got int)")):
+        load_rows(str(bad), MATH_FIELDS)
+    pd.DataFrame([{"problem": "p", "solution": "s"}, {"problem": "q"}]).to_parquet(bad)  # missing -> null
+    with pytest.raises(DataError, match=re.escape(f"{bad}: row 1: field 'solution' must be a string")):
+        load_rows(str(bad), MATH_FIELDS)
+
+
+@needs_data
+def test_load_rows_from_a_local_dataset_dir_through_datasets(tmp_path, monkeypatch, math500_rows):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # keep ~/.cache clean
+    rows = [{k: r[k] for k in ("problem", "solution", "answer")} for r in math500_rows[:4]]
+    (tmp_path / "ds").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "ds" / "train.parquet")
+    assert load_rows(str(tmp_path / "ds"), MATH_FIELDS, "train") == rows
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'ds'}: cannot load split 'test'")):
+        load_rows(str(tmp_path / "ds"), MATH_FIELDS, "test")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a parquet column with missing values reads as NaN (pandas), "
+                   "and math_problem takes the truthy NaN as the answer instead of the solution's \\boxed{}")
+def test_parquet_row_without_answer_falls_back_to_the_box(tmp_path):
+    import pandas as pd
+
+    rows = [{"problem": "a", "solution": "\\boxed{2}", "answer": "2"}, {"problem": "b", "solution": "so \\boxed{3}"}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "mixed.parquet")
+    assert [math_problem(r)[1] for r in load_rows(str(tmp_path / "mixed.parquet"), MATH_FIELDS)] == ["2", "3"]
+
+
+# ------------------------------------------------------------------ build_task: math and gsm8k
+FAKE_TRAIN = [
+    {"problem": "What is $1+1$?", "solution": "We have $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
+    {"problem": "What is $2\\cdot 3$?", "solution": "$2\\cdot 3 = \\boxed{6}$.", "level": "Level 1", "type": "Algebra"},
+    None,  # replaced by a MATH-500 problem (with extra surrounding whitespace): must be dropped
+    {"problem": "Simplify $\\frac{2}{4}$.", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 2",
+     "type": "Prealgebra"},
+    {"problem": "What is $3^2$?", "solution": "$3^2=\\boxed{9}$.", "level": "Level 1", "type": "Algebra"},
+]
+
+
+def fake_train_rows(math500_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    dup = math500_rows[7]
+    rows = list(FAKE_TRAIN)
+    rows[2] = {"problem": f"  {dup['problem']}\n", "solution": dup["solution"], "level": f"Level {dup['level']}",
+               "type": dup["subject"]}
+    return rows
+
+
+def math_cfg(train_path: Any = None, **kw: Any) -> TaskConfig:
+    return TaskConfig(name="math", data_dir=DATA_DIR, train_path=None if train_path is None else str(train_path), **kw)
+
+
+@pytest.fixture
+def train_files(tmp_path, math500_rows) -> dict[str, Path]:
+    import pandas as pd
+
+    rows = fake_train_rows(math500_rows)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    return {"jsonl": tmp_path / "train.jsonl", "parquet": tmp_path / "train.parquet"}
+
+
+@needs_data
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_math_task_drops_math500_duplicates_and_evaluates_on_math500_and_gsm8k(train_files, math500_rows,
+                                                                                   gsm8k_test_rows, kind):
+    task = build_task(math_cfg(train_files[kind]))
+    try:
+        kept = [r for i, r in enumerate(FAKE_TRAIN) if i != 2]
+        assert [p.prompt for p in task.train] == [r["problem"] for r in kept]  # raw: the problem text itself
+        assert [p.answer for p in task.train] == ["2", "6", "\\frac{1}{2}", "9"]  # from the last \boxed{}
+        assert [p.solution for p in task.train] == [r["solution"] for r in kept]
+        assert list(task.evals) == ["math500", "gsm8k"] and task.test is task.evals["math500"]
+        assert len(task.evals["math500"]) == 500 and len(task.evals["gsm8k"]) == 1319
+        assert [p.prompt for p in task.evals["math500"]] == [r["problem"] for r in math500_rows]
+        assert [p.answer for p in task.evals["math500"]] == [r["answer"] for r in math500_rows]
+        assert [p.prompt for p in task.evals["gsm8k"]] == [r["question"] for r in gsm8k_test_rows]
+        assert [p.answer for p in task.evals["gsm8k"]] == [gsm8k_final(r["answer"]) for r in gsm8k_test_rows]
+        # the task's own scoring: every reference solution is right
+        graded = task.score([p.solution for p in task.evals["math500"][:50]], task.evals["math500"][:50])
+        assert graded.rewards == [1.0] * 50
+    finally:
+        task.close()
+
+
+@needs_data
+def test_math_prompt_formats(train_files, math500_rows):
+    question = math500_rows[0]["problem"]
+    task = build_task(math_cfg(train_files["jsonl"], prompt_format="instruct"))
+    try:
+        assert task.evals["math500"][0].prompt == f"{question}\n{INSTRUCTION}\n"
+        assert task.train[0].prompt == f"{FAKE_TRAIN[0]['problem']}\n{INSTRUCTION}\n"
+        assert "\\boxed{}" in INSTRUCTION
+    finally:
+        task.close()
+
+    task = build_task(math_cfg(train_files["jsonl"], prompt_format="few_shot", few_shot=2))
+    try:
+        prefix = "".join(f"Problem: {r['problem']}\nSolution: {r['solution']}\n\n" for r in FAKE_TRAIN[:2])
+        assert task.evals["math500"][0].prompt == f"{prefix}Problem: {question}\nSolution:"
+        # the exemplars are not trained on; the MATH-500 duplicate is still gone
+        assert [p.prompt for p in task.train] == [f"{prefix}Problem: {r['problem']}\nSolution:"
+                                                  for r in (FAKE_TRAIN[3], FAKE_TRAIN[4])]
+    finally:
+        task.close()
+
+    with pytest.raises(DataError, match="few_shot needs 9 training exemplars, found 4"):
+        build_task(math_cfg(train_files["jsonl"], prompt_format="few_shot", few_shot=9))
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptFormatter("chat", tokenizer=None)
+    with pytest.raises(ValueError, match="task.prompt_format='nope'"):
+        PromptFormatter("nope")
+
+
+@needs_data
+def test_math_without_train_path(math500_rows):
+    with pytest.raises(DataError, match="task.train_path"):
+        build_task(math_cfg())
+    task = build_task(math_cfg(), need_train=False)
+    try:
+        assert task.train == []
+        assert {k: len(v) for k, v in task.evals.items()} == {"math500": 500, "gsm8k": 1319}
+    finally:
+        task.close()
+
+
+@needs_data
+def test_math_train_path_from_a_dataset_dir(tmp_path, monkeypatch, math500_rows):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    (tmp_path / "ds").mkdir()
+    datasets.Dataset.from_list(fake_train_rows(math500_rows)).to_parquet(tmp_path / "ds" / "train.parquet")
+    task = build_task(math_cfg(tmp_path / "ds", train_split="train"))
+    try:
+        assert [p.answer for p in task.train] == ["2", "6", "\\frac{1}{2}", "9"]
+    finally:
+        task.close()
+
+
+@needs_data
+def test_gsm8k_task_trains_on_gsm8k_train(gsm8k_test_rows):
+    train_rows = read_jsonl(GSM8K_TRAIN, GSM8K_FIELDS)
+    task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR))
+    try:
+        assert len(task.train) == 7473 and task.train[0].prompt == train_rows[0]["question"]
+        assert task.train[0].answer == gsm8k_final(train_rows[0]["answer"])
+        assert list(task.evals) == ["gsm8k", "math500"] and task.test is task.evals["gsm8k"]
+        assert len(task.evals["gsm8k"]) == 1319 and len(task.evals["math500"]) == 500
+    finally:
+        task.close()
+
+    task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR, prompt_format="few_shot", few_shot=4))
+    try:
+        assert len(task.train) == 7473 - 4
+        prefix = "".join(f"Problem: {q}\nSolution: {s}\n\n" for q, _, s in map(gsm8k_problem, train_rows[:4]))
+        assert task.train[0].prompt == f"{prefix}Problem: {train_rows[4]['question']}\nSolution:"
+        assert task.evals["gsm8k"][0].prompt == f"{prefix}Problem: {gsm8k_test_rows[0]['question']}\nSolution:"
+    finally:
+        task.close()
+
+
+@needs_data
+@pytest.mark.xfail(strict=True, reason="BUG: with need_train=False (python -m dash_exp.evaluate) no training rows "
+                   "are read, so prompt_format=few_shot finds no exemplars and raises DataError")
+def test_few_shot_eval_without_training_rows():
+    task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR, prompt_format="few_shot"), need_train=False)
+    task.close()
+    assert task.evals["gsm8k"][0].prompt.startswith("Problem: ")
