@@ -165,6 +165,8 @@ class LoggerConfig:
     group: str | None = None
     # extra W&B tags
     tags: list[str] = field(default_factory=list)
+    # seconds to wait for W&B to start before going on without it (metrics.jsonl keeps everything)
+    init_timeout: float = 60.0
 
 
 @dataclass

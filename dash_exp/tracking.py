@@ -69,10 +69,11 @@ class MetricSink:
                 project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group or group,
                 tags=list(logger_cfg.tags), name=run_name, config=config, dir=str(run_dir), mode=mode,
                 id=resume_id, resume="allow" if resume_id else None,
-                settings=wandb.Settings(console="off", quiet=True, init_timeout=60),
+                settings=wandb.Settings(console="off", quiet=True, init_timeout=logger_cfg.init_timeout),
             )
         except Exception as exc:  # W&B is optional: metrics.jsonl still has everything
-            warnings.warn(f"W&B disabled for this run ({type(exc).__name__}: {exc}); metrics go to "
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            warnings.warn(f"W&B disabled for this run ({type(exc).__name__}: {reason}); metrics go to "
                           f"{run_dir / 'metrics.jsonl'} only", stacklevel=2)
             return None
 
@@ -85,14 +86,22 @@ class MetricSink:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            try:
+                self.wandb_run.log(metrics, step=step)
+            except Exception as exc:  # a W&B failure mid-run must not stop training
+                warnings.warn(f"W&B logging failed ({type(exc).__name__}); continuing with metrics.jsonl only",
+                              stacklevel=2)
+                self.wandb_run = None
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         self.file.close()
         if self.wandb_run is not None:
-            if summary:
-                self.wandb_run.summary.update(summary)
-            self.wandb_run.finish()
+            try:
+                if summary:
+                    self.wandb_run.summary.update(summary)
+                self.wandb_run.finish()
+            except Exception as exc:
+                warnings.warn(f"W&B finish failed ({type(exc).__name__}); metrics.jsonl is complete", stacklevel=2)
 
 
 def _jsonable(value: Any) -> Any:

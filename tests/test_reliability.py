@@ -44,3 +44,25 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path, cli_env):
     assert "NonFiniteError" in (failed / "error.txt").read_text() and not (failed / "summary.json").exists()
     assert (ok / "summary.json").exists() and not (ok / "error.txt").exists()
     assert "1 job(s) of the sweep failed" in proc.stderr
+
+
+def test_unreachable_wandb_warns_once_and_the_run_completes(make_cfg, tmp_path, monkeypatch):
+    # a key, a bad entity, and a server that refuses connections (loopback port 9)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    cfg = make_cfg("logger=wandb", "logger.mode=online", "logger.entity=no-such-entity", "logger.init_timeout=5",
+                   "steps=2")
+    with pytest.warns(UserWarning, match="W&B disabled for this run") as record:
+        train(cfg)
+    assert sum("W&B" in str(w.message) for w in record) == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {0, 1, 2}
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_online_without_a_key_falls_back_to_offline(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg("logger=wandb", "logger.mode=online", "steps=1")
+    with pytest.warns(UserWarning, match="WANDB_API_KEY is not set: logging to W&B offline"):
+        train(cfg)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
