@@ -50,12 +50,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], meta: dict[
     return final
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path / 'state.pt'}: cannot read checkpoint state ({type(exc).__name__}: {exc})") from exc
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a checkpoint; restores the python/numpy/torch RNG states."""
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise RuntimeError(f"checkpoint {path}: cannot load state.pt ({exc})") from exc
+    state = _read_state(path)
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -68,10 +72,15 @@ def load_policy_weights(policy: torch.nn.Module, path: Path) -> int:
     if ckpt is None or not (ckpt / "state.pt").is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here (expected a run dir with checkpoints/step_*/ "
                                 "or a checkpoint dir with state.pt)")
-    state, meta = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False), read_meta(ckpt)
+    state, meta = _read_state(ckpt), read_meta(ckpt)
+    apply_policy_state(policy, state, ckpt)
+    return int(meta["step"])
+
+
+def apply_policy_state(policy: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's policy weights; a checkpoint of another model gives one clear error."""
     try:
         policy.load_state_dict(state["policy"])
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"{ckpt}: checkpoint does not fit the configured model ({first})") from exc
-    return int(meta["step"])
+        raise ValueError(f"{path}: checkpoint does not fit the configured model ({first})") from exc

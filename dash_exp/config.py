@@ -215,6 +215,8 @@ class Config:
     eval_samples: int = 1
     # checkpoint every this many steps (and at the end); 0 = only at the end
     save_every: int = 0
+    # checkpoints kept in run_dir/checkpoints (the newest ones)
+    keep_checkpoints: int = 2
     # stop (with a checkpoint of the last good weights) after this many optimizer steps in a row with a
     # non-finite loss or gradient; such steps are skipped and counted in loss/nonfinite_steps
     max_nonfinite_steps: int = 3
@@ -275,7 +277,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _one_of("resume", cfg.resume, RESUME)
     for key in ("group_size", "prompts_per_step", "train_microbatch", "max_new_tokens",
                 "algorithm.ppo_epochs", "algorithm.ppo_minibatches", "task.n_train", "task.n_test",
-                "eval_samples", "max_nonfinite_steps"):
+                "eval_samples", "max_nonfinite_steps", "keep_checkpoints"):
         _positive(key, _get(cfg, key))
     for key in ("lr", "temperature", "top_p"):
         _positive(key, getattr(cfg, key))

@@ -20,7 +20,7 @@ from dash_exp.algorithms.advantages import gradient_filter, group_advantages
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import TokenCache, TrainSample
-from dash_exp.checkpoint import load_checkpoint, save_checkpoint
+from dash_exp.checkpoint import apply_policy_state, load_checkpoint, save_checkpoint
 from dash_exp.config import resolved_inference_batch, step_batch
 from dash_exp.evaluate import evaluate, generate_in_chunks
 from dash_exp.rollout.base import Sampler, SamplingParams
@@ -87,12 +87,12 @@ class Trainer:
 
     def save(self) -> None:
         state, meta = self.state()
-        save_checkpoint(self.run_dir, self.step, state, meta)
+        save_checkpoint(self.run_dir, self.step, state, meta, keep=self.cfg.keep_checkpoints)
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint; push the restored weights to the sampler."""
         state, meta = load_checkpoint(path)
-        self.policy.load_state_dict(state["policy"])
+        apply_policy_state(self.policy, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.elapsed, self.initial_eval = meta["step"], meta["elapsed"], meta["initial_eval"]

@@ -66,3 +66,27 @@ def test_online_without_a_key_falls_back_to_offline(make_cfg, tmp_path, monkeypa
     with pytest.warns(UserWarning, match="WANDB_API_KEY is not set: logging to W&B offline"):
         train(cfg)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_resuming_a_checkpoint_of_another_model_fails_clearly(make_cfg, tmp_path):
+    train(make_cfg("algorithm=grpo", "steps=1"))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state["policy"]["model.embed_tokens.weight"] = torch.zeros(3, 3)  # another model's shape
+    torch.save(state, ckpt / "state.pt")
+    with pytest.raises(ValueError, match=r"step_00000001: checkpoint does not fit the configured model"):
+        train(make_cfg("algorithm=grpo", "steps=2"))
+
+
+def test_unreadable_checkpoint_names_the_file(make_cfg, tmp_path):
+    train(make_cfg("algorithm=grpo", "steps=1"))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    (ckpt / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"state.pt: cannot read checkpoint state"):
+        train(make_cfg("algorithm=grpo", "steps=2"))
+
+
+def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
+    train(make_cfg("algorithm=grpo", "steps=4", "save_every=1", "keep_checkpoints=3"))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000003", "step_00000004"]

@@ -203,3 +203,26 @@ def test_close_stops_the_worker_and_grading_restarts_it() -> None:
         assert g.grade(["\\boxed{0.5}"], ["\\frac12"]).rewards == [1.0]
         assert len(workers() - before) == 1
     assert workers() == before
+
+
+HOSTILE = [
+    "\\boxed{9^{9^{9^{9}}}}",  # a power tower sympy would try to evaluate
+    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",  # 10,000-deep braces
+    "x" * 1_000_000 + "\\boxed{" + "7" * 1_000_000 + "}",  # 1 MB of text, 1 MB answer
+    "\\boxed{\\int_0^{\\infty} e^{-x^{1000}} \\sin(x^{999})\\,dx}",  # integral sympy may chew on
+    "\\boxed{\\frac{" * 500 + "1" + "}{2}" * 500 + "}",  # deep fractions
+    "\\boxed{10^{10^{10^{10}}} - 10^{10^{10^{10}}}}",
+]
+
+
+def test_hostile_batch_grades_zero_within_its_time_budget() -> None:
+    """Every hostile answer gets reward 0, either unparsed (capped cheaply) or timed out; nothing hangs."""
+    timeout_s = 2.0
+    with Grader(timeout_s=timeout_s) as grader:
+        start = time.monotonic()
+        result = grader.grade(HOSTILE + ["\\boxed{3}"], ["1"] * len(HOSTILE) + ["3"])
+        elapsed = time.monotonic() - start
+    assert result.rewards == [0.0] * len(HOSTILE) + [1.0]
+    assert result.timeouts + result.unparsed <= len(HOSTILE)
+    # wall-clock guard: at most timeout + slack per item, plus worker restarts
+    assert elapsed < len(HOSTILE) * (timeout_s + 1.5) + 10, elapsed
