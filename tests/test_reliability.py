@@ -90,3 +90,25 @@ def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
     train(make_cfg("algorithm=grpo", "steps=4", "save_every=1", "keep_checkpoints=3"))
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step_00000002", "step_00000003", "step_00000004"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', "traces.jsonl:2: invalid JSON"),
+    ('{"prompt": "a"}\n', "traces.jsonl:1: expected an object with string fields 'prompt' and 'response'"),
+    ('{"prompt": 3, "response": "b"}\n', "traces.jsonl:1: expected an object with string fields"),
+    ("", "traces.jsonl: no traces (empty file)"),
+])
+def test_bad_traces_file_names_file_line_and_expectation(tmp_path, content, message):
+    from dash_exp.traces import load_traces
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_traces(path)
+
+
+def test_missing_traces_file_is_named(tmp_path):
+    from dash_exp.traces import load_traces
+
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: traces file not found"):
+        load_traces(tmp_path / "nope.jsonl")
