@@ -82,5 +82,6 @@ def apply_policy_state(policy: torch.nn.Module, state: dict[str, Any], path: Pat
     try:
         policy.load_state_dict(state["policy"])
     except (RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"{path}: checkpoint does not fit the configured model ({first})") from exc
+        # torch's first line is generic; the next one names the tensor and the shapes
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise ValueError(f"{path}: checkpoint does not fit the configured model ({detail})") from exc

@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 class AlgorithmConfig:
     # algorithm name: sft | grpo | ppo | dash
     name: str = MISSING
+    # name of this configuration in tables and plots (e.g. no_gf, ppo_mini, sft_m); null = name
+    label: str | None = None
     # advantage normalisation within a group: std -> (r - mean)/(std + eps); mean -> r - mean
     adv_norm: str = "std"
     # epsilon added to the group std in the advantage denominator
@@ -191,6 +193,8 @@ class Config:
     steps: int = 150
     # if set, overrides steps with ceil(epochs * n_train / prompts_per_step)
     epochs: float | None = None
+    # stop training once this many seconds of training time have passed (then evaluate); null = no limit
+    time_budget_s: float | None = None
     # AdamW learning rate (constant)
     lr: float = 1e-4
     # AdamW weight decay
@@ -288,6 +292,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("task.eval_size", cfg.task.eval_size, allow_none=True)
     _positive("task.few_shot", cfg.task.few_shot, allow_zero=True)
     _positive("epochs", cfg.epochs, allow_none=True)
+    _positive("time_budget_s", cfg.time_budget_s, allow_none=True)
     _positive("grad_clip", cfg.grad_clip, allow_none=True)
     _positive("threads", cfg.threads, allow_none=True)
     _positive("inference_batch", cfg.inference_batch, allow_none=True)

@@ -28,6 +28,8 @@ EVAL_STREAM = 0
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k) for c correct of n samples."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n (k={k}, n={n})")
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -108,12 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed, resolved_threads(cfg))
     parts = build(cfg, need_train=False)
     step = 0
-    if checkpoint and not (Path(checkpoint) / "config.json").is_file():
-        step = load_policy_weights(parts.policy, Path(checkpoint))
-        parts.sampler.sync(parts.policy)
     sampled = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                              max_new_tokens=cfg.max_new_tokens)
     try:
+        if checkpoint and not (Path(checkpoint) / "config.json").is_file():
+            step = load_policy_weights(parts.policy, Path(checkpoint))
+            parts.sampler.sync(parts.policy)
         metrics = evaluate(parts.sampler, TokenCache(parts.tokenizer), parts.task, sampled, cfg.seed,
                            max(resolved_inference_batch(cfg), n), cfg.task.eval_size)
     finally:

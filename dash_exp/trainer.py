@@ -134,11 +134,13 @@ class Trainer:
                             loss=f"{metrics.get('loss/total', float('nan')):.3f}")
             if step < self.steps and self.cfg.save_every and step % self.cfg.save_every == 0:
                 self.save()
+            if self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s:
+                break
         bar.close()
         final = self.evaluate()
-        self.sink.log(self.steps, final)
+        self.sink.log(self.step, final)
         self.save()
-        return {"steps": self.steps, "resumed": resume_from is not None, "time/elapsed": self.elapsed,
+        return {"steps": self.step, "resumed": resume_from is not None, "time/elapsed": self.elapsed,
                 "initial": self.initial_eval, "final": final, "last_step": last}
 
     def evaluate(self) -> dict[str, float]:

@@ -191,3 +191,9 @@ def test_load_policy_weights_errors(tmp_path):
     Path(tmp_path / "run" / "checkpoints").rename(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'run'}: no checkpoint here")):
         load_policy_weights(policy, tmp_path / "run")
+
+
+def test_pass_at_k_rejects_k_outside_1_to_n():
+    for n, k in ((2, 4), (3, 0)):
+        with pytest.raises(ValueError, match="1 <= k <= n"):
+            pass_at_k(n, 0, k)

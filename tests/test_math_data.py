@@ -297,8 +297,6 @@ def test_load_rows_from_a_local_dataset_dir_through_datasets(tmp_path, monkeypat
         load_rows(str(tmp_path / "ds"), MATH_FIELDS, "test")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a parquet column with missing values reads as NaN (pandas), "
-                   "and math_problem takes the truthy NaN as the answer instead of the solution's \\boxed{}")
 def test_parquet_row_without_answer_falls_back_to_the_box(tmp_path):
     import pandas as pd
 
@@ -441,8 +439,6 @@ def test_gsm8k_task_trains_on_gsm8k_train(gsm8k_test_rows):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="BUG: with need_train=False (python -m dash_exp.evaluate) no training rows "
-                   "are read, so prompt_format=few_shot finds no exemplars and raises DataError")
 def test_few_shot_eval_without_training_rows():
     task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR, prompt_format="few_shot"), need_train=False)
     task.close()

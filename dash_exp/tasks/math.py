@@ -90,7 +90,9 @@ def gsm8k_final(answer: str) -> str:
 
 def math_problem(row: dict[str, Any]) -> tuple[str, str, str]:
     """(question, answer, solution) of a MATH row; the answer is `answer` or the solution's last \\boxed{}."""
-    answer = row.get("answer") or extract_boxed(row["solution"])
+    answer = row.get("answer")
+    if not isinstance(answer, str) or not answer.strip():  # absent, None, or NaN from a parquet gap
+        answer = extract_boxed(row["solution"])
     if not answer:
         raise DataError(f"MATH row without an answer and without \\boxed{{}} in its solution: {row['problem'][:80]!r}")
     return row["problem"], answer, row["solution"]
@@ -136,7 +138,12 @@ def to_problems(rows: list[dict[str, Any]], parse: Callable[[dict[str, Any]], tu
 
 def data_path(cfg: Any, relative: str) -> Path:
     """A file under task.data_dir (relative data_dir: relative to the repository root)."""
-    root = Path(cfg.data_dir).expanduser()
+    data_dir = cfg.data_dir
+    if "${" in data_dir:  # a plain TaskConfig() carries the unresolved default
+        from omegaconf import OmegaConf
+
+        data_dir = OmegaConf.create({"d": data_dir}).d
+    root = Path(data_dir).expanduser()
     if not root.is_absolute():
         root = Path(__file__).resolve().parents[2] / root
     return root / relative
@@ -150,11 +157,13 @@ def make_math_task(cfg: Any, tokenizer: Any, need_train: bool) -> tuple[list[Pro
     """(train, eval sets) of task=math or task=gsm8k."""
     math500_rows = read_jsonl(data_path(cfg, "math500/test.jsonl"), MATH_FIELDS)
     gsm8k_test_rows = read_jsonl(data_path(cfg, "gsm8k/test.jsonl"), GSM8K_FIELDS)
+    # few-shot prompts take their exemplars from the training split, even when only evaluating
+    load_train = need_train or cfg.prompt_format == "few_shot"
     if cfg.name == "math":
-        train_rows = _math_train_rows(cfg, {r["problem"].strip() for r in math500_rows}) if need_train else []
+        train_rows = _math_train_rows(cfg, {r["problem"].strip() for r in math500_rows}) if load_train else []
         parse = math_problem
     else:
-        train_rows = read_jsonl(data_path(cfg, "gsm8k/train.jsonl"), GSM8K_FIELDS) if need_train else []
+        train_rows = read_jsonl(data_path(cfg, "gsm8k/train.jsonl"), GSM8K_FIELDS) if load_train else []
         parse = gsm8k_problem
     exemplars = [(q, s) for q, _, s in (parse(r) for r in train_rows[: cfg.few_shot])]
     if cfg.prompt_format == "few_shot" and len(exemplars) < cfg.few_shot:
