@@ -226,6 +226,8 @@ class Config:
     max_nonfinite_steps: int = 3
     # resume: auto (continue from the run dir's latest checkpoint) | never
     resume: str = "auto"
+    # the sweep (sweeps/<name>.yaml) this run belongs to; null = a standalone run
+    sweep_name: str | None = None
     # where this run writes config.yaml, metrics.jsonl, summary.json, checkpoints, wandb/
     run_dir: str = "${hydra:runtime.output_dir}"
 

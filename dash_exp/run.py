@@ -154,24 +154,24 @@ class FailedJobsReport(Callback):
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from dash_exp.trainer import NonFiniteError
-
     try:
+        validate(cfg)
         train(cfg)
     except Exception as exc:
-        path = record_failure(Path(cfg.run_dir), exc)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # one failed job must not stop the sweep: the error is in its run dir; FailedJobsReport sums up
+            path = record_failure(Path(cfg.run_dir), exc)
             print(f"job failed: {type(exc).__name__}: {exc} (traceback in {path}); the sweep goes on", file=sys.stderr)
             return
+        if isinstance(exc, ConfigError):
+            print(f"config error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        record_failure(Path(cfg.run_dir), exc)
+        from dash_exp.trainer import NonFiniteError
+
         if isinstance(exc, NonFiniteError):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
