@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-vllm run test lint clean
+.PHONY: install install-vllm run test lint clean sweep figures reproduce traces
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,40 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [ARGS="model=... task=..."]
+SWEEP ?= kl
+sweep: $(STAMP)
+	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(ARGS)
+
+# every figure (PNG + PDF) and table into figures/, from the runs under multirun/ (or a W&B project:
+# make figures WANDB_PROJECT=entity/project)
+figures: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures --runs multirun --out figures \
+		$(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT))
+
+# SFT-M traces for sft_vs_rl: rejection sampling of the base model on the training prompts
+traces/sft_m.jsonl: | $(STAMP)
+	$(BIN)/python -m dash_exp.traces --out $@ --samples 8 --per-prompt 1 threads=1
+
+traces: traces/sft_m.jsonl
+
+# all tiny sweeps (two lanes, one thread each, on 2 cores), then the figures; <= 45 min on 2 cores
+reproduce: traces/sft_m.jsonl
+	$(MAKE) -j2 reproduce-lane-a reproduce-lane-b
+	$(MAKE) figures
+
+.PHONY: reproduce-lane-a reproduce-lane-b
+reproduce-lane-a: $(STAMP)
+	$(BIN)/python -m dash_exp.run +sweep=algorithms threads=1 logger=none
+	$(BIN)/python -m dash_exp.run +sweep=kl threads=1 logger=none
+	$(BIN)/python -m dash_exp.run +sweep=batch_sizes threads=1 logger=none
+
+reproduce-lane-b: traces/sft_m.jsonl
+	$(BIN)/python -m dash_exp.run +sweep=sft_vs_rl threads=1 logger=none
+	$(BIN)/python -m dash_exp.run +sweep=pg_vs_ppo threads=1 logger=none
+
 lint: $(STAMP)
 	$(BIN)/ruff check dash_exp tests analysis
 
 clean:
-	rm -rf runs multirun outputs .pytest_cache
+	rm -rf runs multirun outputs figures traces .pytest_cache
