@@ -18,23 +18,12 @@ from dash_exp.tasks.base import Problem
 
 def load_traces(path: Path) -> list[Problem]:
     """Traces JSONL -> Problems (solution = response); errors name path:line and what was expected."""
+    from dash_exp.tasks.math import read_jsonl
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: traces file not found (make one with python -m dash_exp.traces)")
-    problems = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "response")):
-                raise ValueError(f"{path}:{lineno}: expected an object with string fields 'prompt' and 'response'")
-            problems.append(Problem(prompt=row["prompt"], answer=str(row.get("answer", "")), solution=row["response"]))
-    if not problems:
-        raise ValueError(f"{path}: no traces (empty file)")
-    return problems
+    rows = read_jsonl(path, ("prompt", "response"))
+    return [Problem(prompt=r["prompt"], answer=str(r.get("answer", "")), solution=r["response"]) for r in rows]
 
 
 def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts: int | None) -> dict[str, float]:

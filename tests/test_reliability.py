@@ -94,9 +94,9 @@ def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
 
 @pytest.mark.parametrize(("content", "message"), [
     ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', "traces.jsonl:2: invalid JSON"),
-    ('{"prompt": "a"}\n', "traces.jsonl:1: expected an object with string fields 'prompt' and 'response'"),
-    ('{"prompt": 3, "response": "b"}\n', "traces.jsonl:1: expected an object with string fields"),
-    ("", "traces.jsonl: no traces (empty file)"),
+    ('{"prompt": "a"}\n', "traces.jsonl:1: field 'response' must be a string (got missing)"),
+    ('{"prompt": 3, "response": "b"}\n', "traces.jsonl:1: field 'prompt' must be a string (got int)"),
+    ("", "traces.jsonl: no rows (empty file)"),
 ])
 def test_bad_traces_file_names_file_line_and_expectation(tmp_path, content, message):
     from dash_exp.traces import load_traces
