@@ -9,7 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-ALGORITHMS = ("sft", "grpo", "ppo", "dash")
+ALGORITHMS = ("base", "sft", "grpo", "ppo", "dash")
 TASKS = ("arith", "math", "gsm8k")
 PROMPT_FORMATS = ("raw", "instruct", "chat", "few_shot")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgorithmConfig:
-    # algorithm name: sft | grpo | ppo | dash
+    # algorithm name: base (no training, evaluation only) | sft | grpo | ppo | dash
     name: str = MISSING
     # name of this configuration in tables and plots (e.g. no_gf, ppo_mini, sft_m); null = name
     label: str | None = None
@@ -326,7 +326,7 @@ def validate(cfg: Config | DictConfig) -> None:
     if batch % a.ppo_minibatches:
         raise ConfigError(f"algorithm.ppo_minibatches={a.ppo_minibatches}: expected a divisor of the step "
                           f"batch prompts_per_step*group_size={batch}")
-    if a.name in ("grpo", "dash", "sft") and (a.ppo_epochs, a.ppo_minibatches) != (1, 1):
+    if a.name in ("base", "grpo", "dash", "sft") and (a.ppo_epochs, a.ppo_minibatches) != (1, 1):
         raise ConfigError(f"algorithm.ppo_epochs/ppo_minibatches: {a.name} is on-policy, expected 1/1 "
                           f"(use algorithm=ppo for off-policy updates)")
     if a.name == "sft" and a.sft_source == "traces" and not a.traces_path:

@@ -30,7 +30,9 @@ from dash_exp.tracking import MetricSink, Timers, peak_rss_mb
 
 
 def total_steps(cfg: Any, n_items: int) -> int:
-    """cfg.steps, or ceil(epochs * items / items per step) when cfg.epochs is set."""
+    """cfg.steps, or ceil(epochs * items / items per step) when cfg.epochs is set; 0 for algorithm=base."""
+    if cfg.algorithm.name == "base":
+        return 0
     if cfg.epochs is None:
         return int(cfg.steps)
     per_step = step_batch(cfg) if cfg.algorithm.name == "sft" else cfg.prompts_per_step

@@ -91,3 +91,10 @@ def test_reference_model_exists_only_with_kl(make_cfg, kl, models):
     parts.task.close()
     assert live_models() - before == models
     assert (parts.ref is None) == (kl == "off")
+
+
+def test_base_evaluates_without_training_whatever_steps_say(make_cfg, tmp_path):
+    summary = train(make_cfg("algorithm=base", "steps=5"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 0 and {r["step"] for r in rows} == {0}
+    assert summary["final"]["eval/arith/accuracy"] == summary["initial"]["eval/arith/accuracy"]
