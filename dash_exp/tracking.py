@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,10 +14,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (Linux: reset VmHWM; CUDA: reset the allocator's peak), so each run
+    of a multirun, which shares one process, reports its own peak."""
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """`mem/peak_mb`: peak resident memory since the last reset (VmHWM; ru_maxrss where /proc is absent);
+    `mem/cuda_peak_mb` on a GPU: peak memory allocated by torch."""
+    try:
+        hwm_kb = next(int(line.split()[1]) for line in _STATUS.read_text().splitlines() if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        hwm_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"mem/peak_mb": hwm_kb / 1024}
+    import torch
+
+    if torch.cuda.is_available():
+        out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 class Timers:

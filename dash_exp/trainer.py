@@ -26,7 +26,7 @@ from dash_exp.evaluate import evaluate, generate_in_chunks
 from dash_exp.rollout.base import Sampler, SamplingParams
 from dash_exp.rollout.hf import mix32
 from dash_exp.tasks.base import Problem, ProblemStream
-from dash_exp.tracking import MetricSink, Timers, peak_rss_mb
+from dash_exp.tracking import MetricSink, Timers, peak_memory_mb, reset_peak_memory
 
 
 def total_steps(cfg: Any, n_items: int) -> int:
@@ -68,6 +68,7 @@ class Trainer:
         self.spec = loss_spec(cfg)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.timers = Timers()
+        reset_peak_memory()
         # skipped optimizer steps: in a row (stops the run at max_nonfinite_steps) and in total
         self.nonfinite_run = 0
         self.nonfinite_total = 0
@@ -127,7 +128,7 @@ class Trainer:
             self.elapsed += metrics["time/step"]
             metrics["time/elapsed"] = self.elapsed
             metrics["epoch"] = self.stream.epoch
-            metrics["mem/peak_mb"] = peak_rss_mb()
+            metrics.update(peak_memory_mb())
             if step < self.steps and self.cfg.eval_every and step % self.cfg.eval_every == 0:
                 metrics.update(self.evaluate())
             self.sink.log(step, metrics)

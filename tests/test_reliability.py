@@ -112,3 +112,17 @@ def test_missing_traces_file_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nope.jsonl: traces file not found"):
         load_traces(tmp_path / "nope.jsonl")
+
+
+def test_peak_memory_window_resets_between_runs():
+    from dash_exp.tracking import peak_memory_mb, reset_peak_memory
+
+    reset_peak_memory()
+    base = peak_memory_mb()["mem/peak_mb"]
+    blob = bytearray(300 * 2**20)  # touch 300 MiB
+    blob[::4096] = b"x" * len(blob[::4096])
+    high = peak_memory_mb()["mem/peak_mb"]
+    del blob
+    reset_peak_memory()
+    assert high - base > 250
+    assert peak_memory_mb()["mem/peak_mb"] < high - 250, "the peak did not reset: runs of a multirun would share it"
