@@ -69,7 +69,8 @@ def _eval_sets(metrics: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("eval/") and k.count("/") >= 2))
 
 
-def _run_record(config: dict[str, Any], summary: dict[str, Any], run_dir: str, sweep_dir: str) -> dict[str, Any]:
+def _run_record(config: dict[str, Any], summary: dict[str, Any], run_dir: str, sweep_dir: str,
+                finished_at: float = math.nan) -> dict[str, Any]:
     flat = flatten(config)
     row: dict[str, Any] = {**flat, **_aliases(flat)}
     for part in ("initial", "final"):
@@ -80,6 +81,7 @@ def _run_record(config: dict[str, Any], summary: dict[str, Any], run_dir: str, s
     row["resumed"] = summary.get("resumed")
     row["eval_sets"] = _eval_sets(summary.get("final") or {})
     row["sweep_dir"] = sweep_dir
+    row["finished_at"] = finished_at
     row["run_dir"] = run_dir
     return row
 
@@ -99,8 +101,7 @@ def _frames(records: list[tuple[dict, list[dict]]], skipped: list[tuple[str, str
     steps = pd.concat(step_frames, ignore_index=True) if step_frames else pd.DataFrame(columns=[*GROUP_COLUMNS,
                                                                                                 "step"])
     steps["is_train"] = steps["time/step"].notna() if "time/step" in steps else False
-    if not steps.empty:
-        steps = steps.sort_values(["run_dir", "step", "is_train"], kind="stable").reset_index(drop=True)
+    # rows stay in file order within a run: initial eval, training steps (periodic evals merged), final eval
     if not runs.empty:
         runs = runs.sort_values(["sweep", "label", "kl", "seed", "run_dir"], key=_sort_key, kind="stable")
         runs = runs.reset_index(drop=True)
@@ -158,7 +159,7 @@ def load_runs(root: str | Path, verbose: bool = False) -> tuple[pd.DataFrame, pd
         except (OSError, ValueError, yaml.YAMLError) as exc:
             skipped.append((str(run_dir), f"unreadable config.yaml/summary.json ({type(exc).__name__})"))
             continue
-        rec = _run_record(config, summary, str(run_dir), str(run_dir.parent))
+        rec = _run_record(config, summary, str(run_dir), str(run_dir.parent), summary_path.stat().st_mtime)
         records.append((rec, read_metrics(run_dir / "metrics.jsonl")))
     if verbose:
         for run_dir, reason in skipped:
@@ -211,12 +212,14 @@ def _is_num(value: Any) -> bool:
 
 
 def latest_sweeps(runs: pd.DataFrame, steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Keep, per sweep name, only the runs of its newest multirun directory (the last by name: Hydra's dated
-    directories sort by time)."""
+    """Keep, per sweep name, only the runs of its newest multirun directory (the one whose last run finished
+    last)."""
     if runs.empty:
         return runs, steps
-    keep = runs.groupby(runs["sweep"].astype(str))["sweep_dir"].transform("max")
-    sel = runs[runs["sweep_dir"] == keep]
+    last = runs.fillna({"finished_at": -math.inf}).groupby(["sweep", "sweep_dir"], dropna=False)["finished_at"]
+    last = last.max().reset_index()
+    newest = last.loc[last.groupby("sweep", dropna=False)["finished_at"].idxmax(), ["sweep", "sweep_dir"]]
+    sel = runs.merge(newest, on=["sweep", "sweep_dir"])
     out_runs = sel.reset_index(drop=True)
     out_steps = steps[steps["run_dir"].isin(sel["run_dir"])].reset_index(drop=True)
     out_runs.attrs, out_steps.attrs = dict(runs.attrs), dict(steps.attrs)

@@ -1,0 +1,316 @@
+"""The paper's tables (1, 3, 5, 6) beside ours, as Markdown.
+
+Ours: mean ± std over seeds of the final held-out greedy and sampled accuracy (%) of each evaluation set in
+the runs (plus training time where the paper reports time). The paper's numbers come from its Qwen2.5 runs
+on MATH-500 / GSM8K; when our runs use another model or task (the embedded default: a ~1M-parameter model
+on arithmetic), compare directions (which method wins, what is faster), not values. Every function takes
+the frames of `analysis.runs.load_runs` and returns Markdown; it raises `NoDataError` when its sweep has no
+runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.figures import KL_DISPLAY, NoDataError, batch_size_medians, display, time_unit
+
+PAPER_SIZES = ("0.5B", "1.5B", "3B")
+# Table 1: MATH / GSM8K accuracy (%) of Qwen2.5 base models
+PAPER_TABLE1 = {
+    "base": {"0.5B": (22.6, 30.3), "1.5B": (48.0, 58.8), "3B": (58.8, 66.0)},
+    "sft_h": {"0.5B": (8.0, 7.2), "1.5B": (17.2, 32.8), "3B": (24.0, 30.6)},
+    "sft_m": {"0.5B": (24.0, 22.7), "1.5B": (46.2, 46.0), "3B": (53.0, 66.0)},
+    "dash": {"0.5B": (27.2, 31.1), "1.5B": (54.0, 58.8), "3B": (64.6, 64.6)},
+}
+# Table 3 (0.5B): training time (h), MATH, GSM8K
+PAPER_TABLE3 = {"grpo": (38.9, 27.6, 32.8), "no_gf": (6.9, 27.4, 31.6), "dash": (6.6, 27.2, 31.1)}
+# Table 5: MATH / GSM8K for 0.5B and 1.5B
+PAPER_TABLE5 = {
+    "dash": {"0.5B": (27.2, 31.1), "1.5B": (54.0, 58.8)},
+    "ppo_multi": {"0.5B": (28.8, 31.5), "1.5B": (54.0, 61.0)},
+    "ppo_mini": {"0.5B": (29.8, 31.6), "1.5B": (36.0, 8.1)},
+}
+# Table 6: time (h), MATH, GSM8K; DASH with KL (on) and without (off)
+PAPER_TABLE6 = {
+    "on": {"0.5B": (6.6, 27.2, 31.1), "1.5B": (12.8, 54.0, 58.8), "3B": (22.6, 64.6, 64.6)},
+    "off": {"0.5B": (5.7, 31.4, 34.0), "1.5B": (10.3, 56.8, 62.1), "3B": (17.6, 66.4, 60.0)},
+}
+PAPER_SETUP = ("Qwen2.5 base models trained on MATH (3 epochs, 64 prompts x 4 samples per step, 2048 new tokens), "
+               "greedy accuracy (%) on MATH-500 (MATH) and GSM8K test")
+
+
+def fmt(values: Iterable[float], scale: float = 1.0, digits: int = 1) -> str:
+    """'mean ± std' over the finite values (just the mean for one value, '–' for none)."""
+    vals = [scale * float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return "–"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _select(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str | None, what: str) -> pd.DataFrame:
+    if sweep is not None and not runs.empty:
+        runs = runs[runs["sweep"] == sweep].reset_index(drop=True)
+    if runs.empty:
+        raise NoDataError(f"{what}: no completed runs of sweep {sweep!r}")
+    return runs
+
+
+def eval_sets(runs: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(s for t in runs["eval_sets"] for s in t))
+
+
+def _values(sel: pd.DataFrame, col: str) -> list[float]:
+    return list(sel[col]) if col in sel else []
+
+
+def _ours_accuracy(sel: pd.DataFrame, sets: list[str], part: str = "final") -> dict[str, str]:
+    out = {}
+    for s in sets:
+        out[f"ours {s} greedy"] = fmt(_values(sel, f"{part}/eval/{s}/accuracy"), 100)
+        out[f"ours {s} sampled"] = fmt(_values(sel, f"{part}/eval/{s}/sampled_accuracy"), 100)
+    return out
+
+
+def _acc_columns(sets: list[str]) -> list[str]:
+    return [c for s in sets for c in (f"ours {s} greedy", f"ours {s} sampled")]
+
+
+def _setup_note(runs: pd.DataFrame) -> str:
+    def join(col: str) -> str:
+        return ", ".join(sorted(map(str, runs[col].dropna().unique()))) if col in runs else "?"
+
+    sets = eval_sets(runs)
+    size = join("task.eval_size")
+    steps = runs["steps_done"].dropna()
+    steps_txt = (f"{int(steps.min())}" if steps.min() == steps.max() else f"{int(steps.min())}-{int(steps.max())}"
+                 ) if len(steps) else "?"
+    seeds = join("seed")
+    ours = (f"**Ours:** model `{join('model')}`, task `{join('task')}`, evaluation set(s) {', '.join(sets)} "
+            f"({size} problems each; `null` = all), {steps_txt} training steps, seeds {seeds}; mean ± std over "
+            f"seeds, accuracy in %.")
+    paper_like = set(runs["model"].dropna().astype(str)) <= {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b"} and \
+        set(runs["task"].dropna().astype(str)) <= {"math"}
+    caution = ("Same model family and task as the paper; values are comparable only as far as the training "
+               "budget matches." if paper_like else
+               "Different model, task and budget from the paper: compare directions (which method is better or "
+               "faster), not values.")
+    return f"- {ours}\n- **Paper:** {PAPER_SETUP}.\n- {caution}"
+
+
+def _ranking(pairs: list[tuple[str, float]]) -> str:
+    pairs = [(n, v) for n, v in pairs if math.isfinite(v)]
+    pairs.sort(key=lambda p: -p[1])
+    if not pairs:
+        return "–"
+    out = f"{pairs[0][0]} {pairs[0][1]:.1f}"
+    for (_, prev), (name, v) in zip(pairs, pairs[1:], strict=False):
+        out += f" {'=' if round(prev, 1) == round(v, 1) else '>'} {name} {v:.1f}"
+    return out
+
+
+def _skipped_note(runs: pd.DataFrame) -> str:
+    dirs = set(runs["sweep_dir"].astype(str)) if "sweep_dir" in runs else set()
+    skipped = [(d, why) for d, why in runs.attrs.get("skipped") or [] if str(Path(d).parent) in dirs]
+    if not skipped:
+        return ""
+    return "\n\nSkipped run dirs of this sweep (not in the table): " + "; ".join(
+        f"`{Path(d).name}` ({why})" for d, why in skipped) + "."
+
+
+# -------------------------------------------------------------------------------------------------------- Table 1
+def table1(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "sft_vs_rl") -> str:
+    """Table 1 (finding 1): Base, SFT-H, SFT-M, DASH. Ours for Base is the initial evaluation (the untrained
+    model); with no base runs, the initial evaluation of every run of the sweep (they share the base)."""
+    runs = _select(runs, steps, sweep, "table1")
+    sets = eval_sets(runs)
+    labels = [lb for lb in ("base", "sft_h", "sft_m", "dash") if lb in set(runs["label"]) or lb == "base"]
+    labels += [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+    paper_cols = [f"paper {size} {b}" for size in PAPER_SIZES for b in ("MATH", "GSM8K")]
+    rows, notes = [], []
+    for label in labels:
+        sel = runs[runs["label"] == label]
+        if label == "base":
+            if sel.empty:
+                sel = runs
+                notes.append("Base (ours): no `base` runs; the initial evaluation of every run is shown.")
+            elif (sel["steps_done"].fillna(0) > 0).any():
+                notes.append(f"Base (ours): the `base` runs trained {int(sel['steps_done'].max())} steps although "
+                             "Base means no training; the initial (pre-training) evaluation is shown.")
+            acc = _ours_accuracy(sel, sets, "initial")
+        else:
+            acc = _ours_accuracy(sel, sets)
+        row = {"method": display(label), **acc, "n": len(sel)}
+        for size in PAPER_SIZES:
+            math_acc, gsm = PAPER_TABLE1.get(label, {}).get(size, ("–", "–"))
+            row[f"paper {size} MATH"], row[f"paper {size} GSM8K"] = math_acc, gsm
+        rows.append(row)
+    main = sets[0]
+
+    def ours_mean(label: str) -> float:
+        sel = runs[runs["label"] == label]
+        part = "initial" if label == "base" else "final"
+        return 100 * _mean(_values(sel if len(sel) else runs, f"{part}/eval/{main}/accuracy"))
+
+    paper_rank = _ranking([(display(k), v["0.5B"][0]) for k, v in PAPER_TABLE1.items()])
+    direction = (f"Direction: paper (0.5B, MATH): {paper_rank}. "
+                 f"Ours ({main}, greedy): {_ranking([(display(lb), ours_mean(lb)) for lb in labels])}.")
+    body = markdown(rows, ["method", *paper_cols, *_acc_columns(sets), "n"])
+    return "\n\n".join(["## Table 1: RL vs SFT (finding 1)", _setup_note(runs), body, direction, *notes]) + \
+        _skipped_note(runs)
+
+
+# -------------------------------------------------------------------------------------------------------- Table 3
+def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "algorithms") -> str:
+    """Table 3 (finding 4): GRPO, No-GF, DASH; training time and accuracy."""
+    runs = _select(runs, steps, sweep, "table3")
+    sets = eval_sets(runs)
+    labels = [lb for lb in ("grpo", "no_gf", "dash") if lb in set(runs["label"])]
+    labels += [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+    div, unit = time_unit(float(runs["time_elapsed"].max()))
+    grpo_time = _mean(runs.loc[runs["label"] == "grpo", "time_elapsed"])
+    rows = []
+    for label in labels:
+        sel = runs[runs["label"] == label]
+        t = _mean(sel["time_elapsed"])
+        paper = PAPER_TABLE3.get(label, ("–", "–", "–"))
+        rows.append({"method": display(label), "paper time (h)": paper[0], "paper MATH": paper[1],
+                     "paper GSM8K": paper[2], f"ours time ({unit})": fmt(sel["time_elapsed"] / div, digits=2),
+                     "ours speed-up vs GRPO": f"{grpo_time / t:.2f}x" if math.isfinite(grpo_time) and t > 0 else "–",
+                     **_ours_accuracy(sel, sets), "n": len(sel)})
+    cols = ["method", "paper time (h)", "paper MATH", "paper GSM8K", f"ours time ({unit})", "ours speed-up vs GRPO",
+            *_acc_columns(sets), "n"]
+    direction = ("Direction: paper: DASH trains 5.9x faster than GRPO (38.9 h -> 6.6 h) at nearly the same accuracy "
+                 "(27.6 -> 27.2 MATH); preemptive sampling gives most of the gain (No-GF 6.9 h), gradient filtering "
+                 "the rest.")
+    if "dash" in labels and math.isfinite(grpo_time):
+        d = runs[runs["label"] == "dash"]
+        g = runs[runs["label"] == "grpo"]
+        col = f"final/eval/{sets[0]}/accuracy"
+        direction += (f" Ours: DASH {grpo_time / _mean(d['time_elapsed']):.2f}x faster than GRPO, greedy "
+                      f"{sets[0]} {100 * _mean(_values(g, col)):.1f} -> {100 * _mean(_values(d, col)):.1f}.")
+    note = "Time: training wall-clock of the run (sum of step times; evaluation excluded)."
+    return "\n\n".join(["## Table 3: GRPO vs No-GF vs DASH (finding 4)", _setup_note(runs),
+                        markdown(rows, cols), direction, note]) + _skipped_note(runs)
+
+
+# -------------------------------------------------------------------------------------------------------- Table 5
+def table5(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "pg_vs_ppo") -> str:
+    """Table 5 (finding 2): DASH vs PPO Multi vs PPO Mini at the same training wall-clock."""
+    runs = _select(runs, steps, sweep, "table5")
+    sets = eval_sets(runs)
+    labels = [lb for lb in ("dash", "ppo_multi", "ppo_mini") if lb in set(runs["label"])]
+    labels += [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+    div, unit = time_unit(float(runs["time_elapsed"].max()))
+    rows = []
+    for label in labels:
+        sel = runs[runs["label"] == label]
+        row = {"method": display(label)}
+        for size in ("0.5B", "1.5B"):
+            m, g = PAPER_TABLE5.get(label, {}).get(size, ("–", "–"))
+            row[f"paper {size} MATH"], row[f"paper {size} GSM8K"] = m, g
+        row.update({"ours steps": fmt(sel["steps_done"], digits=0), f"ours time ({unit})":
+                    fmt(sel["time_elapsed"] / div, digits=2), **_ours_accuracy(sel, sets), "n": len(sel)})
+        rows.append(row)
+    cols = ["method", *[f"paper {s} {b}" for s in ("0.5B", "1.5B") for b in ("MATH", "GSM8K")], "ours steps",
+            f"ours time ({unit})", *_acc_columns(sets), "n"]
+    budget = runs["time_budget_s"].dropna() if "time_budget_s" in runs else pd.Series(dtype=float)
+    budget_txt = (f"All runs stop at a training time budget of {budget.max():g} s (`time_budget_s`) or at their "
+                  "step limit, whichever comes first." if len(budget) else "No time budget was set.")
+    main = sets[0]
+    direction = ("Direction: paper: PPO's extra passes give little over plain policy gradient (0.5B) and Mini "
+                 "collapses at 1.5B (GSM8K 8.1). Ours (" + main + ", greedy): "
+                 + _ranking([(display(lb), 100 * _mean(_values(runs[runs['label'] == lb],
+                                                                f'final/eval/{main}/accuracy'))) for lb in labels])
+                 + ".")
+    return "\n\n".join(["## Table 5: policy gradient vs PPO (finding 2)", _setup_note(runs), budget_txt,
+                        markdown(rows, cols), direction]) + _skipped_note(runs)
+
+
+# -------------------------------------------------------------------------------------------------------- Table 6
+def table6(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "kl") -> str:
+    """Table 6 (finding 3): DASH with and without the KL penalty; time, accuracy, response length, pass@k."""
+    runs = _select(runs, steps, sweep, "table6")
+    sets = eval_sets(runs)
+    kls = [k for k in ("on", "off") if k in set(runs["kl"])]
+    kls += [k for k in dict.fromkeys(runs["kl"]) if k not in kls]
+    div, unit = time_unit(float(runs["time_elapsed"].max()))
+    ks = sorted({int(c.rsplit("@", 1)[1]) for c in runs.columns if c.startswith(f"final/eval/{sets[0]}/pass@")})
+    kmax = ks[-1] if ks else None
+    rows = []
+    for kl in kls:
+        sel = runs[runs["kl"] == kl]
+        name = "DASH (with KL)" if kl == "on" else "No-KL" if kl == "off" else KL_DISPLAY.get(kl, kl)
+        row = {"method": name}
+        for size in PAPER_SIZES:
+            t, m, g = PAPER_TABLE6.get(kl, {}).get(size, ("–", "–", "–"))
+            row[f"paper {size} time (h)"], row[f"paper {size} MATH"], row[f"paper {size} GSM8K"] = t, m, g
+        row[f"ours time ({unit})"] = fmt(sel["time_elapsed"] / div, digits=2)
+        row.update(_ours_accuracy(sel, sets))
+        for s in sets:
+            row[f"ours {s} length (tokens)"] = fmt(_values(sel, f"final/eval/{s}/length_mean"))
+            if kmax:
+                row[f"ours {s} pass@{kmax}"] = fmt(_values(sel, f"final/eval/{s}/pass@{kmax}"), 100)
+        row["n"] = len(sel)
+        rows.append(row)
+    cols = ["method", *[f"paper {s} {c}" for s in PAPER_SIZES for c in ("time (h)", "MATH", "GSM8K")],
+            f"ours time ({unit})", *_acc_columns(sets),
+            *[c for s in sets for c in (f"ours {s} length (tokens)", *([f"ours {s} pass@{kmax}"] if kmax else []))],
+            "n"]
+    direction = ("Direction: paper: without KL, training is 13-22% faster and MATH accuracy higher at every size "
+                 "(generations are shorter).")
+    if {"on", "off"} <= set(kls):
+        on, off = runs[runs["kl"] == "on"], runs[runs["kl"] == "off"]
+        col = f"final/eval/{sets[0]}/accuracy"
+        direction += (f" Ours: time {_mean(on['time_elapsed']) / div:.2f} -> {_mean(off['time_elapsed']) / div:.2f} "
+                      f"{unit}, greedy {sets[0]} {100 * _mean(_values(on, col)):.1f} -> "
+                      f"{100 * _mean(_values(off, col)):.1f}, greedy length "
+                      f"{_mean(_values(on, f'final/eval/{sets[0]}/length_mean')):.1f} -> "
+                      f"{_mean(_values(off, f'final/eval/{sets[0]}/length_mean')):.1f} tokens (KL -> No-KL).")
+    return "\n\n".join(["## Table 6: KL penalty vs none (finding 3)", _setup_note(runs), markdown(rows, cols),
+                        direction]) + _skipped_note(runs)
+
+
+# ------------------------------------------------------------------------------------------------ batch sizes
+def table_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str | None = "batch_sizes") -> str:
+    """Medians behind fig_batch_sizes (no paper table): per inference batch and per train micro-batch."""
+    runs = _select(runs, steps, sweep, "table_batch_sizes")
+    per_run = batch_size_medians(runs, steps[steps["run_dir"].isin(runs["run_dir"])])
+    model = ", ".join(map(str, runs["model"].unique()))
+    task = ", ".join(map(str, runs["task"].unique()))
+    parts = ["## Batch sizes: the bottleneck (no paper table)",
+             f"Model `{model}`, task `{task}`; per run the median over training steps (first step excluded), then "
+             "the median over runs that share the batch size (the other one varies). Peak memory is the process's "
+             "peak RSS (in a multirun all jobs share one process, so it never decreases from one job to the next)."]
+    for x, cols in (("inference_batch", [("gen_tokens_per_s", "generation tokens/s")]),
+                    ("train_microbatch", [("train_tokens_per_s", "backprop tokens/s"), ("peak_mb", "peak MiB")])):
+        rows = []
+        for value, g in per_run.groupby(x):
+            row = {x: int(value), "runs": len(g)}
+            for col, name in cols:
+                row[name] = f"{g[col].median():,.0f}"
+            rows.append(row)
+        parts.append(markdown(rows, [x, *[name for _, name in cols], "runs"]))
+    return "\n\n".join(parts) + _skipped_note(runs)
+
+
+TABLE_FUNCS = {"table1": table1, "table3": table3, "table5": table5, "table6": table6,
+               "table_batch_sizes": table_batch_sizes}

@@ -1,0 +1,319 @@
+"""analysis/: real (tiny, few-step) runs of every sweep with the real CLI, then the loaders, every figure and
+table, the make_figures CLI and every notebook executed headless."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, TEST_OVERRIDES
+
+sys.path.insert(0, str(REPO))  # analysis/ is not an installed package: import it from the checkout
+
+from analysis import figures as F  # noqa: E402
+from analysis import tables as T  # noqa: E402
+from analysis.make_figures import FINDINGS, main, make_finding  # noqa: E402
+from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames  # noqa: E402
+
+SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
+SEEDS = "seed=0,1"
+# per sweep: overrides after the small sizes (the sweep's own knobs cut down to them)
+SWEEP_ARGS = {
+    "sft_vs_rl": ["steps=2", SEEDS],
+    "algorithms": ["steps=2", SEEDS],
+    "kl": ["steps=2", SEEDS],
+    # ppo_mini needs a step batch divisible by its 32 mini-batches; the time budget is not reached in 3 steps
+    "pg_vs_ppo": ["steps=3", "time_budget_s=60", "prompts_per_step=8", SEEDS],
+    "batch_sizes": ["steps=3", "inference_batch=8,16", "train_microbatch=1,4"],
+}
+NOTEBOOKS = REPO / "analysis" / "notebooks"
+
+
+def cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory) -> Path:
+    """Every sweep of sweeps/ with 2 seeds and a few steps at test sizes (~1.5 min on 2 busy cores)."""
+    root = tmp_path_factory.mktemp("multirun")
+    env = dict(os.environ)
+    env.pop("WANDB_API_KEY", None)
+    env.update({"WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"})
+    traces = root.parent / "traces.jsonl"
+    cli(["dash_exp.traces", "--out", str(traces), "--samples", "4", "--max-prompts", "16", *SMALL,
+         f"run_dir={root.parent}/unused"], env)
+    for sweep, extra in SWEEP_ARGS.items():
+        more = [f"algorithm.traces_path={traces}"] if sweep == "sft_vs_rl" else []
+        cli(["dash_exp.run", f"+sweep={sweep}", f"hydra.sweep.dir={root / sweep}", *SMALL, *extra, *more], env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def frames(sweeps):
+    return load_runs(sweeps)
+
+
+# ------------------------------------------------------------------------------------------------------ loaders
+@pytest.mark.slow
+def test_load_runs_one_row_per_run_with_config_and_summary(sweeps, frames):
+    runs, steps = frames
+    assert runs.attrs["skipped"] == []
+    assert runs.groupby("sweep").size().to_dict() == {"sft_vs_rl": 8, "algorithms": 6, "kl": 4, "pg_vs_ppo": 6,
+                                                      "batch_sizes": 4}
+    algos = sweep_frames(runs, steps, "algorithms")[0]
+    assert set(algos["label"]) == {"grpo", "no_gf", "dash"} and set(algos["seed"]) == {0, 1}
+    # inference_batch: null resolves to the whole step batch (4 prompts x 4 samples); GRPO samples per micro-batch
+    assert set(algos.loc[algos["label"] == "dash", "inference_batch"]) == {16}
+    assert set(algos.loc[algos["label"] == "grpo", "inference_batch"]) == {4}
+    assert set(runs.loc[runs["sweep"] == "kl", "kl"]) == {"on", "off"}
+    for col in ("final/eval/arith/accuracy", "initial/eval/arith/sampled_accuracy", "time_elapsed", "run_dir",
+                "algorithm.label", "kl.beta", "task.name"):
+        assert runs[col].notna().all(), col
+    assert (runs["eval_sets"] == ("arith",)).all()
+    # the traces file reached SFT-M
+    sft_m = runs[runs["label"] == "sft_m"]
+    assert len(sft_m) == 2 and (sft_m["algorithm.sft_source"] == "traces").all()
+    assert (sft_m["algorithm.traces_path"] == str(sweeps.parent / "traces.jsonl")).all()
+    # steps: every metrics.jsonl row, training rows marked; the grouping columns are on every row
+    n_rows = sum(len((Path(d) / "metrics.jsonl").read_text().splitlines()) for d in runs["run_dir"])
+    assert len(steps) == n_rows
+    train = steps[steps["is_train"]]
+    assert train["reward/mean"].notna().any() and train["time/step"].notna().all()
+    assert steps[["sweep", "label", "kl", "seed"]].notna().all().all()
+    first = steps.groupby("run_dir").head(1)
+    assert (first["step"] == 0).all() and not first["is_train"].any()  # the initial evaluation row
+
+
+def _copy_run(src: str, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    return dst
+
+
+@pytest.mark.slow
+def test_load_runs_skips_failed_and_unfinished_runs_with_a_note(frames, tmp_path):
+    runs, _ = frames
+    ok = _copy_run(runs["run_dir"].iloc[0], tmp_path / "ok")
+    failed = _copy_run(runs["run_dir"].iloc[1], tmp_path / "sweep" / "failed")
+    (failed / "summary.json").unlink()
+    (failed / "error.txt").write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
+    unfinished = _copy_run(runs["run_dir"].iloc[2], tmp_path / "sweep" / "unfinished")
+    (unfinished / "summary.json").unlink()
+    with (unfinished / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "reward/me')  # killed mid-write
+    (tmp_path / "not_a_run").mkdir()
+    got, steps = load_runs(tmp_path)
+    assert list(got["run_dir"]) == [str(ok)]
+    assert set(steps["run_dir"]) == {str(ok)}
+    reasons = dict(got.attrs["skipped"])
+    assert reasons[str(failed)] == "failed: RuntimeError: boom"
+    assert reasons[str(unfinished)].startswith("not finished")
+    # make_figures still works and names the skipped runs
+    assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "figures")]) == 0
+    assert "failed: RuntimeError: boom" in (tmp_path / "figures" / "README.md").read_text()
+
+
+def test_no_runs_prints_the_sweeps_to_run_and_exits_1(tmp_path, capsys):
+    assert main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "figures")]) == 1
+    out = capsys.readouterr().out
+    assert "no completed runs" in out and "make reproduce" in out
+    for finding in FINDINGS:
+        assert f"make sweep SWEEP={finding.sweep}" in out
+    assert not (tmp_path / "figures").exists()
+
+
+@pytest.mark.slow
+def test_latest_sweeps_keeps_the_newest_multirun_of_each_sweep(frames):
+    runs, steps = frames
+    old = runs[runs["sweep"] == "kl"].assign(sweep_dir="/x/kl/2099-01-01_00-00-00", finished_at=1.0,
+                                             run_dir=lambda f: f["run_dir"] + "_old")
+    both = pd.concat([runs, old], ignore_index=True)
+    kept, kept_steps = latest_sweeps(both, steps)
+    assert len(kept) == len(runs) and not kept["run_dir"].str.endswith("_old").any()
+    assert len(kept_steps) == len(steps)
+
+
+class _FakeSummary:
+    def __init__(self, d):
+        self._json_dict = d
+
+
+class _FakeRun:
+    """What load_wandb reads of a wandb.apis.public.Run, built from a local run as the W&B sink logged it."""
+
+    def __init__(self, run_dir: Path):
+        import yaml
+
+        self.id = run_dir.name
+        self.path = ["ent", "proj", self.id]
+        self.state = "finished"
+        self.config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        self.summary = _FakeSummary({**summary["last_step"], **summary["final"]})
+        merged: dict[int, dict] = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            merged.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
+        self._history = [{"_step": s, "_runtime": 1.0, **r} for s, r in sorted(merged.items())]
+
+    def scan_history(self):
+        return iter(self._history)
+
+
+class _FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+
+    def runs(self, project, filters=None):
+        assert project == "ent/proj"
+        return self._runs
+
+
+@pytest.mark.slow
+def test_load_wandb_gives_the_same_frames_as_local_runs(frames, tmp_path):
+    runs, _ = frames
+    kl, _ = sweep_frames(*frames, "kl")
+    w_runs, w_steps = load_wandb("ent/proj", api=_FakeApi([_FakeRun(Path(d)) for d in kl["run_dir"]]))
+    cols = ["sweep", "label", "kl", "seed", "final/eval/arith/accuracy", "final/eval/arith/pass@16",
+            "initial/eval/arith/accuracy", "steps_done"]
+    pd.testing.assert_frame_equal(w_runs[cols], kl[cols], check_dtype=False)
+    assert w_runs["time_elapsed"].tolist() == pytest.approx(kl["time_elapsed"].tolist())
+    assert w_steps["is_train"].any() and w_steps["reward/mean"].notna().any()
+    data = F.fig5(w_runs, w_steps, tmp_path)
+    assert set(data["kl"]) == {"on", "off"}
+
+
+def test_load_wandb_without_credentials_raises_a_clear_error(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", "/nonexistent-wandb-config")
+    with pytest.raises(RuntimeError, match="W&B API unreachable for project 'ent/proj'"):
+        load_wandb("ent/proj")
+
+    class Broken:
+        def runs(self, *a, **k):
+            raise ConnectionError("no route to host")
+
+    with pytest.raises(RuntimeError, match="cannot list runs.*no route to host"):
+        load_wandb("ent/proj", api=Broken())
+
+
+# ---------------------------------------------------------------------------------------- figures and tables
+@pytest.mark.slow
+def test_every_figure_plots_non_empty_series(frames, tmp_path):
+    runs, steps = frames
+    datas = {}
+    for name, func in F.FIGURE_FUNCS.items():
+        data = func(runs, steps, tmp_path)
+        assert isinstance(data, pd.DataFrame) and not data.empty, name
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.pdf").stat().st_size
+        datas[name] = data
+    assert set(datas["fig_sft_vs_rl"]["label"]) == {"base", "sft_h", "sft_m", "dash"}
+    fig1 = datas["fig1_right"].set_index("label")
+    assert list(fig1.index) == ["grpo", "no_gf", "dash"] and (fig1[["inference_s", "update_s"]] > 0).all().all()
+    fig3 = datas["fig3"]
+    for metric in ("adv/abs_mean", "time/update", "reward/mean"):
+        d = fig3[fig3["metric"] == metric]
+        assert set(d["label"]) == {"no_gf", "dash"} and d["mean"].notna().all() and (d["n"] == 2).all(), metric
+    fig4 = datas["fig4"]
+    assert set(fig4["label"]) == {"dash", "ppo_multi", "ppo_mini"} and fig4["mean"].notna().all()
+    fig5 = datas["fig5"]
+    assert set(fig5["kl"]) == {"on", "off"} and sorted(set(fig5["k"])) == [1, 2, 4, 8, 16]
+    assert fig5["mean"].between(0, 100).all()
+    fig6 = datas["fig6"]
+    assert {(m, k) for m, k in zip(fig6["metric"], fig6["kl"], strict=True)} == {
+        (m, k) for m in ("reward/mean", "response/length_mean") for k in ("on", "off")}
+    bs = datas["fig_batch_sizes"]
+    assert set(bs["metric"]) == {"gen_tokens_per_s", "train_tokens_per_s", "peak_mb"}
+    assert set(bs.loc[bs["metric"] == "gen_tokens_per_s", "x"]) == {8, 16}
+    assert set(bs.loc[bs["metric"] == "train_tokens_per_s", "x"]) == {1, 4} and (bs["median"] > 0).all()
+
+
+@pytest.mark.slow
+def test_tables_put_the_papers_numbers_beside_ours(frames):
+    runs, steps = frames
+    t1 = T.table1(runs, steps)
+    assert "| Base | 22.6 | 30.3 | 48.0 |" in t1 and "| SFT-H | 8.0 |" in t1 and "ours arith greedy" in t1
+    assert "model `tiny`, task `arith`" in t1 and "directions" in t1
+    t3 = T.table3(runs, steps)
+    assert "| GRPO | 38.9 | 27.6 | 32.8 |" in t3 and "ours speed-up vs GRPO" in t3
+    t5 = T.table5(runs, steps)
+    assert "| PPO Mini | 29.8 | 31.6 | 36.0 | 8.1 |" in t5 and "time budget of 60 s" in t5
+    t6 = T.table6(runs, steps)
+    assert "| No-KL | 5.7 | 31.4 | 34.0 |" in t6 and "pass@16" in t6
+    for table in (t1, t3, t5, t6):
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+        header, body = rows[0], rows[2:]
+        ours = [i for i, c in enumerate(header) if c.startswith("ours")]
+        assert ours and body and all(r[i] not in ("–", "") for r in body for i in ours), table
+    with pytest.raises(F.NoDataError):
+        T.table1(runs[runs["sweep"] == "kl"], steps)
+
+
+@pytest.mark.slow
+def test_make_figures_cli_writes_every_figure_table_and_the_index(sweeps, tmp_path):
+    out = tmp_path / "figures"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = cli(["analysis.make_figures", "--runs", str(sweeps), "--out", str(out)], env)
+    for finding in FINDINGS:
+        for name in finding.figures:
+            assert (out / f"{name}.png").stat().st_size > 10_000, name
+            assert (out / f"{name}.pdf").stat().st_size > 1_000, name
+            assert f"{name}.png" in proc.stdout
+        for name in finding.tables:
+            assert (out / f"{name}.md").read_text().startswith("## "), name
+    index = (out / "README.md").read_text()
+    assert all(f"![{n}]({n}.png)" in index for f in FINDINGS for n in f.figures)
+    assert "Sweeps without runs" not in index and "not made" not in index
+
+
+@pytest.mark.slow
+def test_make_finding_reports_what_a_partial_sweep_cannot_make(frames, tmp_path):
+    runs, steps = frames
+    only_grpo = runs[(runs["sweep"] != "algorithms") | (runs["label"] == "grpo")]
+    result = make_finding(only_grpo, steps, "algorithms", tmp_path)
+    assert "fig1_right" in result.figures and "table3" in result.tables
+    assert any("fig3" in n for n in result.notes) and "fig3" not in result.figures
+
+
+# -------------------------------------------------------------------------------------------------- notebooks
+def test_notebooks_are_generated_and_have_no_outputs(tmp_path):
+    import nbformat
+
+    from analysis.write_notebooks import write_all
+
+    for path in write_all(tmp_path):
+        committed = NOTEBOOKS / path.name
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: python -m analysis.write_notebooks"
+        nb = nbformat.read(committed, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(f.sweep for f in FINDINGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [f.sweep for f in FINDINGS])
+def test_notebook_executes_headless_and_shows_figures_and_tables(sweep, sweeps, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("DASH_EXP_RUNS", str(sweeps))
+    monkeypatch.setenv("DASH_EXP_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOKS / f"{sweep}.ipynb", as_version=4)
+    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    tables = [o for o in outputs if "text/markdown" in o.get("data", {}) and "| method |" in o["data"]["text/markdown"]
+              or "| inference_batch |" in o.get("data", {}).get("text/markdown", "")]
+    finding = next(f for f in FINDINGS if f.sweep == sweep)
+    assert len(images) == len(finding.figures) and len(tables) == len(finding.tables)
