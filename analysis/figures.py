@@ -409,7 +409,7 @@ def fig_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path
               ("train_microbatch", "train_tokens_per_s", "train micro-batch (sequences per backprop)",
                "backprop throughput (tokens/s)", "#d62728"),
               ("train_microbatch", "peak_mb", "train micro-batch (sequences per backprop)",
-               "peak memory (MiB, process RSS)", "#2ca02c")]
+               "peak memory (MiB, RSS during the run)", "#2ca02c")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     out = []
     for ax, (x, y, xlabel, ylabel, col) in zip(axes, panels, strict=True):

@@ -299,7 +299,8 @@ def table_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str | None
     parts = ["## Batch sizes: the bottleneck (no paper table)",
              f"Model `{model}`, task `{task}`; per run the median over training steps (first step excluded), then "
              "the median over runs that share the batch size (the other one varies). Peak memory is the process's "
-             "peak RSS (in a multirun all jobs share one process, so it never decreases from one job to the next)."]
+             "peak resident memory during the run (`mem/peak_mb`, reset at each run's start, so jobs of a multirun "
+             "report their own peak; on a GPU see `mem/cuda_peak_mb`)."]
     for x, cols in (("inference_batch", [("gen_tokens_per_s", "generation tokens/s")]),
                     ("train_microbatch", [("train_tokens_per_s", "backprop tokens/s"), ("peak_mb", "peak MiB")])):
         rows = []
