@@ -137,13 +137,19 @@ def _skipped_note(runs: pd.DataFrame) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- Table 1
+def ordered_labels(runs: pd.DataFrame, preferred: tuple[str, ...], always: tuple[str, ...] = ()) -> list[str]:
+    """The paper's row order for the labels present (plus `always`), then any other label in run order."""
+    present = set(runs["label"])
+    labels = [lb for lb in preferred if lb in present or lb in always]
+    return labels + [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+
+
 def table1(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "sft_vs_rl") -> str:
     """Table 1 (finding 1): Base, SFT-H, SFT-M, DASH. Ours for Base is the initial evaluation (the untrained
     model); with no base runs, the initial evaluation of every run of the sweep (they share the base)."""
     runs = _select(runs, steps, sweep, "table1")
     sets = eval_sets(runs)
-    labels = [lb for lb in ("base", "sft_h", "sft_m", "dash") if lb in set(runs["label"]) or lb == "base"]
-    labels += [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+    labels = ordered_labels(runs, ("base", "sft_h", "sft_m", "dash"), always=("base",))
     paper_cols = [f"paper {size} {b}" for size in PAPER_SIZES for b in ("MATH", "GSM8K")]
     rows, notes = [], []
     for label in labels:
@@ -183,8 +189,7 @@ def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     """Table 3 (finding 4): GRPO, No-GF, DASH; training time and accuracy."""
     runs = _select(runs, steps, sweep, "table3")
     sets = eval_sets(runs)
-    labels = [lb for lb in ("grpo", "no_gf", "dash") if lb in set(runs["label"])]
-    labels += [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+    labels = ordered_labels(runs, ("grpo", "no_gf", "dash"))
     div, unit = time_unit(float(runs["time_elapsed"].max()))
     grpo_time = _mean(runs.loc[runs["label"] == "grpo", "time_elapsed"])
     rows = []
@@ -217,8 +222,7 @@ def table5(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     """Table 5 (finding 2): DASH vs PPO Multi vs PPO Mini at the same training wall-clock."""
     runs = _select(runs, steps, sweep, "table5")
     sets = eval_sets(runs)
-    labels = [lb for lb in ("dash", "ppo_multi", "ppo_mini") if lb in set(runs["label"])]
-    labels += [lb for lb in dict.fromkeys(runs["label"]) if lb not in labels]
+    labels = ordered_labels(runs, ("dash", "ppo_multi", "ppo_mini"))
     div, unit = time_unit(float(runs["time_elapsed"].max()))
     rows = []
     for label in labels:
