@@ -205,7 +205,7 @@ def test_close_stops_the_worker_and_grading_restarts_it() -> None:
     assert workers() == before
 
 
-HOSTILE = [
+HOSTILE_BATCH = [
     "\\boxed{9^{9^{9^{9}}}}",  # a power tower sympy would try to evaluate
     "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",  # 10,000-deep braces
     "x" * 1_000_000 + "\\boxed{" + "7" * 1_000_000 + "}",  # 1 MB of text, 1 MB answer
@@ -220,9 +220,9 @@ def test_hostile_batch_grades_zero_within_its_time_budget() -> None:
     timeout_s = 2.0
     with Grader(timeout_s=timeout_s) as grader:
         start = time.monotonic()
-        result = grader.grade(HOSTILE + ["\\boxed{3}"], ["1"] * len(HOSTILE) + ["3"])
+        result = grader.grade(HOSTILE_BATCH + ["\\boxed{3}"], ["1"] * len(HOSTILE_BATCH) + ["3"])
         elapsed = time.monotonic() - start
-    assert result.rewards == [0.0] * len(HOSTILE) + [1.0]
-    assert result.timeouts + result.unparsed <= len(HOSTILE)
+    assert result.rewards == [0.0] * len(HOSTILE_BATCH) + [1.0]
+    assert result.timeouts + result.unparsed <= len(HOSTILE_BATCH)
     # wall-clock guard: at most timeout + slack per item, plus worker restarts
-    assert elapsed < len(HOSTILE) * (timeout_s + 1.5) + 10, elapsed
+    assert elapsed < len(HOSTILE_BATCH) * (timeout_s + 1.5) + 10, elapsed
