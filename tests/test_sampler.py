@@ -54,9 +54,19 @@ def test_samples_do_not_depend_on_batch_composition(parts):
     assert len({tuple(r.response_ids) for r in together}) > 6
 
 
-def test_greedy_matches_transformers_generate(parts):
-    prompts = prompts_of(parts, 5)
-    ours = parts.sampler.generate(prompts, SamplingParams(greedy=True, max_new_tokens=40), range(5))
+def test_greedy_matches_transformers_generate_while_dropping_finished_rows(parts):
+    prompts = prompts_of(parts, 12)
+    batch_sizes = []
+    hook = parts.policy.register_forward_pre_hook(
+        lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        ours = parts.sampler.generate(prompts, SamplingParams(greedy=True, max_new_tokens=40), range(12))
+    finally:
+        hook.remove()
+    # rows that reached EOS left the batch before the last one stopped ...
+    lengths = sorted(len(r.response_ids) for r in ours)
+    assert lengths[0] < lengths[-1] and batch_sizes[0] == 12 and min(batch_sizes) < 12
+    # ... and that changed no token
     for prompt, r in zip(prompts, ours, strict=True):
         out = parts.policy.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40, use_cache=True,
                                     eos_token_id=parts.tokenizer.eos_token_id, pad_token_id=0)

@@ -97,27 +97,37 @@ class HFSampler:
         eos = self.eos.to(device)
         was_training = model.training
         model.eval()
+        width_out = params.max_new_tokens
+        tokens = torch.full((len(rows), width_out), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((len(rows), width_out), device=device)
+        # rows still generating; finished rows are dropped from the batch (and the KV cache) as they stop
+        active = torch.arange(len(rows), device=device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         try:
             out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                         use_cache=True, logits_to_keep=1)
-            next_pos = positions[:, -1:] + 1
-            finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-            tokens, logps = [], []
-            for t in range(params.max_new_tokens):
+            cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+            for t in range(width_out):
                 token, logp = self._pick(out.logits[:, -1], params, keys, t)
-                token = token.masked_fill(finished, self.pad_id)
-                tokens.append(token)
-                logps.append(logp)
+                tokens[active, t], logps[active, t] = token, logp
                 finished |= torch.isin(token, eos)
-                if bool(finished.all()) or t == params.max_new_tokens - 1:
+                n_done = int(finished.sum())
+                if n_done == len(active) or t == width_out - 1:
                     break
+                # drop stopped rows once a quarter of the batch has stopped (the KV-cache copy costs about a step);
+                # until then they decode on, and everything after their EOS is cut off in _rollouts
+                if n_done * 4 >= len(active):
+                    keep = (~finished).nonzero().squeeze(1)
+                    active, token, keys, finished = active[keep], token[keep], keys[keep], finished[keep]
+                    attention, next_pos = attention[keep], next_pos[keep]
+                    cache.reorder_cache(keep)
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
                 out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
-                            past_key_values=out.past_key_values, use_cache=True)
+                            past_key_values=cache, use_cache=True)
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)
-        return self._rollouts(rows, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), eos.cpu())
+        return self._rollouts(rows, tokens[:, : t + 1].cpu(), logps[:, : t + 1].cpu(), eos.cpu())
 
     @staticmethod
     def _rollouts(rows: list[list[int]], tokens: torch.Tensor, logps: torch.Tensor, eos: torch.Tensor):
