@@ -22,6 +22,7 @@ LOGGER_MODES = ("online", "offline", "disabled")
 MODEL_SOURCES = ("tiny", "hub")
 DTYPES = ("float32", "bfloat16", "float16")
 RESUME = ("auto", "never")
+TUNE = ("off", "auto")
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,11 @@ class Config:
     inference_batch: int | None = None
     # sequences per forward/backward pass
     train_microbatch: int = 16
+    # auto: before training, set train_microbatch to the largest that fits in memory and inference_batch to
+    # where generation throughput stops rising (an inference_batch tied to train_microbatch follows it) | off
+    tune: str = "off"
+    # tune=auto on CPU: memory (GiB) the backward pass may add; null = 80% of what is available at start
+    tune_memory_gb: float | None = None
     # samples per prompt (the group in group-relative advantages)
     group_size: int = 8
     # prompts per optimizer step; the step batch is prompts_per_step * group_size samples
@@ -281,6 +287,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _one_of("resume", cfg.resume, RESUME)
+    _one_of("tune", cfg.tune, TUNE)
     for key in ("group_size", "prompts_per_step", "train_microbatch", "max_new_tokens",
                 "algorithm.ppo_epochs", "algorithm.ppo_minibatches", "task.n_train", "task.n_test",
                 "eval_samples", "max_nonfinite_steps", "keep_checkpoints"):
@@ -297,6 +304,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("time_budget_s", cfg.time_budget_s, allow_none=True)
     _positive("grad_clip", cfg.grad_clip, allow_none=True)
     _positive("threads", cfg.threads, allow_none=True)
+    _positive("tune_memory_gb", cfg.tune_memory_gb, allow_none=True)
     _positive("inference_batch", cfg.inference_batch, allow_none=True)
     r = cfg.rollout
     _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)

@@ -104,9 +104,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     parts = build(cfg)
     ckpt = prepare_run_dir(run_dir, cfg.resume)
+    tuned = auto_tune(cfg, parts, run_dir, reuse=ckpt is not None) if cfg.tune == "auto" else None
+    if tuned is not None:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     resume_id = read_meta(ckpt).get("wandb_id") if ckpt else None
     config = OmegaConf.to_container(cfg, resolve=True)
     sink = MetricSink(run_dir, cfg.logger, run_name(cfg), run_name(cfg), config, resume_id)  # type: ignore[arg-type]
+    if tuned is not None and ckpt is None:
+        sink.log(0, tuned.metrics())
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
                           ref=parts.ref, sft_items=parts.sft_items)
@@ -117,6 +122,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     report(summary, next(iter(parts.task.evals)))
     return summary
+
+
+def auto_tune(cfg: DictConfig, parts: Components, run_dir: Path, reuse: bool) -> Any:
+    """tune=auto: probe (or, when resuming, reuse run_dir/tune.json), apply to cfg, print; the TuneResult."""
+    from dash_exp.tune import TuneResult, tune
+
+    tuned = TuneResult.load(run_dir) if reuse else None
+    if tuned is None:
+        prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False) for p in parts.task.train[:1000]]
+        tuned = tune(cfg, parts.policy, parts.ref, parts.sampler, prompts, parts.tokenizer.pad_token_id)
+        tuned.save(run_dir)
+    cfg.train_microbatch = tuned.train_microbatch
+    # an inference_batch tied to train_microbatch (GRPO: ${train_microbatch}) follows it
+    if not OmegaConf.is_interpolation(cfg, "inference_batch"):
+        cfg.inference_batch = tuned.inference_batch
+    print(tuned.describe(), flush=True)
+    return tuned
 
 
 def report(summary: dict[str, Any], eval_set: str) -> None:

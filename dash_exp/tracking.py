@@ -32,7 +32,7 @@ def peak_memory_mb() -> dict[str, float]:
     """`mem/peak_mb`: peak resident memory since the last reset (VmHWM; ru_maxrss where /proc is absent);
     `mem/cuda_peak_mb` on a GPU: peak memory allocated by torch."""
     try:
-        hwm_kb = next(int(line.split()[1]) for line in _STATUS.read_text().splitlines() if line.startswith("VmHWM"))
+        hwm_kb = _status_kb("VmHWM:")
     except (OSError, StopIteration):
         hwm_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"mem/peak_mb": hwm_kb / 1024}
@@ -41,6 +41,20 @@ def peak_memory_mb() -> dict[str, float]:
     if torch.cuda.is_available():
         out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _status_kb(field: str, path: Path = _STATUS) -> int:
+    return next(int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(field))
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (VmRSS)."""
+    return _status_kb("VmRSS:") / 1024
+
+
+def memory_available_mb() -> float:
+    """Memory the system can still give without swapping (MemAvailable)."""
+    return _status_kb("MemAvailable:", Path("/proc/meminfo")) / 1024
 
 
 class Timers:

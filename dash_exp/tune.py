@@ -1,0 +1,168 @@
+"""tune=auto: measure, before training, on the run's own model, sampler and prompts,
+
+- train_microbatch: the largest micro-batch whose backward pass of worst-case-length samples fits
+  (GPU: doubling until CUDA runs out of memory; CPU: peak resident memory of micro-batches 1, 2 and 4,
+  extrapolated linearly against a budget, since running out of RAM kills the process);
+- inference_batch: the sampler-call size (whole groups) past which generation throughput stops rising
+  (doubling it gains less than GAIN).
+
+Both are capped at the step batch: neither can usefully be larger.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dash_exp.algorithms.update import LossSpec, accumulate_gradients
+from dash_exp.batching import TrainSample
+from dash_exp.config import step_batch
+from dash_exp.rollout.base import Sampler, SamplingParams
+from dash_exp.tracking import memory_available_mb, peak_memory_mb, reset_peak_memory, resident_mb
+
+# a doubled inference batch must raise generation tokens/s by this factor to count as still rising
+GAIN = 1.1
+# share of the available memory the CPU backward may add when tune_memory_gb is null
+MEMORY_SHARE = 0.8
+TUNE_FILE = "tune.json"
+
+
+@dataclass
+class TuneResult:
+    train_microbatch: int
+    inference_batch: int
+    # inference batch (samples) -> generation tokens/s
+    throughput: dict[int, float] = field(default_factory=dict)
+    # micro-batch -> peak resident MB (CPU) or peak CUDA MB; None where it did not fit
+    memory: dict[int, float | None] = field(default_factory=dict)
+    # what the micro-batch had to fit in (MB), and how it was decided
+    budget_mb: float = 0.0
+    method: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        return {"tune/train_microbatch": self.train_microbatch, "tune/inference_batch": self.inference_batch}
+
+    def describe(self) -> str:
+        tps = ", ".join(f"{b}: {v:,.0f}" for b, v in self.throughput.items())
+        return (f"tune=auto: train_microbatch={self.train_microbatch} ({self.method}); "
+                f"inference_batch={self.inference_batch} (generation tokens/s by batch: {tps})")
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / TUNE_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> TuneResult | None:
+        path = run_dir / TUNE_FILE
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        raw["throughput"] = {int(k): v for k, v in raw["throughput"].items()}
+        raw["memory"] = {int(k): v for k, v in raw["memory"].items()}
+        return cls(**raw)
+
+
+def _doublings(start: int, cap: int) -> list[int]:
+    """start, 2*start, 4*start, ... below cap, then cap."""
+    sizes = []
+    while start < cap:
+        sizes.append(start)
+        start *= 2
+    return [*sizes, cap]
+
+
+def knee(throughput: dict[int, float]) -> int:
+    """The first batch size whose doubling gains less than GAIN in tokens/s (the largest if none does)."""
+    sizes = sorted(throughput)
+    for size, bigger in zip(sizes, sizes[1:], strict=False):
+        if throughput[bigger] < GAIN * throughput[size]:
+            return size
+    return sizes[-1]
+
+
+def inference_knee(sampler: Sampler, prompts: list[list[int]], params: SamplingParams, cap: int
+                   ) -> tuple[int, dict[int, float]]:
+    """Sampler-call size (a multiple of params.n, at most cap) where tokens/s stops rising; tokens/s by size."""
+    seeds = list(range(len(prompts)))
+    sampler.generate(prompts[:1], params, seeds[:1])  # warm-up (first-call compilation, allocator)
+    throughput: dict[int, float] = {}
+    for n_prompts in _doublings(1, max(1, cap // params.n)):
+        start = time.perf_counter()
+        rollouts = sampler.generate(prompts[:n_prompts], params, seeds[:n_prompts])
+        throughput[n_prompts * params.n] = sum(len(r.response_ids) for r in rollouts) / (time.perf_counter() - start)
+        if knee(throughput) != n_prompts * params.n:  # stopped rising: larger calls are not worth probing
+            break
+    return knee(throughput), throughput
+
+
+def _backward(policy: torch.nn.Module, sample: TrainSample, size: int, spec: LossSpec, pad_id: int,
+              ref: torch.nn.Module | None) -> None:
+    accumulate_gradients(policy, [sample] * size, spec, 1.0, size, pad_id, ref)
+    policy.zero_grad(set_to_none=True)
+
+
+def largest_microbatch(policy: torch.nn.Module, sample: TrainSample, cap: int, spec: LossSpec, pad_id: int,
+                       ref: torch.nn.Module | None, budget_mb: float, fallback: int
+                       ) -> tuple[int, dict[int, float | None], str]:
+    """Largest micro-batch of `sample` whose forward/backward fits; peak MB by probed size; how it was decided."""
+    device = next(policy.parameters()).device
+    memory: dict[int, float | None] = {}
+    if device.type == "cuda":
+        fits = 1
+        for size in _doublings(1, cap):
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                _backward(policy, sample, size, spec, pad_id, ref)
+                memory[size] = torch.cuda.max_memory_allocated() / 2**20
+                fits = size
+            except torch.cuda.OutOfMemoryError:
+                memory[size] = None
+                policy.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                break
+        return fits, memory, "largest that ran without a CUDA out-of-memory error"
+    start_mb = resident_mb()
+    for size in _doublings(1, min(cap, 4)):
+        reset_peak_memory()
+        _backward(policy, sample, size, spec, pad_id, ref)
+        memory[size] = peak_memory_mb()["mem/peak_mb"]
+    sizes = sorted(memory)
+    if len(sizes) == 1:
+        return 1, memory, "the step batch is 1"
+    per_sample = (memory[sizes[-1]] - memory[sizes[0]]) / (sizes[-1] - sizes[0])
+    if per_sample <= 0:  # the peak could not be reset here (no /proc/self/clear_refs)
+        return fallback, memory, "peak memory is not measurable here; kept the configured value"
+    fixed = memory[sizes[0]] - per_sample * sizes[0]
+    fits = int((start_mb + budget_mb - fixed) // per_sample)
+    size = max(1, min(cap, fits))
+    return size, memory, (f"{per_sample:.1f} MB per sequence of {sample.length} tokens, predicted peak "
+                          f"{fixed + per_sample * size:,.0f} MB within {start_mb + budget_mb:,.0f} MB")
+
+
+def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler: Sampler,
+         prompts: list[list[int]], pad_id: int) -> TuneResult:
+    """Probe both batch sizes for this config on these components (`prompts`: training prompt token ids)."""
+    from dash_exp.trainer import loss_spec
+
+    cap = step_batch(cfg)
+    params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens)
+    inference_batch, throughput = inference_knee(sampler, prompts[: cap // cfg.group_size], params, cap)
+    sampler.offload()
+    longest = max(prompts, key=len)
+    # worst case: the longest prompt with a response of max_new_tokens (any token costs the same)
+    sample = TrainSample(longest, [longest[-1]] * cfg.max_new_tokens, advantage=1.0)
+    # AdamW's two moments are allocated at the first optimizer step, after this probe
+    adam_mb = 2 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
+    budget = cfg.tune_memory_gb * 1024 if cfg.tune_memory_gb is not None else MEMORY_SHARE * memory_available_mb()
+    was_training = policy.training
+    policy.train()
+    microbatch, memory, method = largest_microbatch(policy, sample, cap, loss_spec(cfg), pad_id, ref,
+                                                    budget - adam_mb, cfg.train_microbatch)
+    policy.train(was_training)
+    sampler.sync(policy)
+    return TuneResult(microbatch, inference_batch, throughput, memory, budget - adam_mb, method)
