@@ -1,8 +1,9 @@
 """tune=auto: measure, before training, on the run's own model, sampler and prompts,
 
 - train_microbatch: the largest micro-batch whose backward pass of worst-case-length samples fits
-  (GPU: doubling until CUDA runs out of memory; CPU: peak resident memory of micro-batches 1, 2 and 4,
-  extrapolated linearly against a budget, since running out of RAM kills the process);
+  (GPU: doubling until CUDA runs out of memory; CPU, where running out of RAM kills the process instead:
+  the bytes the forward saves for backward at micro-batches 1, 2 and 4, counted exactly with
+  saved_tensors_hooks, extrapolated linearly against a budget);
 - inference_batch: the sampler-call size (whole groups) past which generation throughput stops rising
   (doubling it gains less than GAIN).
 
@@ -23,12 +24,14 @@ from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
 from dash_exp.config import step_batch
 from dash_exp.rollout.base import Sampler, SamplingParams
-from dash_exp.tracking import memory_available_mb, peak_memory_mb, reset_peak_memory, resident_mb
+from dash_exp.tracking import memory_available_mb
 
 # a doubled inference batch must raise generation tokens/s by this factor to count as still rising
 GAIN = 1.1
 # share of the available memory the CPU backward may add when tune_memory_gb is null
 MEMORY_SHARE = 0.8
+# CPU: peak memory of a backward pass per MB of activations saved by its forward (activations + their gradients)
+BACKWARD_FACTOR = 2.0
 TUNE_FILE = "tune.json"
 
 
@@ -38,7 +41,7 @@ class TuneResult:
     inference_batch: int
     # inference batch (samples) -> generation tokens/s
     throughput: dict[int, float] = field(default_factory=dict)
-    # micro-batch -> peak resident MB (CPU) or peak CUDA MB; None where it did not fit
+    # micro-batch -> MB: saved activations (CPU) or peak allocated (CUDA; None where it ran out of memory)
     memory: dict[int, float | None] = field(default_factory=dict)
     # what the micro-batch had to fit in (MB), and how it was decided
     budget_mb: float = 0.0
@@ -105,10 +108,28 @@ def _backward(policy: torch.nn.Module, sample: TrainSample, size: int, spec: Los
     policy.zero_grad(set_to_none=True)
 
 
+def saved_activations_mb(policy: torch.nn.Module, sample: TrainSample, size: int, spec: LossSpec, pad_id: int,
+                         ref: torch.nn.Module | None) -> float:
+    """MB the forward of a micro-batch of `size` copies of `sample` keeps alive for backward (parameters and
+    views of one storage counted once; parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _backward(policy, sample, size, spec, pad_id, ref)
+    return sum(storages.values()) / 2**20
+
+
 def largest_microbatch(policy: torch.nn.Module, sample: TrainSample, cap: int, spec: LossSpec, pad_id: int,
-                       ref: torch.nn.Module | None, budget_mb: float, fallback: int
-                       ) -> tuple[int, dict[int, float | None], str]:
-    """Largest micro-batch of `sample` whose forward/backward fits; peak MB by probed size; how it was decided."""
+                       ref: torch.nn.Module | None, budget_mb: float) -> tuple[int, dict[int, float | None], str]:
+    """Largest micro-batch of `sample` whose forward/backward fits in `budget_mb` more memory; MB by probed
+    size (CUDA: peak allocated, None where out of memory; CPU: saved activations); how it was decided."""
     device = next(policy.parameters()).device
     memory: dict[int, float | None] = {}
     if device.type == "cuda":
@@ -125,22 +146,17 @@ def largest_microbatch(policy: torch.nn.Module, sample: TrainSample, cap: int, s
                 torch.cuda.empty_cache()
                 break
         return fits, memory, "largest that ran without a CUDA out-of-memory error"
-    start_mb = resident_mb()
     for size in _doublings(1, min(cap, 4)):
-        reset_peak_memory()
-        _backward(policy, sample, size, spec, pad_id, ref)
-        memory[size] = peak_memory_mb()["mem/peak_mb"]
+        memory[size] = saved_activations_mb(policy, sample, size, spec, pad_id, ref)
     sizes = sorted(memory)
-    if len(sizes) == 1:
-        return 1, memory, "the step batch is 1"
-    per_sample = (memory[sizes[-1]] - memory[sizes[0]]) / (sizes[-1] - sizes[0])
-    if per_sample <= 0:  # the peak could not be reset here (no /proc/self/clear_refs)
-        return fallback, memory, "peak memory is not measurable here; kept the configured value"
-    fixed = memory[sizes[0]] - per_sample * sizes[0]
-    fits = int((start_mb + budget_mb - fixed) // per_sample)
+    per_sample = (memory[sizes[-1]] - memory[sizes[0]]) / max(sizes[-1] - sizes[0], 1)  # type: ignore[operator]
+    fixed = memory[sizes[0]] - per_sample * sizes[0]  # type: ignore[operator]
+    # during backward the activations' gradients are alive next to the activations: twice the saved bytes
+    fits = int((budget_mb / BACKWARD_FACTOR - fixed) // per_sample) if per_sample > 0 else cap
     size = max(1, min(cap, fits))
-    return size, memory, (f"{per_sample:.1f} MB per sequence of {sample.length} tokens, predicted peak "
-                          f"{fixed + per_sample * size:,.0f} MB within {start_mb + budget_mb:,.0f} MB")
+    return size, memory, (f"{per_sample:.2f} MB saved for backward per sequence of {sample.length} tokens; "
+                          f"predicted {BACKWARD_FACTOR:g} x {fixed + per_sample * size:,.1f} MB within a "
+                          f"{budget_mb:,.0f} MB budget")
 
 
 def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler: Sampler,
@@ -157,12 +173,13 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     # worst case: the longest prompt with a response of max_new_tokens (any token costs the same)
     sample = TrainSample(longest, [longest[-1]] * cfg.max_new_tokens, advantage=1.0)
     # AdamW's two moments are allocated at the first optimizer step, after this probe
-    adam_mb = 2 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
+    # gradients and AdamW's two moments (allocated at the first optimizer step, after this probe): 3 x the weights
+    state_mb = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
     budget = cfg.tune_memory_gb * 1024 if cfg.tune_memory_gb is not None else MEMORY_SHARE * memory_available_mb()
     was_training = policy.training
     policy.train()
     microbatch, memory, method = largest_microbatch(policy, sample, cap, loss_spec(cfg), pad_id, ref,
-                                                    budget - adam_mb, cfg.train_microbatch)
+                                                    budget - state_mb)
     policy.train(was_training)
     sampler.sync(policy)
-    return TuneResult(microbatch, inference_batch, throughput, memory, budget - adam_mb, method)
+    return TuneResult(microbatch, inference_batch, throughput, memory, budget - state_mb, method)

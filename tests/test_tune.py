@@ -11,7 +11,7 @@ from conftest import REPO, TEST_OVERRIDES
 from dash_exp.batching import TrainSample
 from dash_exp.run import build
 from dash_exp.trainer import loss_spec
-from dash_exp.tune import knee, largest_microbatch
+from dash_exp.tune import BACKWARD_FACTOR, knee, largest_microbatch
 
 
 def test_knee_is_where_doubling_stops_paying():
@@ -26,11 +26,21 @@ def test_microbatch_follows_the_memory_budget_on_the_real_model(make_cfg):
     parts = build(cfg)
     parts.task.close()
     prompt = parts.tokenizer.encode(parts.task.train[0].prompt, add_special_tokens=False)
-    sample = TrainSample(prompt, [prompt[-1]] * 64, advantage=1.0)
-    args = (parts.policy, sample, 64, loss_spec(cfg), parts.tokenizer.pad_token_id, None)
-    roomy, memory, method = largest_microbatch(*args, budget_mb=10_000.0, fallback=4)
-    assert roomy == 64 and sorted(memory) == [1, 2, 4] and "predicted peak" in method
-    assert largest_microbatch(*args, budget_mb=0.0, fallback=4)[0] == 1
+    args = (parts.policy, TrainSample(prompt, [prompt[-1]] * 64, advantage=1.0), 64, loss_spec(cfg),
+            parts.tokenizer.pad_token_id, None)
+    roomy, memory, method = largest_microbatch(*args, budget_mb=10_000.0)
+    assert roomy == 64 and sorted(memory) == [1, 2, 4] and "predicted" in method
+    # saved activations are linear in the micro-batch: fit on 1 and 4, predict 2
+    per_sample = (memory[4] - memory[1]) / 3
+    assert per_sample > 0 and memory[2] == pytest.approx(memory[1] + per_sample, rel=0.05)
+    # a budget that holds BACKWARD_FACTOR x the activations of 5 sequences (and not 6) gives 5
+    fixed = memory[1] - per_sample
+    budget = BACKWARD_FACTOR * (fixed + 5.5 * per_sample)
+    assert largest_microbatch(*args, budget_mb=budget)[0] == 5
+    assert largest_microbatch(*args, budget_mb=0.0)[0] == 1
+    # longer sequences save more per sequence
+    longer = (parts.policy, TrainSample(prompt, [prompt[-1]] * 128, advantage=1.0), *args[2:])
+    assert largest_microbatch(*longer, budget_mb=10_000.0)[1][1] > 1.5 * memory[1]
     assert all(p.grad is None for p in parts.policy.parameters())  # the probe leaves no gradient behind
 
 
