@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-vllm run test lint clean sweep figures reproduce traces
+.PHONY: install install-vllm run test lint clean sweep figures reproduce traces bench bench-env
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,27 @@ $(VLLM_STAMP): $(STAMP)
 	@touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
+
+# TRL's GRPOTrainer for the comparison benchmark, in its own environment so trl never enters .venv; same torch and
+# transformers as .venv (~1 min)
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+$(TRL_STAMP): $(STAMP)
+	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip --disable-pip-version-check -q install $(TORCH_PIN) 2>&1 \
+		| grep -v "is ignored: it is neither" || true
+	$(TRL_VENV)/bin/python -m pip --disable-pip-version-check -q install -e . "trl==1.16.0" $(TORCH_PIN) \
+		"transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')" 2>&1 \
+		| grep -v "is ignored: it is neither" || true
+	$(TRL_VENV)/bin/python -c "import trl, dash_exp.bench.trl_grpo; print('trl', trl.__version__)"
+	@touch $(TRL_STAMP)
+
+bench-env: $(TRL_STAMP)
+
+# every benchmark side by side (train, backprop, rollout hf + vllm, TRL), then the Performance table;
+# <= 15 min on 2 cores. make bench ARGS="--repeats 5" or ARGS="train --steps 150"
+bench: $(VLLM_STAMP) $(TRL_STAMP)
+	$(BIN)/python -m dash_exp.bench $(ARGS)
 
 run: $(STAMP)
 	$(BIN)/python -m dash_exp.run $(ARGS)

@@ -36,7 +36,7 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # printable ASCII plus newline and tab; anything else maps to <unk>
 CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]
 # bump when the tiny model's recipe changes in a way its config hash does not capture
-TINY_RECIPE_VERSION = 1
+TINY_RECIPE_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -153,6 +153,8 @@ def build_base_model(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{stats.loss:.3f}")
+    # the warm-up never needs a KV cache, but whoever generates from the saved model does
+    model.config.use_cache = model.generation_config.use_cache = True
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     model.save_pretrained(tmp)

@@ -47,27 +47,26 @@ def _status_kb(field: str, path: Path = _STATUS) -> int:
     return next(int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(field))
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (VmRSS)."""
-    return _status_kb("VmRSS:") / 1024
-
-
 def memory_available_mb() -> float:
     """Memory the system can still give without swapping (MemAvailable)."""
     return _status_kb("MemAvailable:", Path("/proc/meminfo")) / 1024
 
 
 class Timers:
-    """Named wall-clock accumulators: `with timers("inference"): ...` then `timers.pop()`."""
+    """Named wall-clock accumulators: `with timers("inference"): ...` then `timers.pop()`. Each phase is also
+    a labelled range in torch.profiler traces (`python -m dash_exp.bench profile`)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        import torch
+
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"phase/{name}"):
+                yield
         finally:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 

@@ -156,6 +156,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def rl_step(self, step: int) -> dict[str, float]:
+        samples, keep, metrics = self.collect(step)
+        metrics.update(self.update(samples, keep, step))
+        with self.timers("sync"):
+            self.sampler.sync(self.policy)
+        return metrics
+
+    def collect(self, step: int) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
+        """Sample, grade and score one step batch: (samples with advantages, gradient-filter mask, metrics)."""
         cfg = self.cfg
         problems: list[Problem] = self.stream.next(cfg.prompts_per_step)
         prompts = [self.tokens(p.prompt) for p in problems]
@@ -182,10 +190,7 @@ class Trainer:
             "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
             "throughput/gen_tokens_per_s": sum(lengths) / max(gen_time, 1e-9),
         }
-        metrics.update(self.update(samples, keep.tolist(), step))
-        with self.timers("sync"):
-            self.sampler.sync(self.policy)
-        return metrics
+        return samples, keep.tolist(), metrics
 
     def sft_step(self) -> dict[str, float]:
         items: list[Problem] = self.stream.next(step_batch(self.cfg))

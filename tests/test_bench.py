@@ -1,0 +1,60 @@
+"""Benchmarks: the bare-loop baseline computes our gradient, and `python -m dash_exp.bench` fills its table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TEST_OVERRIDES
+
+from dash_exp.bench import backprop, profile
+from dash_exp.bench.__main__ import TRL_PYTHON
+
+SMALL = [o for o in TEST_OVERRIDES if not o.startswith(("logger", "eval_every"))]
+
+
+def test_bare_loop_baseline_computes_the_harness_gradient():
+    result = backprop.run(SMALL, repeats=1)
+    # same samples, same micro-batch, same gradient: the tokens/s ratio compares equal work
+    assert result["max_grad_gap"] < 1e-5
+    assert result["samples"] == 16 and result["microbatch"] == 4
+    assert result["harness_tokens_per_s"] > 0 and result["bare_tokens_per_s"] > 0
+
+
+def test_profile_splits_steps_into_phases_and_ops(tmp_path):
+    result = profile.run(SMALL, steps=2, out=tmp_path)
+    wall, profiled = result["wall_s_per_step"], result["profiled_phase_s_per_step"]
+    assert {"inference", "reward", "update", "sync"} <= set(wall) == set(profiled)
+    for phase in ("inference", "update"):  # the profiler's ranges are the timers' phases
+        assert profiled[phase] == pytest.approx(wall[phase], rel=0.5)
+    assert 0 < result["op_s_per_step"] < sum(wall.values()) and 0 <= result["overhead_frac"] < 1
+    ops = [op["op"] for op in result["top_ops"]]
+    assert len(ops) == 12 and any(op in ops for op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear"))
+
+
+@pytest.mark.slow
+def test_bench_all_writes_every_result_and_the_table(tmp_path, cli_env):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dash_exp.bench", "--repeats", "1", "--steps", "2", "--trl-steps", "1",
+         "--out", str(out), *SMALL],
+        cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = json.loads((out / "train.json").read_text())
+    for algorithm in ("grpo", "dash"):
+        run = train[algorithm]
+        assert run["total_s"] >= run["inference_s"] + run["update_s"] > 0
+        assert 0 <= run["accuracy"] <= 1
+    # the filter bench updates late batches (after the last training step) with and without gradient filtering
+    f = train["filter"]
+    assert f["batches"] == 4 and f["first_step"] == 3 and 0 < f["kept_frac"] <= 1
+    assert f["ratio"] == pytest.approx(f["dash_update_s"] / f["no_gf_update_s"])
+    # the same optimizer steps on both sides of the TRL comparison
+    assert all(len(run["step_s"]) == 2 for runs in train["per_seed"].values() for run in runs)
+    table = (out / "table.md").read_text()
+    assert table in proc.stdout
+    for row in ("DASH vs GRPO: training time", "Gradient filtering alone", "Rollout hf", "Backprop"):
+        assert row in table
+    assert "Not measured" not in table
+    if TRL_PYTHON.exists():
+        assert "DASH vs TRL" in table and "GRPO vs TRL" in table
