@@ -1,19 +1,22 @@
 """tune=auto: measure, before training, on the run's own model, sampler and prompts,
 
-- train_microbatch: the largest micro-batch whose backward pass of worst-case-length samples fits
-  (GPU: doubling until CUDA runs out of memory; CPU, where running out of RAM kills the process instead:
-  the bytes the forward saves for backward at micro-batches 1, 2 and 4, counted exactly with
-  saved_tensors_hooks, extrapolated linearly against a budget);
-- inference_batch: the sampler-call size (whole groups) past which generation throughput stops rising
-  (doubling it gains less than GAIN).
+- the largest micro-batch whose backward pass of worst-case-length samples fits (GPU: doubling until CUDA
+  runs out of memory; CPU, where running out of RAM kills the process instead: the bytes the forward saves
+  for backward at micro-batches 1, 2 and 4, counted exactly with saved_tensors_hooks, extrapolated linearly
+  against a budget);
+- train_microbatch: within that, where backprop throughput on real rollouts stops rising (larger
+  micro-batches pad more: on CPU the largest that fits is slower than a moderate one);
+- inference_batch: the sampler-call size (whole groups) where generation throughput stops rising.
 
-Both are capped at the step batch: neither can usefully be larger.
+"Stops rising": doubling the size gains less than GAIN in tokens/s (best of two timings). Both are capped at
+the step batch: neither can usefully be larger.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,14 @@ from dash_exp.config import step_batch
 from dash_exp.rollout.base import Sampler, SamplingParams
 from dash_exp.tracking import memory_available_mb
 
-# a doubled inference batch must raise generation tokens/s by this factor to count as still rising
+# a doubled batch must raise tokens/s by this factor to count as still rising
 GAIN = 1.1
 # share of the available memory the CPU backward may add when tune_memory_gb is null
 MEMORY_SHARE = 0.8
 # CPU: peak memory of a backward pass per MB of activations saved by its forward (activations + their gradients)
 BACKWARD_FACTOR = 2.0
+# micro-batches per backprop timing
+MICROBATCHES = 4
 TUNE_FILE = "tune.json"
 
 
@@ -41,6 +46,9 @@ class TuneResult:
     inference_batch: int
     # inference batch (samples) -> generation tokens/s
     throughput: dict[int, float] = field(default_factory=dict)
+    # the largest micro-batch that fits, and micro-batch -> backprop tokens/s (up to it)
+    largest_fit: int = 0
+    train_throughput: dict[int, float] = field(default_factory=dict)
     # micro-batch -> MB: saved activations (CPU) or peak allocated (CUDA; None where it ran out of memory)
     memory: dict[int, float | None] = field(default_factory=dict)
     # what the micro-batch had to fit in (MB), and how it was decided
@@ -51,9 +59,12 @@ class TuneResult:
         return {"tune/train_microbatch": self.train_microbatch, "tune/inference_batch": self.inference_batch}
 
     def describe(self) -> str:
-        tps = ", ".join(f"{b}: {v:,.0f}" for b, v in self.throughput.items())
-        return (f"tune=auto: train_microbatch={self.train_microbatch} ({self.method}); "
-                f"inference_batch={self.inference_batch} (generation tokens/s by batch: {tps})")
+        def tps(by_size: dict[int, float]) -> str:
+            return ", ".join(f"{b}: {v:,.0f}" for b, v in by_size.items())
+
+        return (f"tune=auto: train_microbatch={self.train_microbatch} (backprop tokens/s by micro-batch: "
+                f"{tps(self.train_throughput)}; fits up to {self.largest_fit}: {self.method}); "
+                f"inference_batch={self.inference_batch} (generation tokens/s by batch: {tps(self.throughput)})")
 
     def save(self, run_dir: Path) -> None:
         (run_dir / TUNE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -64,8 +75,8 @@ class TuneResult:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        raw["throughput"] = {int(k): v for k, v in raw["throughput"].items()}
-        raw["memory"] = {int(k): v for k, v in raw["memory"].items()}
+        for key in ("throughput", "train_throughput", "memory"):
+            raw[key] = {int(k): v for k, v in raw[key].items()}
         return cls(**raw)
 
 
@@ -87,19 +98,20 @@ def knee(throughput: dict[int, float]) -> int:
     return sizes[-1]
 
 
-def inference_knee(sampler: Sampler, prompts: list[list[int]], params: SamplingParams, cap: int
-                   ) -> tuple[int, dict[int, float]]:
-    """Sampler-call size (a multiple of params.n, at most cap) where tokens/s stops rising; tokens/s by size."""
-    seeds = list(range(len(prompts)))
-    sampler.generate(prompts[:1], params, seeds[:1])  # warm-up (first-call compilation, allocator)
+def probe_knee(sizes: list[int], tokens_per_s: Callable[[int], float]) -> tuple[int, dict[int, float]]:
+    """Measure sizes in order (best of two) until throughput stops rising; the knee and tokens/s by size."""
     throughput: dict[int, float] = {}
-    for n_prompts in _doublings(1, max(1, cap // params.n)):
-        start = time.perf_counter()
-        rollouts = sampler.generate(prompts[:n_prompts], params, seeds[:n_prompts])
-        throughput[n_prompts * params.n] = sum(len(r.response_ids) for r in rollouts) / (time.perf_counter() - start)
-        if knee(throughput) != n_prompts * params.n:  # stopped rising: larger calls are not worth probing
+    for size in sizes:
+        throughput[size] = max(tokens_per_s(size), tokens_per_s(size))
+        if knee(throughput) != size:  # stopped rising: larger sizes are not worth probing
             break
     return knee(throughput), throughput
+
+
+def _per_second(fn: Callable[[], int]) -> float:
+    start = time.perf_counter()
+    tokens = fn()
+    return tokens / (time.perf_counter() - start)
 
 
 def _backward(policy: torch.nn.Module, sample: TrainSample, size: int, spec: LossSpec, pad_id: int,
@@ -164,22 +176,40 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     """Probe both batch sizes for this config on these components (`prompts`: training prompt token ids)."""
     from dash_exp.trainer import loss_spec
 
-    cap = step_batch(cfg)
+    cap, spec = step_batch(cfg), loss_spec(cfg)
     params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens)
-    inference_batch, throughput = inference_knee(sampler, prompts[: cap // cfg.group_size], params, cap)
+    prompts = prompts[: cap // cfg.group_size]
+    rollouts: list[Any] = []
+
+    def generate(samples: int) -> int:
+        rollouts[:] = sampler.generate(prompts[: samples // params.n], params, range(samples // params.n))
+        return sum(len(r.response_ids) for r in rollouts)
+
+    generate(params.n)  # warm-up (first-call compilation, allocator)
+    inference_batch, throughput = probe_knee([n * params.n for n in _doublings(1, max(1, cap // params.n))],
+                                             lambda size: _per_second(lambda: generate(size)))
     sampler.offload()
     longest = max(prompts, key=len)
     # worst case: the longest prompt with a response of max_new_tokens (any token costs the same)
-    sample = TrainSample(longest, [longest[-1]] * cfg.max_new_tokens, advantage=1.0)
-    # AdamW's two moments are allocated at the first optimizer step, after this probe
+    worst = TrainSample(longest, [longest[-1]] * cfg.max_new_tokens, advantage=1.0)
     # gradients and AdamW's two moments (allocated at the first optimizer step, after this probe): 3 x the weights
     state_mb = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
     budget = cfg.tune_memory_gb * 1024 if cfg.tune_memory_gb is not None else MEMORY_SHARE * memory_available_mb()
     was_training = policy.training
     policy.train()
-    microbatch, memory, method = largest_microbatch(policy, sample, cap, loss_spec(cfg), pad_id, ref,
-                                                    budget - state_mb)
+    largest, memory, method = largest_microbatch(policy, worst, cap, spec, pad_id, ref, budget - state_mb)
+    # backprop MICROBATCHES micro-batches of the last probe's rollouts (cycled) at each micro-batch size that fits
+    real = [TrainSample(r.prompt_ids, r.response_ids, advantage=1.0) for r in rollouts]
+
+    def backprop(size: int) -> int:
+        batch = [real[i % len(real)] for i in range(size * MICROBATCHES)]
+        tokens = accumulate_gradients(policy, batch, spec, float(len(batch)), size, pad_id, ref).tokens
+        policy.zero_grad(set_to_none=True)
+        return tokens
+
+    microbatch, train_throughput = probe_knee(_doublings(1, largest), lambda size: _per_second(lambda: backprop(size)))
     policy.train(was_training)
     sampler.sync(policy)
-    return TuneResult(microbatch, inference_batch, throughput, memory, budget - state_mb, method)
+    return TuneResult(microbatch, inference_batch, throughput, largest, train_throughput, memory,
+                      budget - state_mb, method)

@@ -65,6 +65,11 @@ def test_tune_auto_applies_logs_saves_and_reuses_its_choice(algorithm, tmp_path,
     assert tuned["inference_batch"] % group == 0 and tuned["inference_batch"] <= step_batch
     probed = sorted(int(b) for b in tuned["throughput"])
     assert probed == [4, 8, 16][: len(probed)]  # whole groups, doubling, up to the step batch
+    assert tuned["inference_batch"] == knee({int(b): v for b, v in tuned["throughput"].items()})
+    # the micro-batch: where backprop throughput stops rising, never above the largest that fits
+    trained = {int(b): v for b, v in tuned["train_throughput"].items()}
+    assert sorted(trained) == [1, 2, 4, 8, 16][: len(trained)] and max(trained) <= tuned["largest_fit"]
+    assert tuned["train_microbatch"] == knee(trained)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["train_microbatch"] == tuned["train_microbatch"]
     # GRPO's inference batch is its micro-batch by definition, so it follows; DASH takes the measured knee
