@@ -54,9 +54,12 @@ class TuneResult:
     # what the micro-batch had to fit in (MB), and how it was decided
     budget_mb: float = 0.0
     method: str = ""
+    # wall-clock seconds the probes took
+    seconds: float = 0.0
 
     def metrics(self) -> dict[str, float]:
-        return {"tune/train_microbatch": self.train_microbatch, "tune/inference_batch": self.inference_batch}
+        return {"tune/train_microbatch": self.train_microbatch, "tune/inference_batch": self.inference_batch,
+                "tune/seconds": self.seconds}
 
     def describe(self) -> str:
         def tps(by_size: dict[int, float]) -> str:
@@ -64,7 +67,8 @@ class TuneResult:
 
         return (f"tune=auto: train_microbatch={self.train_microbatch} (backprop tokens/s by micro-batch: "
                 f"{tps(self.train_throughput)}; fits up to {self.largest_fit}: {self.method}); "
-                f"inference_batch={self.inference_batch} (generation tokens/s by batch: {tps(self.throughput)})")
+                f"inference_batch={self.inference_batch} (generation tokens/s by batch: {tps(self.throughput)}); "
+                f"probed in {self.seconds:.1f} s")
 
     def save(self, run_dir: Path) -> None:
         (run_dir / TUNE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -176,6 +180,7 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     """Probe both batch sizes for this config on these components (`prompts`: training prompt token ids)."""
     from dash_exp.trainer import loss_spec
 
+    start = time.perf_counter()
     cap, spec = step_batch(cfg), loss_spec(cfg)
     params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens)
@@ -212,4 +217,4 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     policy.train(was_training)
     sampler.sync(policy)
     return TuneResult(microbatch, inference_batch, throughput, largest, train_throughput, memory,
-                      budget - state_mb, method)
+                      budget - state_mb, method, time.perf_counter() - start)

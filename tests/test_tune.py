@@ -77,7 +77,8 @@ def test_tune_auto_applies_logs_saves_and_reuses_its_choice(algorithm, tmp_path,
     assert cfg["inference_batch"] == expected
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 0, "tune/train_microbatch": tuned["train_microbatch"],
-            "tune/inference_batch": tuned["inference_batch"]} in rows
+            "tune/inference_batch": tuned["inference_batch"], "tune/seconds": tuned["seconds"]} in rows
+    assert tuned["seconds"] > 0
     # a resumed run keeps the choice it started with (no new probe)
     tuned["train_microbatch"] = 3
     (run_dir / "tune.json").write_text(json.dumps(tuned))
