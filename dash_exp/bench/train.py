@@ -50,7 +50,7 @@ def filter_alone(cfg: Any, run_dir: Path, batches: int = 4, repeats: int = 3) ->
     sink = MetricSink(run_dir, cfg.logger, "bench", "bench", {}, filename="bench_metrics.jsonl")
     rows = []
     try:
-        trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir)
+        trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir, ref=parts.ref)
         trainer.resume(latest_checkpoint(run_dir))
         for i in range(1, batches + 1):
             samples, keep, metrics = trainer.collect(trainer.step + i)
