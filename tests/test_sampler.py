@@ -73,6 +73,24 @@ def test_greedy_matches_transformers_generate_while_dropping_finished_rows(parts
         assert out[0, len(prompt):].tolist() == r.response_ids
 
 
+def test_each_prompt_is_read_once_per_group(parts):
+    prompts = prompts_of(parts, 3)
+    calls = []
+    hook = parts.policy.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        rollouts = parts.sampler.generate(prompts, SamplingParams(n=4, max_new_tokens=20), [7, 8, 9])
+    finally:
+        hook.remove()
+    # one prefill row per prompt, then one decode row per sample
+    assert calls[0] == (3, max(len(p) for p in prompts)) and calls[1] == (12, 1)
+    # the shared prefill gives each sample the log-probs of its own full forward
+    samples = [TrainSample(r.prompt_ids, r.response_ids) for r in rollouts]
+    logp, _ = response_logprobs(parts.policy, samples, parts.tokenizer.pad_token_id)
+    for i, r in enumerate(rollouts):
+        torch.testing.assert_close(logp[i, : len(r.logprobs)], torch.tensor(r.logprobs), rtol=0, atol=1e-4)
+
+
 def test_gumbel_noise_is_a_pure_function_of_key_position_token():
     keys = torch.tensor([5, 6, 5])
     a, b = gumbel_noise(keys, 3, 50), gumbel_noise(keys, 3, 50)

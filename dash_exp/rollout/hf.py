@@ -86,10 +86,10 @@ class HFSampler:
         device = next(model.parameters()).device
         rows = [p for p in prompts for _ in range(params.n)]
         keys = torch.tensor([mix32(s, k) for s in seeds for k in range(params.n)], device=device)
-        width = max(len(p) for p in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(rows):
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
@@ -104,11 +104,15 @@ class HFSampler:
         active = torch.arange(len(rows), device=device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         try:
+            # the prompt is read once per group; its KV cache and next-token logits are then shared by the n samples
             out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                         use_cache=True, logits_to_keep=1)
-            cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+            cache, logits = out.past_key_values, out.logits[:, -1].repeat_interleave(params.n, dim=0)
+            cache.batch_repeat_interleave(params.n)
+            attention = attention.repeat_interleave(params.n, dim=0)
+            next_pos = positions[:, -1:].repeat_interleave(params.n, dim=0) + 1
             for t in range(width_out):
-                token, logp = self._pick(out.logits[:, -1], params, keys, t)
+                token, logp = self._pick(logits, params, keys, t)
                 tokens[active, t], logps[active, t] = token, logp
                 finished |= torch.isin(token, eos)
                 n_done = int(finished.sum())
@@ -122,8 +126,8 @@ class HFSampler:
                     attention, next_pos = attention[keep], next_pos[keep]
                     cache.reorder_cache(keep)
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-                out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
-                            past_key_values=cache, use_cache=True)
+                logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
+                               past_key_values=cache, use_cache=True).logits[:, -1]
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)
