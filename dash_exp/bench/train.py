@@ -1,64 +1,108 @@
 """DASH vs GRPO end to end (Fig 1 right, Table 3), and gradient filtering alone late in training.
 
-Both algorithms train the embedded default for the same steps, i.e. on the same number of samples, with the
-same seeds (and so the same rollouts at the first step). Runs alternate GRPO, DASH, GRPO, DASH, ... one pair
-per seed. Gradient filtering alone: from each DASH run's final checkpoint, a few fresh step batches are each
-updated with the filter (DASH) and without it (No-GF), alternately; only the update differs.
+Per seed, a GRPO trainer and a DASH trainer train the embedded default side by side in this process: one
+optimizer step each in turn, the order alternating every step, so drift in machine load hits both equally.
+They see the same number of samples and, for the same seed, the same rollouts at the first step. Times are
+the real trainer's (time/step, time/inference, time/update). Gradient filtering alone: the trained DASH
+trainer then updates a few fresh step batches with the filter (DASH) and without it (No-GF), alternately;
+only the update differs. Both trainers are held at once: on a GPU with vLLM, give each engine its share
+(rollout.gpu_memory_utilization=0.2) or turn on rollout.enable_sleep_mode.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dash_exp.bench import interleaved, median
 
-
-def _config(algorithm: str, seed: int, steps: int, run_dir: Path, overrides: list[str]) -> Any:
-    from dash_exp.config import compose_config, validate
-
-    cfg = compose_config([f"algorithm={algorithm}", f"seed={seed}", f"steps={steps}", "eval_every=0",
-                          "save_every=0", "logger=none", "resume=never", f"run_dir={run_dir}", *overrides])
-    validate(cfg)
-    return cfg
+ALGORITHMS = ("grpo", "dash")
 
 
-def _run_times(run_dir: Path, summary: dict[str, Any], eval_set: str) -> dict[str, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step" in r]
-    return {
-        "total_s": summary["time/elapsed"],
-        "inference_s": sum(r["time/inference"] for r in steps),
-        "update_s": sum(r["time/update"] for r in steps),
-        "other_s": sum(r["time/step"] - r["time/inference"] - r["time/update"] for r in steps),
-        "step_s": [r["time/step"] for r in steps],
-        "accuracy": summary["final"][f"eval/{eval_set}/accuracy"],
-        "sampled_accuracy": summary["final"][f"eval/{eval_set}/sampled_accuracy"],
-    }
+@dataclass
+class Side:
+    """One algorithm's trainer and its per-step metrics."""
+
+    cfg: Any
+    parts: Any
+    sink: Any
+    trainer: Any
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    def step(self, step: int) -> None:
+        """One optimizer step of the real trainer, timed as Trainer.fit times it, logged to metrics.jsonl."""
+        start = time.perf_counter()
+        self.trainer.step = step
+        metrics = self.trainer.rl_step(step)
+        metrics.update(self.trainer.timers.pop())
+        metrics["time/step"] = time.perf_counter() - start
+        self.sink.log(step, metrics)
+        self.rows.append(metrics)
+
+    def summary(self) -> dict[str, Any]:
+        """Training time split as Fig 1 right, step times, final held-out accuracy."""
+        final = self.trainer.evaluate()
+        self.sink.log(len(self.rows), final)
+        task = self.cfg.task.name
+        return {
+            "total_s": sum(r["time/step"] for r in self.rows),
+            "inference_s": sum(r["time/inference"] for r in self.rows),
+            "update_s": sum(r["time/update"] for r in self.rows),
+            "other_s": sum(r["time/step"] - r["time/inference"] - r["time/update"] for r in self.rows),
+            "step_s": [r["time/step"] for r in self.rows],
+            "accuracy": final[f"eval/{task}/accuracy"],
+            "sampled_accuracy": final[f"eval/{task}/sampled_accuracy"],
+        }
+
+    def close(self) -> None:
+        self.sink.close()
+        self.parts.task.close()
 
 
-def filter_alone(cfg: Any, run_dir: Path, batches: int = 4, repeats: int = 3) -> list[dict[str, float]]:
-    """Late in training (a finished DASH run's weights): the update time of `batches` fresh step batches, each
-    with gradient filtering and without (same samples, same weights); medians of `repeats` per batch."""
-    from dash_exp.checkpoint import latest_checkpoint
-    from dash_exp.run import build
+def _side(algorithm: str, seed: int, steps: int, run_dir: Path, overrides: list[str]) -> Side:
+    from dash_exp.config import compose_config, resolved_threads, validate
+    from dash_exp.run import build, seed_everything
     from dash_exp.tracking import MetricSink
     from dash_exp.trainer import Trainer
 
+    cfg = compose_config([f"algorithm={algorithm}", f"seed={seed}", f"steps={steps}", "logger=none",
+                          f"run_dir={run_dir}", *overrides])
+    validate(cfg)
+    seed_everything(cfg.seed, resolved_threads(cfg))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     parts = build(cfg)
-    sink = MetricSink(run_dir, cfg.logger, "bench", "bench", {}, filename="bench_metrics.jsonl")
-    rows = []
+    sink = MetricSink(run_dir, cfg.logger, f"bench-{algorithm}", "bench", {})
+    trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir, ref=parts.ref)
+    return Side(cfg, parts, sink, trainer)
+
+
+def side_by_side(seed: int, steps: int, out: Path, overrides: list[str]) -> tuple[dict[str, Any], list[dict]]:
+    """GRPO and DASH for `steps` steps, interleaved; their summaries, then the filter probe's batches."""
+    sides = {a: _side(a, seed, steps, out / f"{a}-seed{seed}", overrides) for a in ALGORITHMS}
     try:
-        trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir, ref=parts.ref)
-        trainer.resume(latest_checkpoint(run_dir))
-        for i in range(1, batches + 1):
-            samples, keep, metrics = trainer.collect(trainer.step + i)
-            rows.append({"step": trainer.step + i, "kept_frac": metrics["filter/kept_frac"],
-                         **_update_times(trainer, samples, keep, repeats)})
+        for step in range(1, steps + 1):
+            for algorithm in ALGORITHMS if step % 2 else reversed(ALGORITHMS):
+                sides[algorithm].step(step)
+        summaries = {a: side.summary() for a, side in sides.items()}
+        batches = filter_alone(sides["dash"].trainer)
     finally:
-        sink.close()
-        parts.task.close()
+        for side in sides.values():
+            side.close()
+    return summaries, batches
+
+
+def filter_alone(trainer: Any, batches: int = 4, repeats: int = 3) -> list[dict[str, float]]:
+    """Late in training (a trained DASH trainer): the update time of `batches` fresh step batches, each with
+    gradient filtering and without (same samples, same weights); medians of `repeats` per batch."""
+    rows = []
+    for i in range(1, batches + 1):
+        samples, keep, metrics = trainer.collect(trainer.step + i)
+        rows.append({"step": trainer.step + i, "kept_frac": metrics["filter/kept_frac"],
+                     **_update_times(trainer, samples, keep, repeats)})
     return rows
 
 
@@ -72,18 +116,14 @@ def _update_times(trainer: Any, samples: list[Any], keep: list[bool], repeats: i
 
 
 def run(overrides: list[str], repeats: int = 3, steps: int = 60, out: Path = Path("runs/bench")) -> dict[str, Any]:
-    """GRPO and DASH, one pair of runs per seed; medians over seeds, and the median of per-seed ratios."""
-    from dash_exp.run import train
-
-    per_seed: dict[str, list[dict[str, Any]]] = {"grpo": [], "dash": []}
+    """GRPO and DASH side by side, one pair per seed; medians over seeds, and the median of per-seed ratios."""
+    per_seed: dict[str, list[dict[str, Any]]] = {a: [] for a in ALGORITHMS}
     batches: list[dict[str, float]] = []
     for seed in range(repeats):
-        for algorithm in ("grpo", "dash"):
-            run_dir = out / f"{algorithm}-seed{seed}"
-            cfg = _config(algorithm, seed, steps, run_dir, overrides)
-            summary = train(cfg)
-            per_seed[algorithm].append(_run_times(run_dir, summary, cfg.task.name))
-        batches += filter_alone(cfg, run_dir)
+        summaries, late = side_by_side(seed, steps, out, overrides)
+        for algorithm, summary in summaries.items():
+            per_seed[algorithm].append(summary)
+        batches += late
     result: dict[str, Any] = {"steps": steps, "repeats": repeats, "per_seed": per_seed, "filter_batches": batches}
     for algorithm, runs in per_seed.items():
         result[algorithm] = {key: median([r[key] for r in runs]) for key in runs[0] if key != "step_s"}
