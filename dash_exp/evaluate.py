@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed, resolved_threads(cfg))
     parts = build(cfg, need_train=False)
     step = 0
-    sampled = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             max_new_tokens=cfg.max_new_tokens)
+    sampled = SamplingParams.from_config(cfg, n)
     try:
         if checkpoint and not (Path(checkpoint) / "config.json").is_file():
             step = load_policy_weights(parts.policy, Path(checkpoint))

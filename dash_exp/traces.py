@@ -45,8 +45,7 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
     sampler = build_sampler(cfg, load_policy(path, cfg.model.dtype), tokenizer, path)
     tokens = TokenCache(tokenizer)
     problems = task.train[:max_prompts] if max_prompts else task.train
-    params = SamplingParams(n=samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens)
+    params = SamplingParams.from_config(cfg, samples)
     seeds = [mix32(cfg.seed, -2, i) for i in range(len(problems))]
     rollouts = generate_in_chunks(sampler, [tokens(p.prompt) for p in problems], params, seeds,
                                   resolved_inference_batch(cfg))

@@ -75,10 +75,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.initial_eval: dict[str, float] = {}
-        self.sampling = SamplingParams(
-            n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_new_tokens=cfg.max_new_tokens,
-        )
+        self.sampling = SamplingParams.from_config(cfg, cfg.group_size)
 
     # ---------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,8 +144,7 @@ class Trainer:
                 "initial": self.initial_eval, "final": final, "last_step": last}
 
     def evaluate(self) -> dict[str, float]:
-        sampled = SamplingParams(n=self.cfg.eval_samples, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                 top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens)
+        sampled = SamplingParams.from_config(self.cfg, self.cfg.eval_samples)
         start = time.perf_counter()
         metrics = evaluate(self.sampler, self.tokens, self.task, sampled, self.cfg.seed,
                            max(resolved_inference_batch(self.cfg), self.cfg.eval_samples), self.cfg.task.eval_size)

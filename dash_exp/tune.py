@@ -182,8 +182,7 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
 
     start = time.perf_counter()
     cap, spec = step_batch(cfg), loss_spec(cfg)
-    params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens)
+    params = SamplingParams.from_config(cfg, cfg.group_size)
     prompts = prompts[: cap // cfg.group_size]
     rollouts: list[Any] = []
 

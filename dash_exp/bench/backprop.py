@@ -54,7 +54,7 @@ def run(overrides: list[str], repeats: int = 5) -> dict[str, Any]:
     policy, pad_id = parts.policy, parts.tokenizer.pad_token_id
     prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False)
                for p in parts.task.train[: cfg.prompts_per_step]]
-    params = SamplingParams(n=cfg.group_size, temperature=1.0, max_new_tokens=cfg.max_new_tokens)
+    params = SamplingParams.from_config(cfg, cfg.group_size)
     rollouts = parts.sampler.generate(prompts, params, list(range(len(prompts))))
     generator = torch.Generator().manual_seed(cfg.seed)
     samples = [TrainSample(r.prompt_ids, r.response_ids, float(torch.randn(1, generator=generator)))

@@ -50,8 +50,7 @@ def run(overrides: list[str], backend: str = "hf", repeats: int = 5) -> dict[str
     parts.task.close()
     problems = parts.task.train[: cfg.prompts_per_step]
     prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
-    params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens)
+    params = SamplingParams.from_config(cfg, cfg.group_size)
     seeds = list(range(len(prompts)))
 
     def harness() -> int:

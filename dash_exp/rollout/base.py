@@ -24,6 +24,12 @@ class SamplingParams:
     # argmax decoding (ignores temperature/top_p/top_k)
     greedy: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: Any, n: int) -> SamplingParams:
+        """The run's sampling knobs (temperature, top_p, top_k, max_new_tokens), n samples per prompt."""
+        return cls(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                   max_new_tokens=cfg.max_new_tokens)
+
 
 @dataclass
 class Rollout:
