@@ -183,10 +183,10 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     start = time.perf_counter()
     cap, spec = step_batch(cfg), loss_spec(cfg)
     params = SamplingParams.from_config(cfg, cfg.group_size)
-    prompts = prompts[: cap // cfg.group_size]
     rollouts: list[Any] = []
 
     def generate(samples: int) -> int:
+        # the first samples // n training prompts (at most a step batch's)
         rollouts[:] = sampler.generate(prompts[: samples // params.n], params, range(samples // params.n))
         return sum(len(r.response_ids) for r in rollouts)
 
@@ -195,7 +195,7 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
                                              lambda size: _per_second(lambda: generate(size)))
     sampler.offload()
     longest = max(prompts, key=len)
-    # worst case: the longest prompt with a response of max_new_tokens (any token costs the same)
+    # worst case: the longest training prompt with a response of max_new_tokens (any token costs the same)
     worst = TrainSample(longest, [longest[-1]] * cfg.max_new_tokens, advantage=1.0)
     # gradients and AdamW's two moments (allocated at the first optimizer step, after this probe): 3 x the weights
     state_mb = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
