@@ -111,17 +111,13 @@ class Trainer:
                    desc=f"{self.cfg.algorithm.name} kl={self.cfg.kl.name}", unit="step", dynamic_ncols=True)
         last: dict[str, float] = {}
         for step in bar:
-            start = time.perf_counter()
-            self.step = step
             try:
-                metrics = self.sft_step() if self.is_sft else self.rl_step(step)
+                metrics = self.timed_step(step)
             except NonFiniteError:
                 # the weights are the last good ones (skipped steps change nothing): keep them for inspection
                 self.step = step - 1
                 self.save()
                 raise
-            metrics.update(self.timers.pop())
-            metrics["time/step"] = time.perf_counter() - start
             self.elapsed += metrics["time/step"]
             metrics["time/elapsed"] = self.elapsed
             metrics["epoch"] = self.stream.epoch
@@ -151,6 +147,15 @@ class Trainer:
         return {**metrics, "time/eval": time.perf_counter() - start}
 
     # ---------------------------------------------------------------- steps
+    def timed_step(self, step: int) -> dict[str, float]:
+        """Optimizer step `step` (SFT or RL): its metrics, phase times (time/inference, ...) and time/step."""
+        start = time.perf_counter()
+        self.step = step
+        metrics = self.sft_step() if self.is_sft else self.rl_step(step)
+        metrics.update(self.timers.pop())
+        metrics["time/step"] = time.perf_counter() - start
+        return metrics
+
     def rl_step(self, step: int) -> dict[str, float]:
         samples, keep, metrics = self.collect(step)
         metrics.update(self.update(samples, keep, step))

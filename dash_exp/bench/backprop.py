@@ -7,12 +7,12 @@ Both give the same gradient (checked); tokens/s counts response tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from dash_exp.bench import interleaved, median
+from dash_exp.bench import components, interleaved, median, step_prompts
 
 
 def bare_loop(policy: torch.nn.Module, samples: Sequence[Any], microbatch: int, pad_id: int, norm: float,
@@ -42,18 +42,13 @@ def run(overrides: list[str], repeats: int = 5) -> dict[str, Any]:
     from dash_exp.algorithms.losses import normalizer
     from dash_exp.algorithms.update import accumulate_gradients
     from dash_exp.batching import TrainSample
-    from dash_exp.config import compose_config, resolved_threads
     from dash_exp.rollout.base import SamplingParams
-    from dash_exp.run import build, seed_everything
     from dash_exp.trainer import loss_spec
 
-    cfg = compose_config(["logger=none", "run_dir=bench", *overrides])
-    seed_everything(cfg.seed, resolved_threads(cfg))
-    parts = build(cfg)
+    cfg, parts = components(["run_dir=bench", *overrides])
     parts.task.close()
     policy, pad_id = parts.policy, parts.tokenizer.pad_token_id
-    prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False)
-               for p in parts.task.train[: cfg.prompts_per_step]]
+    prompts = step_prompts(cfg, parts)
     params = SamplingParams.from_config(cfg, cfg.group_size)
     rollouts = parts.sampler.generate(prompts, params, list(range(len(prompts))))
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -63,26 +58,30 @@ def run(overrides: list[str], repeats: int = 5) -> dict[str, Any]:
     spec = loss_spec(cfg)
     policy.train()
 
-    def gradient(fn) -> list[torch.Tensor]:
-        fn()
+    passes: dict[str, Callable[[], int]] = {
+        "harness": lambda: accumulate_gradients(policy, samples, spec, norm, cfg.train_microbatch, pad_id).tokens,
+        "bare": lambda: bare_loop(policy, samples, cfg.train_microbatch, pad_id, norm, cfg.temperature),
+    }
+
+    def gradient(backward: Callable[[], int]) -> list[torch.Tensor]:
+        backward()
         grads = [p.grad.clone() for p in policy.parameters()]
         policy.zero_grad(set_to_none=True)
         return grads
 
-    def harness() -> int:
-        stats = accumulate_gradients(policy, samples, spec, norm, cfg.train_microbatch, pad_id)
-        policy.zero_grad(set_to_none=True)
-        return stats.tokens
+    def cleared(backward: Callable[[], int]) -> Callable[[], int]:
+        """`backward`, then the gradient cleared, so that every timed run starts alike."""
 
-    def bare() -> int:
-        n = bare_loop(policy, samples, cfg.train_microbatch, pad_id, norm, cfg.temperature)
-        policy.zero_grad(set_to_none=True)
-        return n
+        def call() -> int:
+            tokens = backward()
+            policy.zero_grad(set_to_none=True)
+            return tokens
 
-    ours = gradient(lambda: accumulate_gradients(policy, samples, spec, norm, cfg.train_microbatch, pad_id))
-    theirs = gradient(lambda: bare_loop(policy, samples, cfg.train_microbatch, pad_id, norm, cfg.temperature))
+        return call
+
+    ours, theirs = (gradient(backward) for backward in passes.values())
     max_grad_gap = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
-    runs = interleaved({"harness": harness, "bare": bare}, repeats)
+    runs = interleaved({name: cleared(backward) for name, backward in passes.items()}, repeats)
     tps = {name: median([n / t for t, n in r]) for name, r in runs.items()}
     return {"samples": len(samples), "microbatch": cfg.train_microbatch, "threads": torch.get_num_threads(),
             "repeats": repeats, "harness_tokens_per_s": tps["harness"], "bare_tokens_per_s": tps["bare"],

@@ -11,23 +11,14 @@ from typing import Any
 
 import torch
 
+from dash_exp.bench import bench_trainer, components
+
 
 def run(overrides: list[str], steps: int = 5, out: Path = Path("runs/bench")) -> dict[str, Any]:
     """Profile `steps` RL steps after one warm-up step; phase split, op time per phase, the top ops."""
-    from dash_exp.config import compose_config, resolved_threads, validate
-    from dash_exp.run import build, seed_everything
-    from dash_exp.tracking import MetricSink
-    from dash_exp.trainer import Trainer
-
-    cfg = compose_config(["logger=none", "resume=never", f"run_dir={out / 'profile'}", *overrides])
-    validate(cfg)
-    seed_everything(cfg.seed, resolved_threads(cfg))
-    parts = build(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    sink = MetricSink(run_dir, cfg.logger, "profile", "profile", {}, filename="profile_metrics.jsonl")
+    cfg, parts = components([f"run_dir={out / 'profile'}", *overrides])
+    trainer = bench_trainer(cfg, parts, "profile")
     try:
-        trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir, ref=parts.ref)
         trainer.rl_step(1)  # warm-up
         trainer.timers.pop()
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -38,8 +29,8 @@ def run(overrides: list[str], steps: int = 5, out: Path = Path("runs/bench")) ->
                 trainer.rl_step(step)
         wall = {k.removeprefix("time/"): v / steps for k, v in trainer.timers.pop().items()}
     finally:
-        sink.close()
-        parts.task.close()
+        trainer.sink.close()
+        trainer.task.close()
     events = prof.key_averages()
     phases = {e.key.removeprefix("phase/"): e.cpu_time_total / 1e6 / steps
               for e in events if e.key.startswith("phase/")}

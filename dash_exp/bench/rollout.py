@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dash_exp.bench import interleaved, median, timed
+from dash_exp.bench import components, interleaved, median, step_prompts, timed
 
 
 def raw_engine_call(parts: Any, backend: str, prompts: list[list[int]], params: Any) -> Callable[[], int]:
@@ -40,16 +40,11 @@ def raw_engine_call(parts: Any, backend: str, prompts: list[list[int]], params: 
 
 def run(overrides: list[str], backend: str = "hf", repeats: int = 5) -> dict[str, Any]:
     """Rollout tokens/s through the harness sampler vs the raw engine call on one step batch; vLLM sync time."""
-    from dash_exp.config import compose_config, resolved_threads
     from dash_exp.rollout.base import SamplingParams
-    from dash_exp.run import build, seed_everything
 
-    cfg = compose_config([f"rollout={backend}", "logger=none", "run_dir=bench", *overrides])
-    seed_everything(cfg.seed, resolved_threads(cfg))
-    parts = build(cfg)
+    cfg, parts = components([f"rollout={backend}", "run_dir=bench", *overrides])
     parts.task.close()
-    problems = parts.task.train[: cfg.prompts_per_step]
-    prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    prompts = step_prompts(cfg, parts)
     params = SamplingParams.from_config(cfg, cfg.group_size)
     seeds = list(range(len(prompts)))
 

@@ -11,13 +11,11 @@ only the update differs. Both trainers are held at once: on a GPU with vLLM, giv
 
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dash_exp.bench import interleaved, median
+from dash_exp.bench import bench_trainer, components, interleaved, median
 
 ALGORITHMS = ("grpo", "dash")
 
@@ -26,27 +24,20 @@ ALGORITHMS = ("grpo", "dash")
 class Side:
     """One algorithm's trainer and its per-step metrics."""
 
-    cfg: Any
-    parts: Any
-    sink: Any
     trainer: Any
     rows: list[dict[str, float]] = field(default_factory=list)
 
     def step(self, step: int) -> None:
         """One optimizer step of the real trainer, timed as Trainer.fit times it, logged to metrics.jsonl."""
-        start = time.perf_counter()
-        self.trainer.step = step
-        metrics = self.trainer.rl_step(step)
-        metrics.update(self.trainer.timers.pop())
-        metrics["time/step"] = time.perf_counter() - start
-        self.sink.log(step, metrics)
+        metrics = self.trainer.timed_step(step)
+        self.trainer.sink.log(step, metrics)
         self.rows.append(metrics)
 
     def summary(self) -> dict[str, Any]:
         """Training time split as Fig 1 right, step times, final held-out accuracy."""
         final = self.trainer.evaluate()
-        self.sink.log(len(self.rows), final)
-        task = self.cfg.task.name
+        self.trainer.sink.log(len(self.rows), final)
+        task = self.trainer.cfg.task.name
         return {
             "total_s": sum(r["time/step"] for r in self.rows),
             "inference_s": sum(r["time/inference"] for r in self.rows),
@@ -58,26 +49,14 @@ class Side:
         }
 
     def close(self) -> None:
-        self.sink.close()
-        self.parts.task.close()
+        self.trainer.sink.close()
+        self.trainer.task.close()
 
 
 def _side(algorithm: str, seed: int, steps: int, run_dir: Path, overrides: list[str]) -> Side:
-    from dash_exp.config import compose_config, resolved_threads, validate
-    from dash_exp.run import build, seed_everything
-    from dash_exp.tracking import MetricSink
-    from dash_exp.trainer import Trainer
-
-    cfg = compose_config([f"algorithm={algorithm}", f"seed={seed}", f"steps={steps}", "logger=none",
-                          f"run_dir={run_dir}", *overrides])
-    validate(cfg)
-    seed_everything(cfg.seed, resolved_threads(cfg))
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    parts = build(cfg)
-    sink = MetricSink(run_dir, cfg.logger, f"bench-{algorithm}", "bench", {})
-    trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir, ref=parts.ref)
-    return Side(cfg, parts, sink, trainer)
+    cfg, parts = components([f"algorithm={algorithm}", f"seed={seed}", f"steps={steps}", f"run_dir={run_dir}",
+                             *overrides])
+    return Side(bench_trainer(cfg, parts, f"bench-{algorithm}"))
 
 
 def side_by_side(seed: int, steps: int, out: Path, overrides: list[str]) -> tuple[dict[str, Any], list[dict]]:
