@@ -63,7 +63,9 @@ bench: $(VLLM_STAMP) $(TRL_STAMP)
 run: $(STAMP)
 	$(BIN)/python -m dash_exp.run $(ARGS)
 
-test: $(STAMP)
+# the whole suite, nothing skipped: installs vLLM (the CPU or CUDA build) and the TRL bench environment first, so the
+# vLLM and TRL tests run too (about 3 min more on a fresh clone, once)
+test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [ARGS="model=... task=..."]

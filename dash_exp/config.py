@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 ALGORITHMS = ("base", "sft", "grpo", "ppo", "dash")
 TASKS = ("arith", "math", "gsm8k")
@@ -115,12 +115,21 @@ class TaskConfig:
     few_shot: int = 4
     # held-out problems per evaluation set; null = the whole set
     eval_size: int | None = 200
-    # math/gsm8k: directory holding math500/test.jsonl and gsm8k/{train,test}.jsonl (relative: to the repo root)
-    data_dir: str = "${oc.env:DASH_EXP_DATA,../shared/data}"
-    # math: the MATH train split: a local .jsonl/.parquet (fields problem, solution[, answer]) or a hub dataset id
-    train_path: str | None = None
-    # math: split name when train_path is a hub dataset
+    # math/gsm8k: MATH-500 (evaluation, split test): a hub dataset id, or a local .jsonl/.parquet file or a
+    # directory holding test.jsonl; conf/task/*.yaml default to $DASH_EXP_DATA/math500 when that exists
+    math500: str = "HuggingFaceH4/MATH-500"
+    # math/gsm8k: GSM8K (splits train, test): a hub dataset id, or a local directory holding train.jsonl and
+    # test.jsonl; conf/task/*.yaml default to $DASH_EXP_DATA/gsm8k when that exists
+    gsm8k: str = "openai/gsm8k"
+    # math/gsm8k: the hub config of task.gsm8k (ignored for local files)
+    gsm8k_config: str | None = "main"
+    # math: the MATH train split (fields problem, solution[, answer]): a hub dataset id, or a local .jsonl/.parquet
+    # file or directory; conf/task/math.yaml defaults to $DASH_EXP_DATA/math when that exists
+    train_path: str = "DigitalLearningGmbH/MATH-lighteval"
+    # math: the split of task.train_path to train on
     train_split: str = "train"
+    # math: the hub config of task.train_path (null: the dataset's default; ignored for local files)
+    train_config: str | None = None
     # arith: training problems (fixed split; one pass over it is one epoch)
     n_train: int = 2000
     # arith: held-out test problems
@@ -238,9 +247,18 @@ class Config:
     run_dir: str = "${hydra:runtime.output_dir}"
 
 
+def local_data_source(name: str, hub_id: str) -> str:
+    """`${local_data:NAME,HUB_ID}`: $DASH_EXP_DATA/NAME when that exists (a local copy), else the hub dataset id."""
+    root = os.environ.get("DASH_EXP_DATA")
+    if root and os.path.exists(os.path.join(os.path.expanduser(root), name)):
+        return os.path.abspath(os.path.join(os.path.expanduser(root), name))
+    return hub_id
+
+
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore (conf/config.yaml names it in its defaults)."""
+    """Put the schema into Hydra's ConfigStore (conf/config.yaml names it in its defaults) and the resolvers."""
     ConfigStore.instance().store(name="dash_exp_schema", node=Config)
+    OmegaConf.register_new_resolver("local_data", local_data_source, replace=True)
 
 
 def step_batch(cfg: Config | DictConfig) -> int:

@@ -61,9 +61,13 @@ def build(cfg: Any, need_train: bool = True) -> Components:
         from dash_exp.traces import load_traces
 
         sft_items = load_traces(Path(cfg.algorithm.traces_path))
+    # the data first, so that a missing dataset fails before any model is built or loaded; only chat prompts
+    # need the tokenizer to format them
+    task = None if cfg.task.prompt_format == "chat" else build_task(cfg.task, None, need_train)
     path = resolve_model_path(cfg.model, cfg.task)
     tokenizer = load_tokenizer(path)
-    task = build_task(cfg.task, tokenizer, need_train)
+    if task is None:
+        task = build_task(cfg.task, tokenizer, need_train)
     policy = load_policy(path, cfg.model.dtype)
     ref = build_reference(policy) if cfg.kl.beta > 0 else None
     return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer, path), sft_items)
@@ -188,8 +192,10 @@ def main(cfg: DictConfig) -> None:
             path = record_failure(Path(cfg.run_dir), exc)
             print(f"job failed: {type(exc).__name__}: {exc} (traceback in {path}); the sweep goes on", file=sys.stderr)
             return
-        if isinstance(exc, ConfigError):
-            print(f"config error: {exc}", file=sys.stderr)
+        from dash_exp.tasks.math import DataError
+
+        if isinstance(exc, ConfigError | DataError):  # bad input: one line, no traceback
+            print(f"{'data' if isinstance(exc, DataError) else 'config'} error: {exc}", file=sys.stderr)
             sys.exit(2)
         record_failure(Path(cfg.run_dir), exc)
         from dash_exp.trainer import NonFiniteError

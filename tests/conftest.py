@@ -13,6 +13,15 @@ TEST_OVERRIDES = [
     "train_microbatch=4", "max_new_tokens=40", "logger=none", "threads=1", "eval_every=0",
 ]
 REPO = Path(__file__).resolve().parent.parent
+# the MATH-500 / GSM8K copy the data tests read: $DASH_EXP_DATA when set, else the full files on the project's own
+# machines (../shared/data) where they exist, else the 40-row fixtures in tests/data (so a fresh clone runs them all)
+_SHARED_DATA = REPO.parent / "shared" / "data"
+_FULL = all((_SHARED_DATA / f).is_file() for f in ("math500/test.jsonl", "gsm8k/train.jsonl", "gsm8k/test.jsonl"))
+os.environ.setdefault("DASH_EXP_DATA", str(_SHARED_DATA if _FULL else REPO / "tests" / "data"))
+DATA_DIR = Path(os.environ["DASH_EXP_DATA"]).expanduser().resolve()
+# the suite never reaches the network: hub datasets and models come from the local cache or fail at once
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

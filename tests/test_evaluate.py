@@ -15,19 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TEST_OVERRIDES
-from omegaconf import OmegaConf
 
 from dash_exp.checkpoint import latest_checkpoint, load_policy_weights
-from dash_exp.config import TaskConfig
 from dash_exp.evaluate import main as evaluate_main
 from dash_exp.evaluate import pass_at_k
 from dash_exp.run import train
-from dash_exp.tasks.math import data_path
 
-_DATA_CFG = OmegaConf.structured(TaskConfig(name="math"))  # task.data_dir resolved as the composed config does
-DATA_FILES = [data_path(_DATA_CFG, f) for f in ("math500/test.jsonl", "gsm8k/test.jsonl")]
-needs_data = pytest.mark.skipif(not all(p.is_file() for p in DATA_FILES),
-                                reason=f"shared data not found: {', '.join(map(str, DATA_FILES))}")
 FRACTIONS = ("accuracy", "sampled_accuracy", "truncated_frac", "sampled_truncated_frac", "unparsed_frac",
              "sampled_unparsed_frac")
 # the test sizes of conftest, without the run dir (evaluate puts its own next to `out`)
@@ -85,7 +78,6 @@ def check_metrics(metrics: dict[str, float], name: str, n: int, max_new_tokens: 
     assert not any(key.startswith(f"eval/{name}/pass@{2 * n}") for key in metrics)
 
 
-@needs_data
 @pytest.mark.slow
 def test_evaluate_cli_on_math500_and_gsm8k(tmp_path, cli_env):
     out = tmp_path / "eval.json"

@@ -1,22 +1,26 @@
-"""MATH-500 / GSM8K data on the real files: reference answers grade as correct, loaders report file:line,
-the MATH train split is de-duplicated against MATH-500, prompt formats. Real math-verify grading, no mocks.
+"""MATH-500 / GSM8K data on real files: reference answers grade as correct, loaders report file:line, the hub is the
+default source and a local copy overrides it, the offline error, the MATH train split is de-duplicated against
+MATH-500, prompt formats. Real math-verify grading, no mocks.
 
-The shared data (../shared/data, or $DASH_EXP_DATA) is read-only and never copied; tests that need it skip
-when it is absent.
+The files are $DASH_EXP_DATA's (conftest: the full ../shared/data where it exists, else the 40-row fixtures in
+tests/data); the full-set counts (500/500, 1319/1319) are checked whenever the full files are there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import DATA_DIR, REPO
 
-from dash_exp.config import TaskConfig
+from dash_exp.config import TaskConfig, compose_config
 from dash_exp.reward import Grader, extract_boxed
 from dash_exp.tasks.base import build_task
 from dash_exp.tasks.math import (
@@ -25,7 +29,6 @@ from dash_exp.tasks.math import (
     MATH_FIELDS,
     DataError,
     PromptFormatter,
-    data_path,
     gsm8k_final,
     gsm8k_problem,
     load_rows,
@@ -33,16 +36,20 @@ from dash_exp.tasks.math import (
     read_jsonl,
 )
 
-# resolve task.data_dir exactly as the composed config does (the ${oc.env:DASH_EXP_DATA,...} default)
-_DEFAULT = OmegaConf.structured(TaskConfig(name="math"))
-MATH500 = data_path(_DEFAULT, "math500/test.jsonl")
-GSM8K_TRAIN = data_path(_DEFAULT, "gsm8k/train.jsonl")
-GSM8K_TEST = data_path(_DEFAULT, "gsm8k/test.jsonl")
-DATA_DIR = str(MATH500.parents[1].resolve())
-needs_data = pytest.mark.skipif(
-    not all(p.is_file() for p in (MATH500, GSM8K_TRAIN, GSM8K_TEST)),
-    reason=f"shared data not found under {MATH500.parents[1]} (math500/test.jsonl, gsm8k/{{train,test}}.jsonl)",
-)
+MATH500 = DATA_DIR / "math500" / "test.jsonl"
+GSM8K_TRAIN = DATA_DIR / "gsm8k" / "train.jsonl"
+GSM8K_TEST = DATA_DIR / "gsm8k" / "test.jsonl"
+# the sizes of the full splits; the fixtures are smaller
+FULL_SIZES = {MATH500: 500, GSM8K_TRAIN: 7473, GSM8K_TEST: 1319}
+
+
+def n_rows(path: Path) -> int:
+    return sum(1 for line in path.open(encoding="utf-8") if line.strip())
+
+
+def local_sources(**kw: Any) -> dict[str, Any]:
+    """TaskConfig fields that read the local copy (a plain TaskConfig() names the hub datasets)."""
+    return {"math500": str(DATA_DIR / "math500"), "gsm8k": str(DATA_DIR / "gsm8k"), **kw}
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +60,25 @@ def grader() -> Iterator[Grader]:
 
 @pytest.fixture(scope="module")
 def math500_rows() -> list[dict[str, Any]]:
-    if not MATH500.is_file():
-        pytest.skip(f"{MATH500} not found")
     return read_jsonl(MATH500, MATH_FIELDS)
 
 
 @pytest.fixture(scope="module")
 def gsm8k_test_rows() -> list[dict[str, Any]]:
-    if not GSM8K_TEST.is_file():
-        pytest.skip(f"{GSM8K_TEST} not found")
     return read_jsonl(GSM8K_TEST, GSM8K_FIELDS)
 
 
 # ------------------------------------------------------------------ the references grade as correct
-@needs_data
 def test_math500_solutions_grade_against_their_own_answers(grader, math500_rows):
     result = grader.grade([r["solution"] for r in math500_rows], [r["answer"] for r in math500_rows])
     correct = sum(result.rewards)
     # measured: 500/500 (each solution's last \boxed{} is the `answer` field verbatim, up to surrounding spaces)
-    print(f"MATH-500 self-grading: {correct:.0f}/{len(math500_rows)}")
-    assert len(math500_rows) == 500
+    print(f"MATH-500 self-grading ({MATH500}): {correct:.0f}/{len(math500_rows)}")
+    assert len(math500_rows) == n_rows(MATH500) and len(math500_rows) in (40, 500)
     assert correct >= 0.99 * len(math500_rows)
     assert result.unparsed == 0 and result.timeouts == 0
 
 
-@needs_data
 def test_math500_answers_are_the_last_box_of_the_solution(math500_rows):
     # math_problem falls back to the last \boxed{} when a row has no `answer` (e.g. the MATH train split)
     same = sum(extract_boxed(r["solution"]).strip() == r["answer"].strip() for r in math500_rows)
@@ -86,7 +87,6 @@ def test_math500_answers_are_the_last_box_of_the_solution(math500_rows):
     assert math_problem({"problem": row["problem"], "solution": row["solution"]})[1] == extract_boxed(row["solution"])
 
 
-@needs_data
 def test_gsm8k_references_grade_as_correct(grader, gsm8k_test_rows):
     finals = [gsm8k_final(r["answer"]) for r in gsm8k_test_rows]
     assert all(re.fullmatch(r"-?\d+(\.\d+)?", f) for f in finals), [f for f in finals if not f.isdigit()][:5]
@@ -218,15 +218,17 @@ def test_a_response_without_a_box_gets_zero_and_counts_as_unparsed(grader):
 
 
 # ------------------------------------------------------------------ loaders
-@needs_data
-def test_read_jsonl_reads_every_line_of_the_shared_files():
-    assert len(read_jsonl(MATH500, MATH_FIELDS)) == 500
-    assert len(read_jsonl(GSM8K_TRAIN, GSM8K_FIELDS)) == 7473
-    assert len(read_jsonl(GSM8K_TEST, GSM8K_FIELDS)) == 1319
-    for path in (MATH500, GSM8K_TRAIN, GSM8K_TEST):
-        assert sum(1 for line in path.open(encoding="utf-8") if line.strip()) in (500, 7473, 1319)
+def test_read_jsonl_reads_every_line_of_the_local_files():
+    full = n_rows(MATH500) == FULL_SIZES[MATH500]
+    for path, fields in ((MATH500, MATH_FIELDS), (GSM8K_TRAIN, GSM8K_FIELDS), (GSM8K_TEST, GSM8K_FIELDS)):
+        # the full copy has every row of the full split; the fixtures have 40 of each
+        assert len(read_jsonl(path, fields)) == n_rows(path) == (FULL_SIZES[path] if full else 40), path
     rows = load_rows(str(MATH500), MATH_FIELDS)  # .jsonl through load_rows
-    assert len(rows) == 500 and set(rows[0]) >= {"problem", "solution", "answer", "subject", "level", "unique_id"}
+    assert len(rows) == n_rows(MATH500)
+    assert set(rows[0]) >= {"problem", "solution", "answer", "subject", "level", "unique_id"}
+    # a directory holding <split>.jsonl reads that file
+    assert load_rows(str(MATH500.parent), MATH_FIELDS, "test") == rows
+    assert load_rows(str(GSM8K_TRAIN.parent), GSM8K_FIELDS, "train") == read_jsonl(GSM8K_TRAIN, GSM8K_FIELDS)
 
 
 GOOD = json.dumps({"problem": "p", "solution": "s"})
@@ -267,7 +269,6 @@ def test_empty_and_missing_files_raise(tmp_path, content):
         load_rows(str(tmp_path / "nope.parquet"), MATH_FIELDS)
 
 
-@needs_data
 def test_load_rows_from_a_local_parquet(tmp_path, math500_rows):
     import pandas as pd
 
@@ -284,7 +285,6 @@ def test_load_rows_from_a_local_parquet(tmp_path, math500_rows):
         load_rows(str(bad), MATH_FIELDS)
 
 
-@needs_data
 def test_load_rows_from_a_local_dataset_dir_through_datasets(tmp_path, monkeypatch, math500_rows):
     import datasets
 
@@ -325,7 +325,8 @@ def fake_train_rows(math500_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def math_cfg(train_path: Any = None, **kw: Any) -> TaskConfig:
-    return TaskConfig(name="math", data_dir=DATA_DIR, train_path=None if train_path is None else str(train_path), **kw)
+    extra = {} if train_path is None else {"train_path": str(train_path)}
+    return TaskConfig(name="math", **local_sources(**extra, **kw))
 
 
 @pytest.fixture
@@ -338,7 +339,6 @@ def train_files(tmp_path, math500_rows) -> dict[str, Path]:
     return {"jsonl": tmp_path / "train.jsonl", "parquet": tmp_path / "train.parquet"}
 
 
-@needs_data
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_math_task_drops_math500_duplicates_and_evaluates_on_math500_and_gsm8k(train_files, math500_rows,
                                                                                    gsm8k_test_rows, kind):
@@ -349,19 +349,18 @@ def test_math_task_drops_math500_duplicates_and_evaluates_on_math500_and_gsm8k(t
         assert [p.answer for p in task.train] == ["2", "6", "\\frac{1}{2}", "9"]  # from the last \boxed{}
         assert [p.solution for p in task.train] == [r["solution"] for r in kept]
         assert list(task.evals) == ["math500", "gsm8k"] and task.test is task.evals["math500"]
-        assert len(task.evals["math500"]) == 500 and len(task.evals["gsm8k"]) == 1319
+        assert len(task.evals["math500"]) == n_rows(MATH500) and len(task.evals["gsm8k"]) == n_rows(GSM8K_TEST)
         assert [p.prompt for p in task.evals["math500"]] == [r["problem"] for r in math500_rows]
         assert [p.answer for p in task.evals["math500"]] == [r["answer"] for r in math500_rows]
         assert [p.prompt for p in task.evals["gsm8k"]] == [r["question"] for r in gsm8k_test_rows]
         assert [p.answer for p in task.evals["gsm8k"]] == [gsm8k_final(r["answer"]) for r in gsm8k_test_rows]
         # the task's own scoring: every reference solution is right
-        graded = task.score([p.solution for p in task.evals["math500"][:50]], task.evals["math500"][:50])
-        assert graded.rewards == [1.0] * 50
+        graded = task.score([p.solution for p in task.evals["math500"][:30]], task.evals["math500"][:30])
+        assert graded.rewards == [1.0] * 30
     finally:
         task.close()
 
 
-@needs_data
 def test_math_prompt_formats(train_files, math500_rows):
     question = math500_rows[0]["problem"]
     task = build_task(math_cfg(train_files["jsonl"], prompt_format="instruct"))
@@ -390,19 +389,20 @@ def test_math_prompt_formats(train_files, math500_rows):
         PromptFormatter("nope")
 
 
-@needs_data
-def test_math_without_train_path(math500_rows):
-    with pytest.raises(DataError, match="task.train_path"):
+def test_math_evaluation_only_never_loads_the_train_split(math500_rows):
+    # the default train_path is a hub id: offline and not cached, training fails with the one-line error ...
+    with pytest.raises(DataError, match=re.escape("task.train_path=DigitalLearningGmbH/MATH-lighteval: split 'train'")):
         build_task(math_cfg())
+    # ... and evaluating never asks for it
     task = build_task(math_cfg(), need_train=False)
     try:
         assert task.train == []
-        assert {k: len(v) for k, v in task.evals.items()} == {"math500": 500, "gsm8k": 1319}
+        assert {k: len(v) for k, v in task.evals.items()} == {"math500": n_rows(MATH500),
+                                                              "gsm8k": n_rows(GSM8K_TEST)}
     finally:
         task.close()
 
 
-@needs_data
 def test_math_train_path_from_a_dataset_dir(tmp_path, monkeypatch, math500_rows):
     import datasets
 
@@ -416,21 +416,20 @@ def test_math_train_path_from_a_dataset_dir(tmp_path, monkeypatch, math500_rows)
         task.close()
 
 
-@needs_data
 def test_gsm8k_task_trains_on_gsm8k_train(gsm8k_test_rows):
     train_rows = read_jsonl(GSM8K_TRAIN, GSM8K_FIELDS)
-    task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR))
+    task = build_task(TaskConfig(name="gsm8k", **local_sources()))
     try:
-        assert len(task.train) == 7473 and task.train[0].prompt == train_rows[0]["question"]
+        assert len(task.train) == n_rows(GSM8K_TRAIN) and task.train[0].prompt == train_rows[0]["question"]
         assert task.train[0].answer == gsm8k_final(train_rows[0]["answer"])
         assert list(task.evals) == ["gsm8k", "math500"] and task.test is task.evals["gsm8k"]
-        assert len(task.evals["gsm8k"]) == 1319 and len(task.evals["math500"]) == 500
+        assert len(task.evals["gsm8k"]) == n_rows(GSM8K_TEST) and len(task.evals["math500"]) == n_rows(MATH500)
     finally:
         task.close()
 
-    task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR, prompt_format="few_shot", few_shot=4))
+    task = build_task(TaskConfig(name="gsm8k", **local_sources(prompt_format="few_shot", few_shot=4)))
     try:
-        assert len(task.train) == 7473 - 4
+        assert len(task.train) == n_rows(GSM8K_TRAIN) - 4
         prefix = "".join(f"Problem: {q}\nSolution: {s}\n\n" for q, _, s in map(gsm8k_problem, train_rows[:4]))
         assert task.train[0].prompt == f"{prefix}Problem: {train_rows[4]['question']}\nSolution:"
         assert task.evals["gsm8k"][0].prompt == f"{prefix}Problem: {gsm8k_test_rows[0]['question']}\nSolution:"
@@ -438,8 +437,93 @@ def test_gsm8k_task_trains_on_gsm8k_train(gsm8k_test_rows):
         task.close()
 
 
-@needs_data
 def test_few_shot_eval_without_training_rows():
-    task = build_task(TaskConfig(name="gsm8k", data_dir=DATA_DIR, prompt_format="few_shot"), need_train=False)
+    task = build_task(TaskConfig(name="gsm8k", **local_sources(prompt_format="few_shot")), need_train=False)
     task.close()
     assert task.evals["gsm8k"][0].prompt.startswith("Problem: ")
+
+
+# ------------------------------------------------------------------ sources: the hub by default, local copies override
+HUB = {"math500": "HuggingFaceH4/MATH-500", "gsm8k": "openai/gsm8k", "train_path": "DigitalLearningGmbH/MATH-lighteval"}
+
+
+def test_the_hub_datasets_are_the_default_sources(monkeypatch):
+    monkeypatch.delenv("DASH_EXP_DATA")
+    cfg = compose_config(["task=math"])
+    assert {key: cfg.task[key] for key in HUB} == HUB and cfg.task.gsm8k_config == "main"
+    assert {key: getattr(TaskConfig(name="math"), key) for key in HUB} == HUB  # the schema's defaults too
+    assert compose_config(["task=gsm8k"]).task.gsm8k == HUB["gsm8k"]
+
+
+def test_dash_exp_data_points_each_source_that_it_holds_at_the_local_copy(monkeypatch, tmp_path):
+    (tmp_path / "math500").mkdir()
+    monkeypatch.setenv("DASH_EXP_DATA", str(tmp_path))
+    task = compose_config(["task=math"]).task
+    # math500/ is there, gsm8k/ and math/ are not: those stay on the hub
+    assert (task.math500, task.gsm8k, task.train_path) == (str(tmp_path / "math500"), HUB["gsm8k"], HUB["train_path"])
+    # an explicit source wins over both
+    task = compose_config(["task=math", f"task.math500={MATH500}"]).task
+    assert task.math500 == str(MATH500)
+
+
+@pytest.fixture
+def load_dataset_calls(monkeypatch) -> list[tuple[Any, ...]]:
+    """Every `datasets.load_dataset` call (the real one still runs: offline here, from the cache or not at all)."""
+    import datasets
+
+    calls: list[tuple[Any, ...]] = []
+    real = datasets.load_dataset
+
+    def recording(path: str, name: str | None = None, **kw: Any) -> Any:
+        calls.append((path, name, kw.get("split")))
+        return real(path, name, **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    return calls
+
+
+def test_the_datasets_call_receives_the_hub_id_config_and_split(monkeypatch, load_dataset_calls):
+    monkeypatch.delenv("DASH_EXP_DATA")
+    cfg = compose_config(["task=gsm8k", "task.prompt_format=raw"])
+    try:
+        task = build_task(cfg.task, need_train=False)
+        task.close()  # a machine with MATH-500 and GSM8K in its datasets cache loads them
+    except DataError as exc:  # offline with an empty cache: the one-line error names the dataset
+        assert "\n" not in str(exc) and str(exc).startswith("task.math500=HuggingFaceH4/MATH-500: split 'test'")
+    assert load_dataset_calls[0] == ("HuggingFaceH4/MATH-500", None, "test")
+    assert load_dataset_calls[1:] in ([], [("openai/gsm8k", "main", "test")])
+
+
+def test_a_local_source_wins_over_the_hub(monkeypatch, load_dataset_calls, math500_rows):
+    monkeypatch.delenv("DASH_EXP_DATA")
+    cfg = compose_config(["task=math", f"task.math500={MATH500}", f"task.gsm8k={GSM8K_TEST.parent}",
+                          f"task.train_path={MATH500.parent}", "task.train_split=test"])
+    task = build_task(cfg.task)
+    task.close()
+    assert load_dataset_calls == []  # never the hub
+    assert [p.prompt for p in task.evals["math500"]] == [r["problem"] for r in math500_rows]
+    assert len(task.evals["gsm8k"]) == n_rows(GSM8K_TEST)
+    assert task.train == []  # trained on MATH-500 itself: every problem is a MATH-500 duplicate, so all dropped
+
+
+def test_a_missing_local_path_names_the_key(tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"task.math500={tmp_path}/nope: no such file or directory")):
+        build_task(TaskConfig(name="math", math500=f"{tmp_path}/nope"), need_train=False)
+
+
+def test_offline_without_a_cache_fails_in_one_line_naming_the_dataset_before_any_model_loads(tmp_path, cli_env):
+    env = {k: v for k, v in cli_env.items() if k != "DASH_EXP_DATA"}
+    # an empty HF cache and an empty model cache: the tiny model would be built first if the data came after it
+    env.update({"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                "DASH_EXP_CACHE": str(tmp_path / "models")})
+    proc = subprocess.run([sys.executable, "-m", "dash_exp.run", "task=math", "logger=none", "threads=1",
+                           f"run_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith("data error: task.math500=HuggingFaceH4/MATH-500: split 'test' is not in the "
+                               "datasets cache and the hub cannot be reached"), lines[0]
+    assert "set task.math500 or $DASH_EXP_DATA to local files" in lines[0]
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())  # no model was built
+    assert os.environ.get("HF_HOME") != str(tmp_path / "hf")  # the suite's own environment is untouched

@@ -1,9 +1,10 @@
 """MATH, MATH-500 and GSM8K: loaders with file:line errors, prompt formats, reference answers.
 
-Splits (as the paper): train on the MATH training split (7,500 problems; a local JSONL/Parquet file or a
-hub dataset, `task.train_path`), with every problem that also appears in MATH-500 removed (matched on the
-problem text); evaluate on MATH-500 (in distribution) and the GSM8K test split (out of distribution).
-`task=gsm8k` trains on the GSM8K train split and evaluates on its test split.
+Splits (as the paper): train on the MATH training split (7,500 problems), with every problem that also appears in
+MATH-500 removed (matched on the problem text); evaluate on MATH-500 (in distribution) and the GSM8K test split
+(out of distribution). `task=gsm8k` trains on the GSM8K train split and evaluates on its test split.
+Each source (`task.math500`, `task.gsm8k`, `task.train_path`) is a hub dataset id by default, loaded through
+`datasets` and its cache, or a local file / directory that overrides it (see `local_data_source`).
 """
 
 from __future__ import annotations
@@ -55,30 +56,60 @@ def _check_row(row: Any, fields: tuple[str, ...], where: str) -> None:
             raise DataError(f"{where}: field {name!r} must be a string (got {got})")
 
 
-def load_rows(source: str, fields: tuple[str, ...], split: str = "train") -> list[dict[str, Any]]:
-    """Rows from a local .jsonl / .parquet file, or from a hub dataset id (or local dataset dir) via `datasets`."""
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return pd.read_parquet(path).to_dict("records")
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path (hub ids are `owner/name`: never absolute, never ~, ./ or ../)."""
+    return source.startswith(("/", "~", "./", "../")) or Path(source).suffix in (".jsonl", ".parquet")
+
+
+def load_rows(source: str, fields: tuple[str, ...], split: str = "train", key: str = "task",
+              hub_config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of one split, from a local file, a local directory or a hub dataset id (via `datasets`).
+
+    A .jsonl / .parquet file is read as is; a directory holding `<split>.jsonl` (or .parquet) reads that file;
+    any other directory or hub id goes through `datasets.load_dataset` (its usual cache). `key` names the config
+    field in errors, which are one line and say what was expected.
+    """
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
         return read_jsonl(path, fields)
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        records = pd.read_parquet(path).to_dict("records")
+    if path.is_dir() and (path / f"{split}.jsonl").is_file():
+        return read_jsonl(path / f"{split}.jsonl", fields)
+    if path.suffix == ".parquet" or (path.is_dir() and (path / f"{split}.parquet").is_file()):
+        file = path if path.suffix == ".parquet" else path / f"{split}.parquet"
+        where, records = str(file), _read_parquet(file)
+    elif _looks_like_path(source) and not path.exists():
+        raise DataError(f"{key}={source}: no such file or directory (expected a .jsonl/.parquet file, a directory "
+                        f"with {split}.jsonl, or a hub dataset id such as owner/name)")
     else:
-        import datasets
-
-        try:
-            records = list(datasets.load_dataset(source, split=split))
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            raise DataError(f"{source}: cannot load split {split!r} as a dataset ({reason})") from exc
+        where, records = source, _load_dataset(source, split, key, hub_config)
     for i, row in enumerate(records):
-        _check_row(row, fields, f"{source}: row {i}")
+        _check_row(row, fields, f"{where}: row {i}")
     if not records:
-        raise DataError(f"{source}: no rows")
+        raise DataError(f"{where}: no rows")
     return records
+
+
+def _load_dataset(source: str, split: str, key: str, hub_config: str | None) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(source, hub_config, split=split))
+    except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE=1) or unreachable, and not in the cache
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{key}={source}: split {split!r} is not in the datasets cache and the hub cannot be reached "
+                        f"({reason}); download it once where there is network (README: Data), or set {key} or "
+                        f"$DASH_EXP_DATA to local files") from exc
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DataError(f"{key}={source}: cannot load split {split!r} as a dataset ({reason})") from exc
 
 
 def gsm8k_final(answer: str) -> str:
@@ -136,34 +167,21 @@ def to_problems(rows: list[dict[str, Any]], parse: Callable[[dict[str, Any]], tu
     return out
 
 
-def data_path(cfg: Any, relative: str) -> Path:
-    """A file under task.data_dir (relative data_dir: relative to the repository root)."""
-    data_dir = cfg.data_dir
-    if "${" in data_dir:  # a plain TaskConfig() carries the unresolved default
-        from omegaconf import OmegaConf
-
-        data_dir = OmegaConf.create({"d": data_dir}).d
-    root = Path(data_dir).expanduser()
-    if not root.is_absolute():
-        root = Path(__file__).resolve().parents[2] / root
-    return root / relative
-
-
 MATH_FIELDS = ("problem", "solution")
 GSM8K_FIELDS = ("question", "answer")
 
 
 def make_math_task(cfg: Any, tokenizer: Any, need_train: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
-    """(train, eval sets) of task=math or task=gsm8k."""
-    math500_rows = read_jsonl(data_path(cfg, "math500/test.jsonl"), MATH_FIELDS)
-    gsm8k_test_rows = read_jsonl(data_path(cfg, "gsm8k/test.jsonl"), GSM8K_FIELDS)
+    """(train, eval sets) of task=math or task=gsm8k, each split from its source (hub id or local path)."""
+    math500_rows = load_rows(cfg.math500, MATH_FIELDS, "test", "task.math500")
+    gsm8k_test_rows = load_rows(cfg.gsm8k, GSM8K_FIELDS, "test", "task.gsm8k", cfg.gsm8k_config)
     # few-shot prompts take their exemplars from the training split, even when only evaluating
     load_train = need_train or cfg.prompt_format == "few_shot"
     if cfg.name == "math":
         train_rows = _math_train_rows(cfg, {r["problem"].strip() for r in math500_rows}) if load_train else []
         parse = math_problem
     else:
-        train_rows = read_jsonl(data_path(cfg, "gsm8k/train.jsonl"), GSM8K_FIELDS) if load_train else []
+        train_rows = load_rows(cfg.gsm8k, GSM8K_FIELDS, "train", "task.gsm8k", cfg.gsm8k_config) if load_train else []
         parse = gsm8k_problem
     exemplars = [(q, s) for q, _, s in (parse(r) for r in train_rows[: cfg.few_shot])]
     if cfg.prompt_format == "few_shot" and len(exemplars) < cfg.few_shot:
@@ -177,8 +195,5 @@ def make_math_task(cfg: Any, tokenizer: Any, need_train: bool) -> tuple[list[Pro
 
 
 def _math_train_rows(cfg: Any, math500: set[str]) -> list[dict[str, Any]]:
-    if not cfg.train_path:
-        raise DataError("task.train_path: required to train on MATH (a local .jsonl/.parquet of the MATH train "
-                        "split, or a hub dataset id such as DigitalLearningGmbH/MATH-lighteval)")
-    rows = load_rows(cfg.train_path, MATH_FIELDS, cfg.train_split)
+    rows = load_rows(cfg.train_path, MATH_FIELDS, cfg.train_split, "task.train_path", cfg.train_config)
     return [r for r in rows if r["problem"].strip() not in math500]
