@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from dash_exp.logprobs import token_logprobs
+
+# model.dtype -> the compute dtype (weights stay fp32)
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -32,39 +38,43 @@ def microbatches(samples: Sequence[TrainSample], size: int) -> list[list[TrainSa
     return [ordered[i: i + size] for i in range(0, len(ordered), size)]
 
 
+def compute_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Forward and backward in the compute dtype (`model.dtype`) over fp32 master weights; off for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def response_logprobs(
-    model: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, temperature: float = 1.0
+    model: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, temperature: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32, chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token | prefix) for each sample, left-aligned: ([B, R], mask [B, R]).
 
-    Runs the decoder on right-padded prompt+response and applies the LM head only at response
-    positions (saves the [B, L, V] logits of prompt tokens). Logits are divided by `temperature`.
+    Runs the decoder on right-padded prompt+response under `compute_autocast` and applies the LM head only
+    at the response tokens, `chunk` tokens at a time (`logprobs.token_logprobs`: O(chunk x vocab) memory in
+    forward and backward). Logits are divided by `temperature`. Indices are built on the host: no device sync.
     """
     device = next(model.parameters()).device
-    lengths = [s.length for s in samples]
-    width = max(lengths)
+    width = max(s.length for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(samples), width), dtype=torch.long)
     for i, s in enumerate(samples):
         input_ids[i, : s.length] = torch.tensor(s.prompt_ids + s.response_ids)
         attention[i, : s.length] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    resp_len = torch.tensor([len(s.response_ids) for s in samples], device=device)
-    start = torch.tensor([len(s.prompt_ids) for s in samples], device=device)
-    r = int(resp_len.max())
-    offsets = torch.arange(r, device=device)
-    mask = offsets[None, :] < resp_len[:, None]
-    # position p predicts token p + 1: the response token j is predicted at start + j - 1
-    pred_pos = (start[:, None] - 1 + offsets[None, :]).clamp(max=width - 2)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-    hidden = hidden.gather(1, pred_pos[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = model.get_output_embeddings()(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids.gather(1, pred_pos + 1)
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    return logp * mask, mask.to(logp.dtype)
+    resp_len = torch.tensor([len(s.response_ids) for s in samples])
+    mask = torch.arange(int(resp_len.max()))[None, :] < resp_len[:, None]
+    # position p predicts token p + 1: response token j of sample i is predicted at len(prompt_i) + j - 1
+    row = torch.repeat_interleave(torch.arange(len(samples)), resp_len)
+    col = torch.cat([torch.arange(len(s.response_ids)) for s in samples])
+    pred_pos = col + torch.repeat_interleave(torch.tensor([len(s.prompt_ids) - 1 for s in samples]), resp_len)
+    targets = input_ids[row, pred_pos + 1]
+    row, col, pred_pos, targets = (t.to(device) for t in (row, col, pred_pos, targets))
+    with compute_autocast(device, compute_dtype):
+        hidden = model.get_decoder()(input_ids=input_ids.to(device),
+                                     attention_mask=attention.to(device)).last_hidden_state
+        logp = token_logprobs(hidden[row, pred_pos], model.get_output_embeddings(), targets, temperature, chunk)
+    out = logp.new_zeros(mask.shape)
+    out[row, col] = logp
+    return out, mask.to(device=device, dtype=logp.dtype)
 
 
 def pad_right(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:

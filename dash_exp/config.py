@@ -19,8 +19,10 @@ SFT_SOURCES = ("reference", "traces")
 ROLLOUTS = ("auto", "hf", "vllm")
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("online", "offline", "disabled")
-MODEL_SOURCES = ("tiny", "hub")
-DTYPES = ("float32", "bfloat16", "float16")
+MODEL_SOURCES = ("tiny", "hub", "random")
+# architectures of model.source=random (dash_exp.random_model.QWEN2_5_ARCH)
+ARCHS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-test")
+DTYPES = ("float32", "bfloat16")
 RESUME = ("auto", "never")
 TUNE = ("off", "auto")
 
@@ -93,13 +95,23 @@ class TinyModelConfig:
 class ModelConfig:
     # short name used in run names and W&B groups
     name: str = MISSING
-    # tiny: build (or reuse from cache) the embedded tiny model; hub: load path_or_id with transformers
+    # tiny: build (or reuse from cache) the embedded tiny model; hub: load path_or_id with transformers;
+    # random: a randomly initialised proxy of architecture `arch` (real shapes and vocab, no download)
     source: str = "tiny"
     # hub model id or local directory (source=hub)
     path_or_id: str | None = None
-    # parameter dtype: float32 | bfloat16 | float16
+    # architecture of the proxy (source=random): qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-3b | qwen2.5-test
+    arch: str | None = None
+    # compute dtype: float32 | bfloat16. Weights and optimizer state are always fp32 (the trainable masters);
+    # bfloat16 runs forward/backward under torch.autocast, stores the reference model in bf16 and hands the
+    # sampler bf16 weights
     dtype: str = "float32"
-    # cache directory for built tiny models (keyed by a hash of their config)
+    # recompute each decoder layer's activations in backward (less memory, ~30% more backward compute)
+    gradient_checkpointing: bool = False
+    # tokens per chunk of LM head + log-softmax (memory O(chunk x vocab) in forward and backward); null = auto
+    # (~256 MiB of fp32 logits per chunk: ~441 tokens at Qwen's 151,936 vocab, unchunked for the tiny model)
+    logprob_chunk: int | None = None
+    # cache directory for built tiny and proxy models (keyed by a hash of their config)
     cache_dir: str = "${oc.env:DASH_EXP_CACHE,${oc.env:HOME}/.cache/dash_exp}"
     # tiny model architecture and warm-up (source=tiny)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -317,6 +329,9 @@ def validate(cfg: Config | DictConfig) -> None:
         _positive(key, _get(cfg, key), allow_zero=True)
     _positive("filter_threshold", cfg.filter_threshold, allow_none=True, allow_zero=True)
     _positive("task.eval_size", cfg.task.eval_size, allow_none=True)
+    _positive("model.logprob_chunk", cfg.model.logprob_chunk, allow_none=True)
+    if cfg.model.source == "random":
+        _one_of("model.arch", cfg.model.arch, ARCHS)
     _positive("task.few_shot", cfg.task.few_shot, allow_zero=True)
     _positive("epochs", cfg.epochs, allow_none=True)
     _positive("time_budget_s", cfg.time_budget_s, allow_none=True)

@@ -7,56 +7,37 @@ the locally built tiny model.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import string
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
-from dash_exp.batching import TrainSample
+from dash_exp.batching import COMPUTE_DTYPES, TrainSample
+from dash_exp.char_tokenizer import build_char_tokenizer
 
-PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-# printable ASCII plus newline and tab; anything else maps to <unk>
-CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]
 # bump when the tiny model's recipe changes in a way its config hash does not capture
 TINY_RECIPE_VERSION = 2
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: one id per character, specials <pad>=0, <eos>=1, <unk>=2."""
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *CHARSET])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left",
-        model_max_length=4096,
-    )
-
-
-def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerFast:
+def load_tokenizer(path_or_id: str) -> Any:
     """Tokenizer of a model directory or hub id, left-padded for generation, with a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, padding_side="left")
     if tokenizer.pad_token_id is None:
@@ -64,18 +45,25 @@ def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_policy(path_or_id: str, dtype: str = "float32", device: torch.device | None = None) -> torch.nn.Module:
-    """Causal LM from a directory or hub id, in `dtype`, on `device`, in train mode."""
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=DTYPES[dtype])
+def load_policy(path_or_id: str, device: torch.device | None = None,
+                gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Causal LM from a directory or hub id on `device`, in train mode, with fp32 weights whatever the checkpoint's
+    dtype: they are the trainable master weights (AdamW's steps of ~lr round away in bf16). `model.dtype` is the
+    compute dtype, applied by autocast (`batching.compute_autocast`)."""
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
     model.to(device or default_device())
     model.config.use_cache = False
+    if gradient_checkpointing:  # recompute each decoder layer's activations in backward (train mode only)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
 
-def build_reference(policy: torch.nn.Module) -> torch.nn.Module:
-    """Frozen copy of the starting policy for the KL penalty (built only when beta > 0)."""
-    ref = copy.deepcopy(policy).eval()
+def build_reference(path_or_id: str, dtype: str, device: torch.device | None = None) -> torch.nn.Module:
+    """Frozen starting policy for the KL penalty (built only when beta > 0), stored in the compute dtype: it is
+    never trained, so it needs no fp32 masters."""
+    ref = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=COMPUTE_DTYPES[dtype])
+    ref.to(device or default_device()).eval()
     ref.requires_grad_(False)
     return ref
 
@@ -113,6 +101,10 @@ def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
     """Directory or hub id to load; builds the tiny base model once (cached by config hash)."""
     if model_cfg.source == "hub":
         return str(model_cfg.path_or_id)
+    if model_cfg.source == "random":  # a Qwen-shaped proxy: random weights, saved like a hub bf16 checkpoint
+        from dash_exp.random_model import QWEN2_5_ARCH, resolve_random_model
+
+        return resolve_random_model(QWEN2_5_ARCH[model_cfg.arch], model_cfg.cache_dir, "bfloat16")
     from dash_exp.config import TaskConfig
 
     arith = task_cfg if task_cfg.name == "arith" else TaskConfig(name="arith")

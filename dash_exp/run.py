@@ -68,8 +68,8 @@ def build(cfg: Any, need_train: bool = True) -> Components:
     tokenizer = load_tokenizer(path)
     if task is None:
         task = build_task(cfg.task, tokenizer, need_train)
-    policy = load_policy(path, cfg.model.dtype)
-    ref = build_reference(policy) if cfg.kl.beta > 0 else None
+    policy = load_policy(path, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    ref = build_reference(path, cfg.model.dtype) if cfg.kl.beta > 0 else None
     return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer, path), sft_items)
 
 

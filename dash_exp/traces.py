@@ -42,7 +42,7 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
     task = build_task(cfg.task)
     path = resolve_model_path(cfg.model, cfg.task)
     tokenizer = load_tokenizer(path)
-    sampler = build_sampler(cfg, load_policy(path, cfg.model.dtype), tokenizer, path)
+    sampler = build_sampler(cfg, load_policy(path), tokenizer, path)
     tokens = TokenCache(tokenizer)
     problems = task.train[:max_prompts] if max_prompts else task.train
     params = SamplingParams.from_config(cfg, samples)

@@ -9,7 +9,7 @@ import os
 import resource
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,31 @@ def peak_memory_mb() -> dict[str, float]:
     if torch.cuda.is_available():
         out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def peak_allocated_bytes(fn: Callable[[], Any], device: Any) -> int:
+    """Peak bytes of tensors allocated while fn() runs, above what was allocated before: the CUDA allocator's
+    statistics, or on CPU the profiler's allocation and free events summed in time order (the process's RSS
+    hides the allocator's reuse of freed memory)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _status_kb(field: str, path: Path = _STATUS) -> int:

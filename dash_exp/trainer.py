@@ -19,7 +19,7 @@ from tqdm import tqdm
 from dash_exp.algorithms.advantages import gradient_filter, group_advantages
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, UpdateStats, accumulate_gradients, old_logprobs
-from dash_exp.batching import TokenCache, TrainSample
+from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
 from dash_exp.checkpoint import apply_policy_state, load_checkpoint, save_checkpoint
 from dash_exp.config import resolved_inference_batch, step_batch
 from dash_exp.evaluate import evaluate, generate_in_chunks
@@ -44,6 +44,7 @@ def loss_spec(cfg: Any) -> LossSpec:
     return LossSpec(
         kind="sft" if a.name == "sft" else "pg", aggregation=a.aggregation, temperature=cfg.temperature,
         clip_low=a.clip_low, clip_high=a.clip_high, beta=cfg.kl.beta, estimator=cfg.kl.estimator,
+        compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], logprob_chunk=cfg.model.logprob_chunk,
     )
 
 
@@ -209,7 +210,7 @@ class Trainer:
             off_policy = a.ppo_epochs * a.ppo_minibatches > 1
             if off_policy:
                 old_logprobs(self.policy, [s for s, k in zip(samples, keep, strict=True) if k], self.pad_id,
-                             cfg.temperature, cfg.train_microbatch)
+                             self.spec, cfg.train_microbatch)
             total, grad_norms, optimizer_steps = UpdateStats(), [], 0
             indices = list(range(len(samples)))
             size = len(samples) // a.ppo_minibatches

@@ -58,3 +58,30 @@ def test_bench_all_writes_every_result_and_the_table(tmp_path, cli_env):
     assert "Not measured" not in table
     if TRL_PYTHON.exists():
         assert "DASH vs TRL" in table and "GRPO vs TRL" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_flavour(tmp_path, cli_env):
+    # the prepared GPU check's own code at test size (model=qwen2.5-test: Qwen2.5's vocab, tiny depth), so it never
+    # rots between the days a GPU is lent
+    proc = subprocess.run([sys.executable, "-m", "dash_exp.bench", "gpu", "--cpu", "--steps", "2", "--out",
+                           str(tmp_path)], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert (result["flavour"], result["model"], result["source"], result["dtype"]) == (
+        "cpu", "qwen2.5-test", "random", "bfloat16")
+    assert result["timed_steps"] == 1 and result["lr"] == 3e-6
+    for algorithm in ("grpo", "dash"):
+        row = result[algorithm]
+        assert row["time/step"] >= row["time/inference"] + row["time/update"] > 0
+        assert row["throughput/gen_tokens_per_s"] > 0 and row["mem/update_cuda_peak_mb"] is None
+    # synthetic rewards: GRPO keeps everything, DASH's filter drops the uniform groups
+    assert result["grpo"]["filter/kept_frac"] == 1 and result["dash"]["filter/kept_frac"] < 1
+    assert result["ratio"]["time/step"] == pytest.approx(result["dash"]["time/step"] / result["grpo"]["time/step"])
+    # fp32 masters: one step at lr 3e-6 moves (nearly) every weight
+    assert result["weights_changed_by_one_step"] >= 0.99
+    # 4 x 64 response tokens in chunks of 32: the [256, 151,936] logits never exist at once
+    print(f"log-prob fwd+bwd peak: chunked {result['logprob_chunked_peak_mb']:.1f} MiB, unchunked "
+          f"{result['logprob_unchunked_peak_mb']:.1f} MiB")
+    assert result["logprob_chunked_over_unchunked"] < 0.35
+    assert "| weights changed by one step at lr 3e-06 |" in proc.stdout and "GPU check (cpu" in proc.stdout

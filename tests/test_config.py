@@ -38,6 +38,11 @@ def test_presets_follow_the_paper():
     qwen = compose_config(["model=qwen2.5-0.5b", "run_dir=x"])
     assert (qwen.lr, qwen.group_size, qwen.prompts_per_step, qwen.train_microbatch) == (3e-6, 4, 64, 8)
     assert qwen.model.path_or_id == "Qwen/Qwen2.5-0.5B" and qwen.model.dtype == "bfloat16"
+    assert qwen.model.gradient_checkpointing and qwen.model.arch == "qwen2.5-0.5b"
+    for size in ("1.5b", "3b"):
+        assert compose_config([f"model=qwen2.5-{size}", "run_dir=x"]).model.arch == f"qwen2.5-{size}"
+    proxy = compose_config(["model=qwen2.5-test", "run_dir=x"]).model
+    assert (proxy.source, proxy.arch, proxy.dtype) == ("random", "qwen2.5-test", "bfloat16")
 
 
 BAD = [
@@ -58,6 +63,9 @@ BAD = [
     (["model=qwen2.5-0.5b", "model.path_or_id=null"], "model.path_or_id: required when model.source=hub"),
     (["rollout=vllm", "rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5: expected"),
     (["rollout.max_model_len=32"], "rollout.max_model_len=32: expected > max_new_tokens=64"),
+    (["model.dtype=float16"], "model.dtype='float16': expected one of float32, bfloat16"),
+    (["model.logprob_chunk=0"], "model.logprob_chunk=0: expected a number > 0"),
+    (["model.source=random"], "model.arch=None: expected one of qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Gradient accumulation, normalisation before filtering, and forward passes skipped by filtering."""
 
+import copy
 import random
 
 import pytest
@@ -8,7 +9,6 @@ import torch
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
-from dash_exp.models import build_reference
 from dash_exp.run import build
 
 
@@ -26,7 +26,7 @@ def policy_and_samples(make_cfg):
     ]
     # perturb a copy so the reference differs from the policy and the KL term has a gradient
     policy = parts.policy.double()  # float64: compare gradients tightly, free of float32 rounding
-    ref = build_reference(policy)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -70,3 +70,22 @@ def test_filtering_zero_advantage_samples_keeps_the_gradient_and_skips_their_for
     assert all_stats.forward_samples == 7 and kept_stats.forward_samples == len(kept) == 3
     for a, b in zip(everything, filtered, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["pg", "pg+kl", "sft"])
+def test_chunked_log_probs_give_the_unchunked_gradient(policy_and_samples, kind):
+    # model.logprob_chunk: the LM head and log-softmax run a few tokens at a time (recomputed in backward)
+    policy, ref, samples, pad = policy_and_samples
+    norm = normalizer([len(s.response_ids) for s in samples], "token_mean", max_new_tokens=12)
+    results = []
+    for chunk in (None, 5, 1):
+        for s in samples:
+            s.ref_logprobs = None
+        spec = LossSpec(kind=kind.split("+")[0], beta=0.04 if kind.endswith("+kl") else 0.0, temperature=0.9,
+                        logprob_chunk=chunk)
+        results.append(grads(policy, samples, spec, norm, 3, pad, ref))
+    (full, full_stats), *chunked = results
+    for grad, stats in chunked:
+        assert stats.loss == pytest.approx(full_stats.loss, rel=1e-12)
+        for a, b in zip(full, grad, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

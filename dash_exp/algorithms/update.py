@@ -23,6 +23,10 @@ class LossSpec:
     clip_high: float = 0.2
     beta: float = 0.0
     estimator: str = "k3"
+    # forward/backward dtype over the fp32 weights (autocast; float32 = off)
+    compute_dtype: torch.dtype = torch.float32
+    # tokens per LM-head chunk (None: auto)
+    logprob_chunk: int | None = None
 
 
 @dataclass
@@ -54,7 +58,7 @@ def accumulate_gradients(
     """
     stats = UpdateStats()
     for micro in microbatches(samples, microbatch):
-        logp, mask = response_logprobs(policy, micro, pad_id, spec.temperature)
+        logp, mask = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
         stats.forward_samples += len(micro)
         stats.tokens += int(mask.sum())
         if spec.kind == "sft":
@@ -72,7 +76,7 @@ def accumulate_gradients(
         if spec.beta > 0:
             if ref is None:
                 raise ValueError("beta > 0 needs a reference model")
-            ref_lp = reference_logprobs(ref, micro, pad_id, spec.temperature, logp.shape[1])
+            ref_lp = reference_logprobs(ref, micro, pad_id, spec, logp.shape[1])
             kl = kl_estimate(logp, ref_lp, spec.estimator)
             kl_loss = aggregate_sum(kl, mask, spec.aggregation) / norm
             loss = loss + spec.beta * kl_loss
@@ -84,24 +88,24 @@ def accumulate_gradients(
 
 
 def reference_logprobs(
-    ref: torch.nn.Module, micro: Sequence[TrainSample], pad_id: int, temperature: float, width: int
+    ref: torch.nn.Module, micro: Sequence[TrainSample], pad_id: int, spec: LossSpec, width: int
 ) -> torch.Tensor:
     """Reference log-probs of the micro-batch, computed once per sample and cached on it."""
     missing = [s for s in micro if s.ref_logprobs is None]
     if missing:
         with torch.no_grad():
-            lp, mask = response_logprobs(ref, missing, pad_id, temperature)
-        for s, row, m in zip(missing, lp, mask, strict=True):
-            s.ref_logprobs = row[: int(m.sum())].clone()
+            lp, _ = response_logprobs(ref, missing, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
+        for s, row in zip(missing, lp, strict=True):
+            s.ref_logprobs = row[: len(s.response_ids)].clone()
     return pad_right([s.ref_logprobs for s in micro], width)
 
 
 @torch.no_grad()
 def old_logprobs(
-    policy: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, temperature: float, microbatch: int
+    policy: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, spec: LossSpec, microbatch: int
 ) -> None:
     """Store log-probs of the pre-update policy on each sample (needed only for off-policy PPO)."""
     for micro in microbatches(samples, microbatch):
-        lp, mask = response_logprobs(policy, micro, pad_id, temperature)
-        for s, row, m in zip(micro, lp, mask, strict=True):
-            s.old_logprobs = row[: int(m.sum())].clone()
+        lp, _ = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
+        for s, row in zip(micro, lp, strict=True):
+            s.old_logprobs = row[: len(s.response_ids)].clone()

@@ -1,8 +1,9 @@
-"""python -m dash_exp.bench [all|train|backprop|rollout] [options] [hydra overrides]
+"""python -m dash_exp.bench [all|train|backprop|rollout|profile|gpu] [options] [hydra overrides]
 
 `all` (the default, `make bench`) runs each benchmark in its own process (threads, RNG and engines do not
 leak between them), writes out/<name>.json, then prints the Performance table and writes out/table.md.
 The TRL comparison runs in its own environment (make bench-env): .venv-trl/bin/python -m dash_exp.bench.trl_grpo
+`gpu` (not part of `all`) is the prepared check for one GPU (dash_exp/bench/gpu.py); `gpu --cpu` its test size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 # the TRL environment `make bench-env` creates beside .venv, in the repository root
 TRL_PYTHON = Path(__file__).resolve().parents[2] / ".venv-trl" / "bin" / "python"
-BENCHES = ("all", "train", "backprop", "rollout", "profile")
+BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -27,7 +28,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="rollout: the engine")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (train: seeds; others: at least 5)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="train: optimizer steps per run (default 60); profile: profiled steps (default 5)")
+                        help="train: optimizer steps per run (default 60); profile: profiled steps (default 5); "
+                             "gpu: steps per algorithm, the first a warm-up (default 3)")
+    parser.add_argument("--cpu", action="store_true", help="gpu: the test-size flavour on the CPU (seconds)")
     parser.add_argument("--trl-steps", type=int, default=10, help="trl: timed optimizer steps (after 1 warm-up)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="results directory")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, applied to every benchmark")
@@ -56,6 +59,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         from dash_exp.bench import profile
 
         return profile.run(args.overrides, args.steps or 5, args.out)
+    if args.bench == "gpu":
+        from dash_exp.bench import gpu
+
+        return gpu.run(args.overrides, args.steps or 3, args.cpu)
     raise ValueError(f"unknown benchmark {args.bench!r}")
 
 
@@ -115,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     names = {"rollout": f"rollout_{args.backend}", "profile": f"profile_{result.get('algorithm')}"}
     name = names.get(args.bench, args.bench)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if args.bench == "gpu":
+        from dash_exp.bench.gpu import table
+
+        print(f"{table(result)}\n\nresult: {args.out / f'{name}.json'}")
+        return
     print(json.dumps({k: v for k, v in result.items() if "per_seed" not in k}, indent=1))
 
 

@@ -89,10 +89,10 @@ def grpo_settings(cfg: Any) -> tuple[dict[str, Any], list[str]]:
         # torch.optim.AdamW with its defaults (betas 0.9/0.999, eps 1e-8), as the harness; not the fused variant
         optim="adamw_torch",
         use_cpu=True,
-        bf16=False,
+        # fp32 weights with bf16 autocast, as the harness's model.dtype=bfloat16
+        bf16=cfg.model.dtype == "bfloat16",
         fp16=False,
-        # TRL turns it on by default; the harness never recomputes activations
-        gradient_checkpointing=False,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
         use_vllm=False,
         seed=cfg.seed,
         report_to="none",
@@ -123,9 +123,6 @@ def grpo_settings(cfg: Any) -> tuple[dict[str, Any], list[str]]:
         unmatched.append(f"algorithm.adv_eps={a.adv_eps}: TRL's advantage denominator uses std + {TRL_ADV_EPS}")
     if cfg.kl.beta > 0 and cfg.kl.estimator != "k3":
         unmatched.append(f"kl.estimator={cfg.kl.estimator}: TRL's KL penalty is the k3 estimator")
-    if cfg.model.dtype != "float32":
-        unmatched.append(f"model.dtype={cfg.model.dtype}: the model is loaded in that dtype, TRL's mixed precision "
-                         "stays off")
     return kwargs, unmatched
 
 
@@ -164,7 +161,7 @@ def run(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
 
     path = resolve_model_path(cfg.model, cfg.task)
     tokenizer = load_tokenizer(path)
-    policy = load_policy(path, cfg.model.dtype, torch.device("cpu"))
+    policy = load_policy(path, torch.device("cpu"))
     task = build_task(cfg.task, tokenizer)
     # TRL tokenizes text prompts with tokenizer(text=...): check it gives the harness's ids (no BOS, no template)
     probe = [p.prompt for p in task.train[:8]]

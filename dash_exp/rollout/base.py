@@ -75,10 +75,12 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path:
     """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf)."""
     name = resolved_rollout(cfg.rollout.name)
     if name == "hf":
+        from dash_exp.batching import COMPUTE_DTYPES
         from dash_exp.models import eos_token_ids
         from dash_exp.rollout.hf import HFSampler
 
-        return HFSampler(policy, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy))
+        return HFSampler(policy, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy),
+                         compute_dtype=COMPUTE_DTYPES[cfg.model.dtype])
     from dash_exp.rollout.vllm import VLLMSampler, vllm_available
 
     if not vllm_available():

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dash_exp.batching import compute_autocast
 from dash_exp.rollout.base import Rollout, SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -58,8 +59,9 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 class HFSampler:
     """Samples from the live policy module (colocated: `sync` has nothing to copy)."""
 
-    def __init__(self, model: torch.nn.Module, pad_id: int, eos_ids: Sequence[int]) -> None:
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model: torch.nn.Module, pad_id: int, eos_ids: Sequence[int],
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.pad_id, self.compute_dtype = model, pad_id, compute_dtype
         self.eos = torch.tensor(list(eos_ids))
 
     def offload(self) -> None:
@@ -80,10 +82,16 @@ class HFSampler:
             token = (kept + gumbel_noise(keys, t, logits.shape[-1])).argmax(-1)
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Rollout]:
+        """Under autocast in the compute dtype: the fp32 weights are cast once per call (autocast's weight cache),
+        with no second copy of the model kept between calls."""
+        device = next(self.model.parameters()).device
+        with torch.inference_mode(), compute_autocast(device, self.compute_dtype):
+            return self._generate(prompts, params, seeds, device)
+
+    def _generate(self, prompts: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int],
+                  device: torch.device) -> list[Rollout]:
         model = self.model
-        device = next(model.parameters()).device
         rows = [p for p in prompts for _ in range(params.n)]
         keys = torch.tensor([mix32(s, k) for s in seeds for k in range(params.n)], device=device)
         width = max(len(p) for p in prompts)

@@ -79,6 +79,8 @@ class VLLMSampler:
         self.on_gpu = torch.cuda.is_available()
         self.tensor_parallel = rollout.tensor_parallel_size > 1
         self.sleep_mode = self.on_gpu and rollout.enable_sleep_mode
+        # the engine runs in the compute dtype; sync casts the fp32 master weights to it
+        self.dtype = getattr(torch, dtype)
         try:
             self.llm = LLM(**engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu))
         finally:
@@ -120,7 +122,7 @@ class VLLMSampler:
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         # in-process: a generator hands over one tensor at a time; worker processes (tensor parallel) need a list
-        weights = list(_weights(policy)) if self.tensor_parallel else _weights(policy)
+        weights = list(_weights(policy, self.dtype)) if self.tensor_parallel else _weights(policy, self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -128,7 +130,9 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
 
 
-def _weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's weights in checkpoint format, streamed one tensor at a time, without copies. Tied weights
-    appear under both names, as in a checkpoint: vLLM re-ties them only when it sees both."""
-    yield from policy.state_dict().items()
+def _weights(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights in checkpoint format and the engine's dtype, streamed one tensor at a time: each fp32
+    master is cast when its turn comes (no copy at all when the dtypes agree). Tied weights appear under both
+    names, as in a checkpoint: vLLM re-ties them only when it sees both."""
+    for name, tensor in policy.state_dict().items():
+        yield name, tensor.detach().to(dtype)
