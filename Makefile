@@ -60,6 +60,38 @@ bench-env: $(TRL_STAMP)
 bench: $(VLLM_STAMP) $(TRL_STAMP)
 	$(BIN)/python -m dash_exp.bench $(ARGS)
 
+# the prepared GPU check (dash_exp/bench/gpu.py): GRPO and DASH on the random Qwen2.5-0.5B proxy, ~6 min on one GPU;
+# make bench-gpu ARGS="--cpu" runs its test size on the CPU. On a GPU machine without network: scripts/gpu_check.sh
+.PHONY: bench-gpu gpu-wheels
+bench-gpu: $(STAMP)
+	$(BIN)/python -m dash_exp.bench gpu $(ARGS)
+
+# wheels/ (git-ignored, ~0.4 MiB) for scripts/gpu_check.sh: the pure-Python (py3-none-any) wheels of what `bench gpu`
+# imports beyond torch, transformers and their own dependencies, pinned to .venv's versions. Run where there is
+# network, then copy wheels/ along. antlr4-python3-runtime 4.9.3 (omegaconf 2.3's exact pin) has no wheel on PyPI,
+# only a pure-Python sdist: it is built here into a py3-none-any wheel. Anything else without one fails.
+GPU_WHEELS := hydra-core omegaconf
+GPU_SDISTS := antlr4-python3-runtime
+gpu-wheels: $(STAMP)
+	rm -rf wheels && mkdir -p wheels
+	@set -e; for pkg in $(GPU_WHEELS) $(GPU_SDISTS); do \
+		version=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('$$pkg'))"); \
+		case " $(GPU_SDISTS) " in \
+			*" $$pkg "*) how="built from its sdist"; \
+				set -- wheel --no-deps --no-binary "$$pkg" -w wheels "$$pkg==$$version";; \
+			*) how="downloaded"; set -- download --only-binary=:all: --no-deps --platform any \
+				--implementation py --abi none -d wheels "$$pkg==$$version";; \
+		esac; \
+		if ! log=$$($(PIP) "$$@" 2>&1); then \
+			echo "$$log" | grep -v "is ignored: it is neither"; \
+			echo "gpu-wheels: no pure-Python (py3-none-any) wheel of $$pkg==$$version" >&2; exit 1; \
+		fi; \
+		echo "$$pkg==$$version: $$how"; \
+	done
+	@for whl in wheels/*; do case "$$whl" in *-none-any.whl) ;; \
+		*) echo "gpu-wheels: $$whl is not a pure-Python wheel" >&2; exit 1;; esac; done
+	@ls wheels; du -sh wheels
+
 run: $(STAMP)
 	$(BIN)/python -m dash_exp.run $(ARGS)
 

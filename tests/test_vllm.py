@@ -118,3 +118,42 @@ def test_training_runs_end_to_end_with_vllm(algorithm, tmp_path, cli_env):
     steps = [r for r in rows if "time/sync" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["time/sync"] > 0 for r in steps)
     assert "hf" not in (tmp_path / "config.yaml").read_text().split("rollout:")[1].split("\n")[1]
+
+
+def test_bf16_engine_synced_from_fp32_masters_matches_the_bf16_compute_policy(tmp_path):
+    # model.dtype=bfloat16: the policy keeps fp32 masters and computes under bf16 autocast; the engine runs in bf16
+    # and sync casts each master tensor as it streams. vLLM's bf16 kernels (bf16 norms, residuals and attention)
+    # and autocast (fp32 residual stream) round differently: measured here a mean gap of 0.004 nats per token
+    # (p99 0.06, max 0.21), against 1.7 before the sync
+    from dash_exp.config import compose_config
+
+    cfg = compose_config([*TEST_OVERRIDES, "rollout=vllm", "model.dtype=bfloat16", f"run_dir={tmp_path}"])
+    bf16 = build(cfg)
+    try:
+        policy, tok = bf16.policy, bf16.tokenizer
+        assert {p.dtype for p in policy.parameters()} == {torch.float32} and bf16.sampler.dtype == torch.bfloat16
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+        batch = [TrainSample(tok.encode(p.prompt), tok.encode(p.solution) + [tok.eos_token_id])
+                 for p in bf16.task.train[:16]]
+        logp, mask = response_logprobs(policy, batch, tok.pad_token_id, 1.0, torch.bfloat16)
+        (-(logp * mask).sum() / mask.sum()).backward()
+        optimizer.step()
+
+        def gaps() -> torch.Tensor:
+            rollouts = bf16.sampler.generate(prompts_of(bf16), SamplingParams(n=4, temperature=0.7,
+                                                                             max_new_tokens=40), range(8))
+            samples = [TrainSample(r.prompt_ids, r.response_ids) for r in rollouts]
+            with torch.no_grad():
+                lp, _ = response_logprobs(policy, samples, tok.pad_token_id, 0.7, torch.bfloat16)
+            return torch.cat([(lp[i, : len(r.logprobs)] - torch.tensor(r.logprobs)).abs()
+                              for i, r in enumerate(rollouts)])
+
+        stale = gaps()
+        bf16.sampler.sync(policy)
+        synced = gaps()
+        print(f"bf16 vLLM vs bf16-compute policy: mean gap {synced.mean():.4f} (p99 {synced.quantile(0.99):.3f}, "
+              f"max {synced.max():.3f}); before sync {stale.mean():.4f}")
+        assert synced.mean() < 0.01 and synced.quantile(0.99) < 0.1
+        assert stale.mean() > 5 * synced.mean()
+    finally:
+        bf16.task.close()
