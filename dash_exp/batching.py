@@ -38,6 +38,13 @@ def microbatches(samples: Sequence[TrainSample], size: int) -> list[list[TrainSa
     return [ordered[i: i + size] for i in range(0, len(ordered), size)]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory, asynchronously (a plain copy waits for the GPU)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def compute_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Forward and backward in the compute dtype (`model.dtype`) over fp32 master weights; off for float32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -49,17 +56,16 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token | prefix) for each sample, left-aligned: ([B, R], mask [B, R]).
 
-    Runs the decoder on right-padded prompt+response under `compute_autocast` and applies the LM head only
+    Runs the decoder on right-padded prompt+response (no attention mask: causal attention never lets padding reach
+    a real token) under `compute_autocast` and applies the LM head only
     at the response tokens, `chunk` tokens at a time (`logprobs.token_logprobs`: O(chunk x vocab) memory in
     forward and backward). Logits are divided by `temperature`. Indices are built on the host: no device sync.
     """
     device = next(model.parameters()).device
     width = max(s.length for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(samples), width), dtype=torch.long)
     for i, s in enumerate(samples):
         input_ids[i, : s.length] = torch.tensor(s.prompt_ids + s.response_ids)
-        attention[i, : s.length] = 1
     resp_len = torch.tensor([len(s.response_ids) for s in samples])
     mask = torch.arange(int(resp_len.max()))[None, :] < resp_len[:, None]
     # position p predicts token p + 1: response token j of sample i is predicted at len(prompt_i) + j - 1
@@ -67,10 +73,11 @@ def response_logprobs(
     col = torch.cat([torch.arange(len(s.response_ids)) for s in samples])
     pred_pos = col + torch.repeat_interleave(torch.tensor([len(s.prompt_ids) - 1 for s in samples]), resp_len)
     targets = input_ids[row, pred_pos + 1]
-    row, col, pred_pos, targets = (t.to(device) for t in (row, col, pred_pos, targets))
+    row, col, pred_pos, targets, input_ids = (to_device(t, device) for t in (row, col, pred_pos, targets, input_ids))
     with compute_autocast(device, compute_dtype):
-        hidden = model.get_decoder()(input_ids=input_ids.to(device),
-                                     attention_mask=attention.to(device)).last_hidden_state
+        # right padding under causal attention: no position attends to a later one, so the padding never reaches a
+        # real token and no attention mask is needed (a mask makes transformers read it back from the device)
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
         logp = token_logprobs(hidden[row, pred_pos], model.get_output_embeddings(), targets, temperature, chunk)
     out = logp.new_zeros(mask.shape)
     out[row, col] = logp

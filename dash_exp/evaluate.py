@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics = evaluate(parts.sampler, TokenCache(parts.tokenizer), parts.task, sampled, cfg.seed,
                            max(resolved_inference_batch(cfg), n), cfg.task.eval_size)
     finally:
-        parts.task.close()
+        parts.close()
     result = {"checkpoint": checkpoint, "step": step, "model": cfg.model.name, "task": cfg.task.name, "n": n,
               "eval_size": cfg.task.eval_size, "metrics": metrics}
     out.parent.mkdir(parents=True, exist_ok=True)

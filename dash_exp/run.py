@@ -35,6 +35,12 @@ class Components:
     sampler: Any
     sft_items: list | None
 
+    def close(self) -> None:
+        """Stop the grader's workers and shut the sampler's engine down (a sweep runs its jobs in one process:
+        the next job must find the memory free)."""
+        self.task.close()
+        self.sampler.close()
+
 
 def run_name(cfg: Any) -> str:
     return f"{cfg.algorithm.name}-kl_{cfg.kl.name}-{cfg.model.name}"
@@ -70,7 +76,8 @@ def build(cfg: Any, need_train: bool = True) -> Components:
         task = build_task(cfg.task, tokenizer, need_train)
     policy = load_policy(path, gradient_checkpointing=cfg.model.gradient_checkpointing)
     ref = build_reference(path, cfg.model.dtype) if cfg.kl.beta > 0 else None
-    return Components(task, tokenizer, policy, ref, build_sampler(cfg, policy, tokenizer, path), sft_items)
+    sampler = build_sampler(cfg, policy, tokenizer, path, [p.prompt for p in task.train])
+    return Components(task, tokenizer, policy, ref, sampler, sft_items)
 
 
 def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
@@ -121,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           ref=parts.ref, sft_items=parts.sft_items)
         summary = {"run": run_name(cfg), "run_dir": str(run_dir), **trainer.fit(ckpt)}
     finally:
-        parts.task.close()
+        parts.close()
     sink.close(summary["final"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     report(summary, next(iter(parts.task.evals)))

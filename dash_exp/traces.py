@@ -49,6 +49,7 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
     seeds = [mix32(cfg.seed, -2, i) for i in range(len(problems))]
     rollouts = generate_in_chunks(sampler, [tokens(p.prompt) for p in problems], params, seeds,
                                   resolved_inference_batch(cfg))
+    sampler.close()
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     graded = task.score(texts, [p for p in problems for _ in range(samples)])
     task.close()

@@ -211,7 +211,10 @@ class Trainer:
             if off_policy:
                 old_logprobs(self.policy, [s for s, k in zip(samples, keep, strict=True) if k], self.pad_id,
                              self.spec, cfg.train_microbatch)
-            total, grad_norms, optimizer_steps = UpdateStats(), [], 0
+            # running sums of the optimizer steps' statistics, as host floats (each step's are read once, together
+            # with its gradient norm, in optimizer_step: the update's only device reads)
+            total = UpdateStats().as_dict()
+            grad_norms, optimizer_steps = [], 0
             indices = list(range(len(samples)))
             size = len(samples) // a.ppo_minibatches
             for epoch in range(a.ppo_epochs):
@@ -226,28 +229,31 @@ class Trainer:
                         continue
                     stats = accumulate_gradients(self.policy, kept, self.spec, norm, cfg.train_microbatch,
                                                  self.pad_id, self.ref)
-                    grad_norm = self.optimizer_step(stats.loss)
+                    grad_norm = self.optimizer_step(stats)
                     if grad_norm is None:
                         continue
                     grad_norms.append(grad_norm)
                     optimizer_steps += 1
                     _add(total, stats)
             update_time = time.perf_counter() - start
-        tokens = max(total.tokens, 1)
+        tokens = max(total["tokens"], 1)
         n_opt = max(optimizer_steps, 1)
         return {
-            "loss/total": total.loss / n_opt, "loss/pg": total.pg / n_opt, "loss/kl": total.kl_loss / n_opt,
-            "kl/mean": total.kl_sum / tokens, "ppo/clip_frac": total.clipped / tokens,
-            "ppo/approx_kl": total.approx_kl_sum / tokens, "ppo/optimizer_steps": optimizer_steps,
+            "loss/total": total["loss"] / n_opt, "loss/pg": total["pg"] / n_opt, "loss/kl": total["kl_loss"] / n_opt,
+            "kl/mean": total["kl_sum"] / tokens, "ppo/clip_frac": total["clipped"] / tokens,
+            "ppo/approx_kl": total["approx_kl_sum"] / tokens, "ppo/optimizer_steps": optimizer_steps,
             "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
-            "filter/forward_samples": total.forward_samples, "loss/nonfinite_steps": self.nonfinite_total,
-            "throughput/train_tokens_per_s": total.tokens / max(update_time, 1e-9),
+            "filter/forward_samples": total["forward_samples"], "loss/nonfinite_steps": self.nonfinite_total,
+            "throughput/train_tokens_per_s": total["tokens"] / max(update_time, 1e-9),
         }
 
-    def optimizer_step(self, loss: float) -> float | None:
-        """Clip and step; returns the gradient norm, or None when the step was skipped as non-finite."""
+    def optimizer_step(self, stats: UpdateStats) -> float | None:
+        """Clip and step; returns the gradient norm, or None when the step was skipped as non-finite.
+
+        The step's one device read: the gradient norm together with `stats`' sums (its loss decides the skip)."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        norm = stats.read(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))[-1]
+        loss = stats.loss
         if not (math.isfinite(norm) and math.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_run += 1
@@ -264,6 +270,7 @@ class Trainer:
         return norm
 
 
-def _add(total: UpdateStats, stats: UpdateStats) -> None:
-    for name in vars(total):
-        setattr(total, name, getattr(total, name) + getattr(stats, name))
+def _add(total: dict[str, float], stats: UpdateStats) -> None:
+    """Add one optimizer step's statistics (already read by optimizer_step: no device read) to the totals."""
+    for name, value in stats.as_dict().items():
+        total[name] += value

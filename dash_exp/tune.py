@@ -1,9 +1,11 @@
 """tune=auto: measure, before training, on the run's own model, sampler and prompts,
 
-- the largest micro-batch whose backward pass of worst-case-length samples fits (GPU: doubling until CUDA
-  runs out of memory; CPU, where running out of RAM kills the process instead: the bytes the forward saves
-  for backward at micro-batches 1, 2 and 4, counted exactly with saved_tensors_hooks, extrapolated linearly
-  against a budget);
+- the largest micro-batch whose backward pass of worst-case-length samples fits. GPU: doubling until an
+  allocation fails (`probe_fits`), with the gradients and AdamW's moments held as the first optimizer step will
+  hold them for good (`held_optimizer_state`), in the memory CUDA reports free after `sampler.offload()` (what
+  vLLM keeps while training is not free: `gpu_memory`); micro-batch 1 failing stops the run (`TuneError`).
+  CPU, where running out of RAM kills the process instead: the bytes the forward saves for backward at
+  micro-batches 1, 2 and 4, counted exactly with saved_tensors_hooks, extrapolated linearly against a budget;
 - train_microbatch: within that, where backprop throughput on real rollouts stops rising (larger
   micro-batches pad more: on CPU the largest that fits is slower than a moderate one);
 - inference_batch: the sampler-call size (whole groups) where generation throughput stops rising.
@@ -14,9 +16,13 @@ the step batch: neither can usefully be larger.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ import torch
 
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
-from dash_exp.config import step_batch
+from dash_exp.config import ConfigError, step_batch
 from dash_exp.rollout.base import Sampler, SamplingParams
 from dash_exp.tracking import memory_available_mb
 
@@ -38,6 +44,20 @@ BACKWARD_FACTOR = 2.0
 # micro-batches per backprop timing
 MICROBATCHES = 4
 TUNE_FILE = "tune.json"
+# what an error's message says when an allocation failed (CUDA runtime/driver, cuBLAS, cuDNN, PyTorch allocators);
+# matched case-insensitively. CUBLAS_STATUS_NOT_INITIALIZED is often an OOM in disguise, but not only: not here
+ALLOCATION_FAILURES = (
+    "out of memory",  # torch.OutOfMemoryError's "CUDA out of memory", "CUDA error: out of memory", HIP, Triton
+    "cuda_error_out_of_memory", "cudaerrormemoryallocation",  # driver / runtime API names
+    "cublas_status_alloc_failed", "cudnn_status_alloc_failed", "cudnn_status_not_enough_workspace",
+    "cumemalloc", "cumemcreate", "failed to allocate", "can't allocate memory",
+)
+FIX = ("lower max_new_tokens, turn on model.gradient_checkpointing, lower rollout.gpu_memory_utilization / "
+       "rollout.kv_cache_gb or turn on rollout.enable_sleep_mode, or use a GPU with more memory")
+
+
+class TuneError(ConfigError):
+    """tune=auto found nothing that fits: one line (a ConfigError: run.py prints it without a traceback)."""
 
 
 @dataclass
@@ -49,9 +69,9 @@ class TuneResult:
     # the largest micro-batch that fits, and micro-batch -> backprop tokens/s (up to it)
     largest_fit: int = 0
     train_throughput: dict[int, float] = field(default_factory=dict)
-    # micro-batch -> MB: saved activations (CPU) or peak allocated (CUDA; None where it ran out of memory)
+    # micro-batch -> MB: saved activations (CPU) or peak allocated (CUDA; None where an allocation failed)
     memory: dict[int, float | None] = field(default_factory=dict)
-    # what the micro-batch had to fit in (MB), and how it was decided
+    # what the micro-batch had to fit in (MB; GPU: CUDA free memory less the optimizer state), how it was decided
     budget_mb: float = 0.0
     method: str = ""
     # wall-clock seconds the probes took
@@ -119,9 +139,12 @@ def _per_second(fn: Callable[[], int]) -> float:
 
 
 def _backward(policy: torch.nn.Module, sample: TrainSample, size: int, spec: LossSpec, pad_id: int,
-              ref: torch.nn.Module | None) -> None:
-    accumulate_gradients(policy, [sample] * size, spec, 1.0, size, pad_id, ref)
-    policy.zero_grad(set_to_none=True)
+              ref: torch.nn.Module | None, keep_grads: bool = False) -> None:
+    """Forward/backward of `size` copies of `sample`; nothing of it outlives the call but .grad (zeroed in place
+    when `keep_grads`, else dropped). A fresh copy of the sample: the reference forward runs at every size."""
+    sample = dataclasses.replace(sample, ref_logprobs=None)
+    accumulate_gradients(policy, [sample] * size, spec, 1.0, size, pad_id, ref)  # its stats: dropped at once
+    policy.zero_grad(set_to_none=not keep_grads)
 
 
 def saved_activations_mb(policy: torch.nn.Module, sample: TrainSample, size: int, spec: LossSpec, pad_id: int,
@@ -144,24 +167,9 @@ def saved_activations_mb(policy: torch.nn.Module, sample: TrainSample, size: int
 
 def largest_microbatch(policy: torch.nn.Module, sample: TrainSample, cap: int, spec: LossSpec, pad_id: int,
                        ref: torch.nn.Module | None, budget_mb: float) -> tuple[int, dict[int, float | None], str]:
-    """Largest micro-batch of `sample` whose forward/backward fits in `budget_mb` more memory; MB by probed
-    size (CUDA: peak allocated, None where out of memory; CPU: saved activations); how it was decided."""
-    device = next(policy.parameters()).device
+    """CPU: largest micro-batch of `sample` whose forward/backward is predicted to fit in `budget_mb` more
+    memory; saved-activation MB by probed size; how it was decided."""
     memory: dict[int, float | None] = {}
-    if device.type == "cuda":
-        fits = 1
-        for size in _doublings(1, cap):
-            try:
-                torch.cuda.reset_peak_memory_stats()
-                _backward(policy, sample, size, spec, pad_id, ref)
-                memory[size] = torch.cuda.max_memory_allocated() / 2**20
-                fits = size
-            except torch.cuda.OutOfMemoryError:
-                memory[size] = None
-                policy.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                break
-        return fits, memory, "largest that ran without a CUDA out-of-memory error"
     for size in _doublings(1, min(cap, 4)):
         memory[size] = saved_activations_mb(policy, sample, size, spec, pad_id, ref)
     sizes = sorted(memory)
@@ -173,6 +181,188 @@ def largest_microbatch(policy: torch.nn.Module, sample: TrainSample, cap: int, s
     return size, memory, (f"{per_sample:.2f} MB saved for backward per sequence of {sample.length} tokens; "
                           f"predicted {BACKWARD_FACTOR:g} x {fixed + per_sample * size:,.1f} MB within a "
                           f"{budget_mb:,.0f} MB budget")
+
+
+# ---------------------------------------------------------------- GPU: run until an allocation fails
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether `exc` says that memory ran out: torch.OutOfMemoryError (torch.cuda's too), or any other error
+    whose message names a failed allocation (a cuBLAS handle or workspace is a RuntimeError, for one)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, Exception) and any(marker in message for marker in ALLOCATION_FAILURES)
+
+
+def drop_frames(exc: BaseException) -> None:
+    """Detach the tracebacks of `exc` and the exceptions it chains, clearing their finished frames' locals: the
+    failed pass's tensors go even if something still holds the exception object (a frame keeps its function,
+    and with it closure cells, such as the result of torch's Module._call_impl, alive: clearing is not enough)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # skips frames still running (the caller's)
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
+def release_cuda_memory() -> None:
+    """Collect garbage (reference cycles), then hand the allocator's cached blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def probe_fits(sizes: list[int], try_size: Callable[[int], float], none_fit: str,
+               is_oom: Callable[[BaseException], bool] = is_allocation_failure,
+               free: Callable[[], None] = release_cuda_memory) -> tuple[int, dict[int, float | None]]:
+    """Run try_size (its peak MB) on increasing sizes until an allocation fails: the largest size that ran and MB
+    by size (None where it failed). Another error propagates; the first size failing raises TuneError(none_fit).
+
+    `free` runs only after the failed size's tensors are gone: the exception's traceback holds the frames of the
+    failed forward/backward (its activations); they are cleared, and `free` runs after the `except` block."""
+    memory: dict[int, float | None] = {}
+    fits = 0
+    for size in sizes:
+        failed = False
+        try:
+            memory[size] = try_size(size)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            drop_frames(exc)
+            failed = True  # free below, not in here: exc (and sys.exc_info()) stay alive until the block ends
+        if not failed:
+            fits = size
+            continue
+        memory[size] = None
+        free()
+        if not fits:
+            raise TuneError(none_fit)
+        break
+    return fits, memory
+
+
+def optimizer_state_mb(policy: torch.nn.Module) -> float:
+    """What the first optimizer step adds for good: gradients and AdamW's two moments, each the size of the
+    trainable (fp32 master) weights."""
+    return 3 * sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad) / 2**20
+
+
+def _weights_mb(*modules: torch.nn.Module | None) -> float:
+    """MB of the parameters and buffers of `modules` (shared storages counted once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in modules if m is not None
+                for t in (*m.parameters(), *m.buffers())}
+    return sum(storages.values()) / 2**20
+
+
+@dataclass
+class GpuMemory:
+    """The GPU memory the micro-batch probe starts from (MB), measured after sampler.offload()."""
+
+    # CUDA free memory (torch.cuda.mem_get_info, allocator cache emptied): what vLLM holds is not free
+    free_mb: float
+    # gradients + AdamW moments, held during the probe (optimizer_state_mb)
+    state_mb: float
+    # in use beyond the policy's and reference's weights: the sampler's share, CUDA contexts, other processes
+    sampler_mb: float
+    # the sampler's state in words (e.g. "vLLM, awake")
+    sampler: str = "the sampler"
+
+    @property
+    def budget_mb(self) -> float:
+        return self.free_mb - self.state_mb
+
+    def describe(self) -> str:
+        return (f"{self.budget_mb:,.0f} MB budget = {self.free_mb:,.0f} MB CUDA free after sampler.offload() "
+                f"(what the sampler keeps is not free: {self.sampler_mb:,.0f} MB in use beyond the weights, by "
+                f"{self.sampler} and the CUDA context) less {self.state_mb:,.0f} MB of gradients and AdamW state, "
+                f"held while probing")
+
+    def no_fit(self, tokens: int) -> str:
+        """The one-line error for micro-batch 1 not fitting."""
+        return (f"tune=auto: a micro-batch of 1 sequence of {tokens} tokens does not fit in GPU memory "
+                f"({self.budget_mb / 1024:.1f} GB free after the weights, AdamW state and the sampler's "
+                f"{self.sampler_mb / 1024:.1f} GB): {FIX}")
+
+
+def gpu_memory(policy: torch.nn.Module, ref: torch.nn.Module | None, sampler: Sampler) -> GpuMemory:
+    """Measure the policy's GPU now (call after sampler.offload(): vLLM in sleep mode then holds ~nothing)."""
+    device = next(policy.parameters()).device
+    release_cuda_memory()
+    free, total = torch.cuda.mem_get_info(device)
+    in_use_mb = (total - free) / 2**20
+    name = type(sampler).__name__
+    if hasattr(sampler, "asleep"):
+        name += ", asleep (sleep mode)" if sampler.asleep else ", awake (its weights and KV cache)"
+    return GpuMemory(free / 2**20, optimizer_state_mb(policy), max(0.0, in_use_mb - _weights_mb(policy, ref)), name)
+
+
+@contextmanager
+def held_optimizer_state(policy: torch.nn.Module, gpu: GpuMemory) -> Iterator[None]:
+    """Hold what the optimizer keeps from its first step on: zeroed .grad on every trainable parameter (the
+    probe's backward accumulates into them in place, as a step's later micro-batches do) and tensors shaped like
+    AdamW's exp_avg and exp_avg_sq. Allocated for real rather than subtracted from a number: the probe learns
+    what fits by running, so only memory actually taken constrains it (and the allocator sees the real tensor
+    sizes). Raises TuneError if the state itself, or the step's scratch, does not fit."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    moments: list[torch.Tensor] = []
+    failed = False
+    try:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        moments = [torch.empty_like(p) for p in params for _ in range(2)]
+        # the step itself (foreach AdamW, the default on CUDA) computes sqrt(exp_avg_sq) into one more list of
+        # weight-sized tensors while no activations are alive: it must fit next to the state
+        scratch = [torch.empty_like(p) for p in params]
+        del scratch
+    except Exception as exc:
+        if not is_allocation_failure(exc):
+            raise
+        drop_frames(exc)
+        failed = True  # the partial allocations are gone once this block ends
+    try:
+        if failed:
+            raise TuneError(f"tune=auto: the gradients and AdamW state ({gpu.state_mb / 1024:.1f} GB, plus the "
+                            f"step's scratch) do not fit in the {gpu.free_mb / 1024:.1f} GB of GPU memory free "
+                            f"next to the weights and the sampler's {gpu.sampler_mb / 1024:.1f} GB: {FIX}")
+        yield
+    finally:
+        moments.clear()
+        policy.zero_grad(set_to_none=True)
+        release_cuda_memory()
+
+
+def _cuda_peak_mb(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    def peak(run: Callable[[], None]) -> float:
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)  # an asynchronous failure surfaces here, in this size's probe
+        return torch.cuda.max_memory_allocated(device) / 2**20
+
+    return peak
+
+
+def gpu_largest_microbatch(policy: torch.nn.Module, sample: TrainSample, cap: int, spec: LossSpec, pad_id: int,
+                           ref: torch.nn.Module | None, gpu: GpuMemory,
+                           peak_mb: Callable[[Callable[[], None]], float] | None = None,
+                           free: Callable[[], None] = release_cuda_memory,
+                           ) -> tuple[int, dict[int, float | None], str]:
+    """GPU: the largest doubling of micro-batches of `sample` (up to cap) whose forward/backward runs with the
+    optimizer state held; peak allocated MB by size (None: failed); how it was decided. `peak_mb(run)` runs one
+    probe and returns its peak (default: CUDA's allocator statistics)."""
+    peak = peak_mb or _cuda_peak_mb(next(policy.parameters()).device)
+    with held_optimizer_state(policy, gpu):
+        fits, memory = probe_fits(
+            _doublings(1, cap),
+            lambda size: peak(lambda: _backward(policy, sample, size, spec, pad_id, ref, keep_grads=True)),
+            gpu.no_fit(sample.length), free=free)
+    failed = [size for size, mb in memory.items() if mb is None]
+    ran = f"largest that ran before an allocation failed (at {failed[0]})" if failed else "every size up to the cap ran"
+    return fits, memory, f"{ran}; {gpu.describe()}"
 
 
 def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler: Sampler,
@@ -197,12 +387,17 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     longest = max(prompts, key=len)
     # worst case: the longest training prompt with a response of max_new_tokens (any token costs the same)
     worst = TrainSample(longest, [longest[-1]] * cfg.max_new_tokens, advantage=1.0)
-    # gradients and AdamW's two moments (allocated at the first optimizer step, after this probe): 3 x the weights
-    state_mb = 3 * sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
-    budget = cfg.tune_memory_gb * 1024 if cfg.tune_memory_gb is not None else MEMORY_SHARE * memory_available_mb()
     was_training = policy.training
     policy.train()
-    largest, memory, method = largest_microbatch(policy, worst, cap, spec, pad_id, ref, budget - state_mb)
+    if next(policy.parameters()).device.type == "cuda":
+        gpu = gpu_memory(policy, ref, sampler)
+        budget = gpu.budget_mb
+        largest, memory, method = gpu_largest_microbatch(policy, worst, cap, spec, pad_id, ref, gpu)
+    else:
+        available = MEMORY_SHARE * memory_available_mb() if cfg.tune_memory_gb is None else cfg.tune_memory_gb * 1024
+        # less the gradients and AdamW's two moments (allocated at the first optimizer step, after this probe)
+        budget = available - optimizer_state_mb(policy)
+        largest, memory, method = largest_microbatch(policy, worst, cap, spec, pad_id, ref, budget)
     # backprop MICROBATCHES micro-batches of the last probe's rollouts (cycled) at each micro-batch size that fits
     real = [TrainSample(r.prompt_ids, r.response_ids, advantage=1.0) for r in rollouts]
 
@@ -216,4 +411,4 @@ def tune(cfg: Any, policy: torch.nn.Module, ref: torch.nn.Module | None, sampler
     policy.train(was_training)
     sampler.sync(policy)
     return TuneResult(microbatch, inference_batch, throughput, largest, train_throughput, memory,
-                      budget - state_mb, method, time.perf_counter() - start)
+                      budget, method, time.perf_counter() - start)

@@ -89,3 +89,27 @@ def test_chunked_log_probs_give_the_unchunked_gradient(policy_and_samples, kind)
         assert stats.loss == pytest.approx(full_stats.loss, rel=1e-12)
         for a, b in zip(full, grad, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["pg+kl", "sft"])
+def test_statistics_stay_on_the_device_and_sum_like_python_floats(policy_and_samples, kind):
+    # accumulate_gradients reads nothing per micro-batch: its sums are device tensors, read once (UpdateStats.read);
+    # they equal, bit for bit, the Python-float sums of each micro-batch's statistics
+    from dash_exp.algorithms.update import SUMS
+    from dash_exp.batching import microbatches
+
+    policy, ref, samples, pad = policy_and_samples
+    spec = LossSpec(kind=kind.split("+")[0], beta=0.04 if kind.endswith("+kl") else 0.0, temperature=0.9)
+    for s in samples:
+        s.old_logprobs = torch.zeros(len(s.response_ids), dtype=torch.float64)  # PPO-clip against stored log-probs
+    _, stats = grads(policy, samples, spec, 40.0, 3, pad, ref)
+    assert isinstance(stats.sums, torch.Tensor) and stats.sums.dtype == torch.float64
+    assert isinstance(stats.tokens, int) and stats.tokens == sum(len(s.response_ids) for s in samples)
+    expected = dict.fromkeys(SUMS, 0.0)
+    for micro in microbatches(samples, 3):
+        _, one = grads(policy, micro, spec, 40.0, len(micro), pad, ref)
+        for name in SUMS:
+            expected[name] += getattr(one, name)
+    assert {name: getattr(stats, name) for name in SUMS} == expected
+    assert stats.read() == [expected[name] for name in SUMS]
+    assert stats.loss != 0 and (kind == "sft" or (stats.kl_sum > 0 and stats.approx_kl_sum > 0))

@@ -5,7 +5,7 @@ import torch
 
 from dash_exp.batching import TrainSample, response_logprobs
 from dash_exp.rollout.base import SamplingParams
-from dash_exp.rollout.hf import gumbel_noise, truncate_logits
+from dash_exp.rollout.hf import HFSampler, inverse_cdf_sample, truncate_logits, uniform_noise
 from dash_exp.run import build
 
 
@@ -91,13 +91,62 @@ def test_each_prompt_is_read_once_per_group(parts):
         torch.testing.assert_close(logp[i, : len(r.logprobs)], torch.tensor(r.logprobs), rtol=0, atol=1e-4)
 
 
-def test_gumbel_noise_is_a_pure_function_of_key_position_token():
+def test_uniform_noise_is_a_pure_function_of_key_and_position():
     keys = torch.tensor([5, 6, 5])
-    a, b = gumbel_noise(keys, 3, 50), gumbel_noise(keys, 3, 50)
-    assert torch.equal(a, b) and torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
-    assert not torch.equal(a, gumbel_noise(keys, 4, 50))
-    # Gumbel(0,1) has mean ~0.5772
-    assert gumbel_noise(torch.arange(200), 0, 500).mean().item() == pytest.approx(0.5772, abs=0.02)
+    a, b = uniform_noise(keys, 3), uniform_noise(keys, 3)
+    assert a.shape == (3,) and torch.equal(a, b) and a[0] == a[2] and a[0] != a[1]
+    assert not torch.equal(a, uniform_noise(keys, 4))
+    # U(0, 1]: never 0 (the first token of the CDF is then drawn with its own probability), flat over 20 bins
+    u = torch.cat([uniform_noise(torch.arange(2000), t) for t in range(10)])
+    assert float(u.min()) > 0 and float(u.max()) <= 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    assert float(((counts - 1000) ** 2 / 1000).sum()) < 60  # chi-square, 19 dof: p < 1e-5
+
+
+def pick_many(logits_row: torch.Tensor, params: SamplingParams, n: int = 10000, positions: int = 1):
+    """The HF sampler's pick for n rows (keys 0..n-1) sharing one logits row, at `positions` positions."""
+    sampler = HFSampler(torch.nn.Identity(), pad_id=0, eos_ids=[0])
+    logits = logits_row.expand(n, -1).contiguous()
+    # a fresh copy per call: _pick may scale its logits in place
+    picks = [sampler._pick(logits.clone(), params, torch.arange(n), t) for t in range(positions)]
+    return torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks])
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs.double() * tokens.numel()
+    seen = expected > 0
+    return float(((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum())
+
+
+def test_inverse_cdf_sampling_follows_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3, 1.5])
+    params = SamplingParams(temperature=0.7)
+    tokens, logp = pick_many(logits, params, n=10000, positions=3)
+    probs = torch.softmax(logits / 0.7, -1)
+    assert chi_square(tokens, probs) < 40  # 7 dof: p ~ 1e-6
+    # the log-prob returned is log softmax(logits / T) of the drawn token
+    torch.testing.assert_close(logp, torch.log(probs)[tokens], rtol=0, atol=1e-6)
+
+
+def test_inverse_cdf_never_draws_a_zero_weight():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]]).expand(4096, -1).contiguous()
+    u = torch.cat([torch.tensor([1e-9, 0.3, 0.34, 1.0]), uniform_noise(torch.arange(4092), 0)])
+    tokens = inverse_cdf_sample(weights.clone(), u)
+    assert set(tokens.tolist()) == {1, 4} and tokens[:4].tolist() == [1, 1, 4, 4]
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (0, 0.7), (4, 0.8)])
+def test_top_k_top_p_sampling_draws_only_kept_tokens_in_proportion(top_k, top_p):
+    logits = torch.tensor([0.2, 2.0, 1.0, -0.5, 1.7, 0.0, 0.9, -1.0])
+    params = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p)
+    tokens, logp = pick_many(logits, params, n=10000, positions=2)
+    kept = torch.isfinite(truncate_logits(logits[None] / 0.9, top_k, top_p))[0]
+    assert 1 < int(kept.sum()) < 8 and bool(kept[tokens].all())
+    probs = torch.softmax((logits / 0.9).masked_fill(~kept, float("-inf")), -1)
+    assert chi_square(tokens, probs) < 40
+    # the log-prob is that of the untruncated softmax
+    torch.testing.assert_close(logp, torch.log_softmax(logits / 0.9, -1)[tokens], rtol=0, atol=1e-6)
 
 
 def test_top_k_and_top_p_truncation_by_hand():

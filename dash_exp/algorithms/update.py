@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,18 +29,53 @@ class LossSpec:
     logprob_chunk: int | None = None
 
 
+# the float sums of UpdateStats, in the order of UpdateStats.sums
+SUMS = ("loss", "pg", "kl_loss", "kl_sum", "clipped", "approx_kl_sum")
+
+
+def _sum(index: int, doc: str) -> property:
+    return property(lambda self: self.read()[index], doc=doc)
+
+
 @dataclass
 class UpdateStats:
-    """Sums over the micro-batches of one optimizer step (divide by tokens for means)."""
+    """Sums over the micro-batches of one optimizer step (divide by tokens for means).
 
-    loss: float = 0.0
-    pg: float = 0.0
-    kl_loss: float = 0.0
-    kl_sum: float = 0.0
-    clipped: float = 0.0
-    approx_kl_sum: float = 0.0
+    `tokens` and `forward_samples` are host ints (counted from the samples' lengths). The float sums stay on the
+    device while the micro-batches run (`sums`, float64, in SUMS order: no device sync per micro-batch) and are read
+    to Python floats all at once, by `read` or on first access to one of them (`loss`, `pg`, ...), then cached.
+    """
+
+    sums: torch.Tensor | None = None
     tokens: int = 0
     forward_samples: int = 0
+    _floats: list[float] | None = field(default=None, repr=False, compare=False)
+
+    loss = _sum(0, "total loss: policy gradient (or SFT) + beta * KL, over the normaliser")
+    pg = _sum(1, "policy-gradient (or SFT) loss over the normaliser")
+    kl_loss = _sum(2, "KL loss over the normaliser (without beta)")
+    kl_sum = _sum(3, "per-token KL estimate, summed over response tokens")
+    clipped = _sum(4, "response tokens whose PPO ratio was clipped")
+    approx_kl_sum = _sum(5, "per-token approximate KL to the pre-update policy, summed over response tokens")
+
+    def read(self, *extra: torch.Tensor) -> list[float]:
+        """The float sums (SUMS order) followed by the values of the 0-dim tensors `extra`, in ONE device read
+        (`.tolist()` of one concatenated tensor); the sums are cached, so reading them again costs nothing."""
+        tensors = [e.detach().reshape(1).double() for e in extra]
+        if self._floats is None and self.sums is not None:
+            tensors.insert(0, self.sums)
+        values = torch.cat(tensors).tolist() if tensors else []
+        if self._floats is None:
+            if self.sums is None:
+                self._floats = [0.0] * len(SUMS)
+            else:
+                self._floats, values = values[: len(SUMS)], values[len(SUMS):]
+        return [*self._floats, *values]
+
+    def as_dict(self) -> dict[str, float]:
+        """Every statistic by name (the sums read to floats)."""
+        return {**dict(zip(SUMS, self.read(), strict=True)), "tokens": self.tokens,
+                "forward_samples": self.forward_samples}
 
 
 def accumulate_gradients(
@@ -54,13 +89,16 @@ def accumulate_gradients(
 ) -> UpdateStats:
     """Add d(sum of weighted token losses / norm)/d(theta) of `samples` into .grad, micro-batch by micro-batch.
 
-    The result does not depend on how samples are split into micro-batches.
+    The result does not depend on how samples are split into micro-batches. No device sync: the statistics are
+    accumulated as device tensors (read them once per optimizer step, `UpdateStats.read`).
     """
     stats = UpdateStats()
     for micro in microbatches(samples, microbatch):
         logp, mask = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
         stats.forward_samples += len(micro)
-        stats.tokens += int(mask.sum())
+        stats.tokens += sum(len(s.response_ids) for s in micro)
+        zero = logp.new_zeros(())
+        clipped_sum = approx_kl = kl_loss = kl_sum = zero
         if spec.kind == "sft":
             loss = aggregate_sum(sft_loss(logp), mask, spec.aggregation) / norm
         else:
@@ -69,10 +107,10 @@ def accumulate_gradients(
             adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
             pg_tokens, clipped = policy_loss(logp, old, adv, spec.clip_low, spec.clip_high)
             loss = aggregate_sum(pg_tokens, mask, spec.aggregation) / norm
-            stats.clipped += float((clipped * mask).sum())
+            clipped_sum = (clipped * mask).sum()
             log_ratio = (logp - old).detach()
-            stats.approx_kl_sum += float(((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum())
-        stats.pg += float(loss.detach())
+            approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum()
+        pg = loss.detach()
         if spec.beta > 0:
             if ref is None:
                 raise ValueError("beta > 0 needs a reference model")
@@ -80,10 +118,14 @@ def accumulate_gradients(
             kl = kl_estimate(logp, ref_lp, spec.estimator)
             kl_loss = aggregate_sum(kl, mask, spec.aggregation) / norm
             loss = loss + spec.beta * kl_loss
-            stats.kl_loss += float(kl_loss.detach())
-            stats.kl_sum += float((kl.detach() * mask).sum())
+            kl_sum = (kl.detach() * mask).sum()
         loss.backward()
-        stats.loss += float(loss.detach())
+        with torch.no_grad():
+            # in float64, from 0.0, in micro-batch order: the sums the Python floats once gave, bit for bit
+            step = torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl]).double()
+            if stats.sums is None:
+                stats.sums = torch.zeros_like(step)
+            stats.sums += step
     return stats
 
 

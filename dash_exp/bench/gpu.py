@@ -143,7 +143,7 @@ def run(overrides: list[str], steps: int = 3, cpu: bool = False) -> dict[str, An
     finally:
         for trainer in trainers.values():
             trainer.sink.close()
-        parts.task.close()
+        parts.close()
     return summarize(cfg, rows, fraction, peaks, cpu)
 
 

@@ -106,7 +106,7 @@ def grpo_settings(cfg: Any) -> tuple[dict[str, Any], list[str]]:
     )
     unmatched = [
         "sampling: transformers generate (DynamicCache, multinomial sampling) instead of the harness's own KV-cache "
-        "loop with counter-based Gumbel noise: same distribution, different random draws",
+        "loop with counter-based inverse-CDF noise: same distribution, different random draws",
         "prompt order: TRL's RepeatSampler shuffles the training set with its own seed, not the harness's "
         "ProblemStream order (different prompts each step, same distribution)",
         "micro-batches: TRL shuffles the step batch and pads every micro-batch to the longest prompt and the longest "

@@ -63,6 +63,10 @@ class Sampler(Protocol):
         """Make the next `generate` sample from `policy`'s current weights."""
         ...
 
+    def close(self) -> None:
+        """Release the engine and its memory for good (the sampler is unusable afterwards)."""
+        ...
+
 
 def resolved_rollout(name: str) -> str:
     """auto -> vllm when CUDA is available, hf otherwise."""
@@ -71,8 +75,10 @@ def resolved_rollout(name: str) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path: str) -> Sampler:
-    """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf)."""
+def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path: str,
+                  prompts: Sequence[str] = ()) -> Sampler:
+    """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf). `prompts` (the training prompts)
+    size vLLM's KV cache on GPU: one step batch of the longest prompt plus max_new_tokens."""
     name = resolved_rollout(cfg.rollout.name)
     if name == "hf":
         from dash_exp.batching import COMPUTE_DTYPES
@@ -86,6 +92,15 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path:
     if not vllm_available():
         raise RuntimeError(f"rollout={cfg.rollout.name} needs vLLM, which is not installed: run `make install-vllm` "
                            "(or choose rollout=hf)")
-    sampler = VLLMSampler(model_path, cfg.rollout, cfg.model.dtype, cfg.seed)
+    step_kv_gb = None
+    if torch.cuda.is_available() and prompts:
+        from dash_exp.batching import COMPUTE_DTYPES
+        from dash_exp.config import step_batch
+        from dash_exp.rollout.vllm import kv_cache_gb_for
+
+        longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+        step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
+                                     COMPUTE_DTYPES[cfg.model.dtype])
+    sampler = VLLMSampler(model_path, cfg.rollout, cfg.model.dtype, cfg.seed, step_kv_gb)
     sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
     return sampler

@@ -1,13 +1,22 @@
 """Batched sampling with transformers: left padding, KV cache, stop at EOS, per-token log-probs.
 
-Sampling is Gumbel-max with counter-based noise keyed by (prompt seed, sample index, position, token),
-so a prompt's samples do not depend on which other prompts share its batch: GRPO (small sampler calls)
-and DASH (one large call) see the same rollouts for the same seed.
+Sampling is inverse-CDF with counter-based randomness: at each position a row draws ONE uniform
+u = hash(key, position) in (0, 1] (its key hashed from the prompt seed and the sample index: a [B] integer hash per
+step, nothing [B, vocab]), and takes the first token at which the cumulative softmax of its temperature-scaled,
+top-k/top-p-truncated logits reaches u. So a prompt's samples do not depend on which other prompts share its batch:
+GRPO (small sampler calls) and DASH (one large call) see the same rollouts for the same seed. The distribution is
+softmax's up to float32 resolution (u has 24 random bits; the CDF is a float32 cumulative sum). Per decode step
+the sampling needs one [B, vocab] float32 tensor (the unnormalised probabilities, turned into their CDF in place)
+beside the step's logits (divided by the temperature in place); top-k adds a [B, vocab] bool mask, top-p a sort.
+
+No device sync per decode step: which rows have stopped at EOS is looked at every `CHECK_EVERY` steps (one read);
+rows that stopped in between decode on harmlessly (everything after the first EOS is cut in `_rollouts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
@@ -15,10 +24,15 @@ from dash_exp.batching import compute_autocast
 from dash_exp.rollout.base import Rollout, SamplingParams
 
 _M32 = 0xFFFFFFFF
+# decode steps between two looks at which rows have stopped (each look is one device read)
+CHECK_EVERY = 8
 
 
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finalizer on int64 tensors holding 32-bit values."""
+_Int = TypeVar("_Int", int, torch.Tensor)
+
+
+def _fmix32(x: _Int) -> _Int:
+    """murmur3's 32-bit finalizer, on Python ints or on int64 tensors, holding 32-bit values."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32
     x = x ^ (x >> 13)
@@ -27,33 +41,51 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def mix32(*values: int) -> int:
-    """Hash integers into one 32-bit key."""
-    h = torch.tensor(0x2545F491, dtype=torch.int64)
+    """Hash integers into one 32-bit key (host arithmetic: no tensor, no device read)."""
+    h = 0x2545F491
     for v in values:
-        h = _fmix32((h ^ (v & _M32)) * 0x9E3779B1 & _M32)
-    return int(h)
+        h = _fmix32((h ^ (int(v) & _M32)) * 0x9E3779B1 & _M32)
+    return h
 
 
-def gumbel_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, vocab], a pure function of (key, position, token id)."""
-    token = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    base = _fmix32((token + position * 0x9E3779B1) & _M32)
-    bits = _fmix32(base[None, :] ^ keys[:, None])
-    u = ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(u))
+def uniform_noise(keys: torch.Tensor, position: int) -> torch.Tensor:
+    """One uniform in (0, 1] per row ([B] float32, 24 random bits), a pure function of (key, position)."""
+    bits = _fmix32((keys ^ mix32(position)) * 0x9E3779B1 & _M32)
+    return ((bits >> 8) + 1).to(torch.float32) / float(1 << 24)
+
+
+def inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row i's index drawn with probability weights[i, j] / sum(weights[i]) at its uniform u[i] in (0, 1]: the first
+    index whose cumulative weight reaches u[i] x the row's total. `weights` ([B, V], >= 0, float) is overwritten by
+    its cumulative sums: no temporary beyond [B]."""
+    cdf = weights.cumsum_(-1)
+    token = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * cdf[:, -1:]).squeeze(1)
+    return token.clamp_(max=cdf.shape[-1] - 1)
+
+
+def truncation_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
+    """True where a logit is outside the top-k or outside the top-p nucleus (of the top-k); None when neither
+    is on."""
+    cut = None
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        cut = logits < kth
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits if cut is None else logits.masked_fill(cut, float("-inf")),
+                                          dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        del sorted_logits
+        outside = probs.cumsum(-1).sub_(probs) > top_p
+        del probs
+        outside = outside.scatter(-1, order, outside)
+        cut = outside if cut is None else cut.logical_or_(outside)
+    return cut
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set logits outside the top-k and outside the top-p nucleus to -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(-1) - probs > top_p
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return logits
+    cut = truncation_mask(logits, top_k, top_p)
+    return logits if cut is None else logits.masked_fill(cut, float("-inf"))
 
 
 class HFSampler:
@@ -67,20 +99,39 @@ class HFSampler:
     def offload(self) -> None:
         """Nothing to free: the sampler is the policy."""
 
+    def close(self) -> None:
+        """Nothing to shut down: the policy is the caller's."""
+
     def sync(self, policy: torch.nn.Module) -> None:
         self.model = policy
 
     def _pick(self, logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, t: int):
-        logits = logits.float()
+        """The next token of each row and its log softmax(logits / T) (before truncation); no device sync.
+
+        `logits` ([B, V], this step's model output, which nothing else reads) may be overwritten."""
         if params.greedy:
+            logits = logits.float()
             token = logits.argmax(-1)
             logp = torch.log_softmax(logits, -1)
-        else:
-            logits = logits / params.temperature
-            logp = torch.log_softmax(logits, -1)
-            kept = truncate_logits(logits, params.top_k, params.top_p)
-            token = (kept + gumbel_noise(keys, t, logits.shape[-1])).argmax(-1)
-        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+            return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        scaled = logits.float()
+        if params.temperature != 1.0:
+            scaled.div_(params.temperature)
+        cut = truncation_mask(scaled, params.top_k, params.top_p)
+        top = scaled.amax(-1, keepdim=True)
+        # the one [B, V] temporary: unnormalised probabilities, then (in place) their CDF
+        weights = torch.sub(scaled, top).exp_()
+        log_z = weights.sum(-1, keepdim=True).log_()
+        if cut is not None:
+            weights.masked_fill_(cut, 0.0)
+        token = inverse_cdf_sample(weights, uniform_noise(keys, t))
+        del weights
+        if cut is not None:
+            # a parallel cumsum (CUDA) may round a cut token's cumulative weight past its predecessor's; should u
+            # land in that ulp, take the most likely token instead (never a cut one)
+            token = torch.where(cut.gather(-1, token[:, None]).squeeze(1), scaled.argmax(-1), token)
+        logp = scaled.gather(-1, token[:, None]) - top - log_z
+        return token, logp.squeeze(-1)
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Rollout]:
         """Under autocast in the compute dtype: the fp32 weights are cast once per call (autocast's weight cache),
@@ -111,6 +162,9 @@ class HFSampler:
         # rows still generating; finished rows are dropped from the batch (and the KV cache) as they stop
         active = torch.arange(len(rows), device=device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        # sdpa takes the padding mask as it is when given 4-D (True: attend), which spares transformers a device read
+        # per forward (it checks a 2-D mask for padding to pick its own)
+        mask_4d = getattr(model.config, "_attn_implementation", None) == "sdpa"
         try:
             # the prompt is read once per group; its KV cache and next-token logits are then shared by the n samples
             out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
@@ -122,24 +176,27 @@ class HFSampler:
             for t in range(width_out):
                 token, logp = self._pick(logits, params, keys, t)
                 tokens[active, t], logps[active, t] = token, logp
-                finished |= torch.isin(token, eos)
-                n_done = int(finished.sum())
-                if n_done == len(active) or t == width_out - 1:
+                if t == width_out - 1:
                     break
-                # drop stopped rows once a quarter of the batch has stopped (the KV-cache copy costs about a step);
-                # until then they decode on, and everything after their EOS is cut off in _rollouts
-                if n_done * 4 >= len(active):
-                    keep = (~finished).nonzero().squeeze(1)
-                    active, token, keys, finished = active[keep], token[keep], keys[keep], finished[keep]
-                    attention, next_pos = attention[keep], next_pos[keep]
-                    cache.reorder_cache(keep)
+                finished |= torch.isin(token, eos)
+                if (t + 1) % CHECK_EVERY == 0:
+                    # the look (one device read): stop when every row has stopped; drop stopped rows once a quarter
+                    # of the batch has (the KV-cache copy costs about a step); until then they decode on
+                    alive = (~finished).nonzero().squeeze(1)
+                    if len(alive) == 0:
+                        break
+                    if (len(active) - len(alive)) * 4 >= len(active):
+                        active, token, keys, finished = active[alive], token[alive], keys[alive], finished[alive]
+                        attention, next_pos = attention[alive], next_pos[alive]
+                        cache.reorder_cache(alive)
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-                logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
+                mask = attention[:, None, None, :].bool() if mask_4d else attention
+                logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                                past_key_values=cache, use_cache=True).logits[:, -1]
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)
-        return self._rollouts(rows, tokens[:, : t + 1].cpu(), logps[:, : t + 1].cpu(), eos.cpu())
+        return self._rollouts(rows, tokens[:, : t + 1].cpu(), logps[:, : t + 1].cpu(), self.eos)
 
     @staticmethod
     def _rollouts(rows: list[list[int]], tokens: torch.Tensor, logps: torch.Tensor, eos: torch.Tensor):
@@ -147,8 +204,8 @@ class HFSampler:
         stopped = is_eos.any(1)
         # length up to and including the first EOS; the whole width when truncated
         lengths = torch.where(stopped, is_eos.int().argmax(1) + 1, tokens.shape[1]).tolist()
+        token_rows, logp_rows = tokens.tolist(), logps.tolist()
         return [
-            Rollout(prompt_ids=p, response_ids=tokens[i, :n].tolist(), logprobs=logps[i, :n].tolist(),
-                    truncated=not bool(stopped[i]))
-            for i, (p, n) in enumerate(zip(rows, lengths, strict=True))
+            Rollout(prompt_ids=p, response_ids=token_rows[i][:n], logprobs=logp_rows[i][:n], truncated=not stop)
+            for i, (p, n, stop) in enumerate(zip(rows, lengths, stopped.tolist(), strict=True))
         ]

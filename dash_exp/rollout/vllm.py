@@ -9,6 +9,7 @@ temperature (vLLM's default returns them before temperature), matching training'
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,19 @@ class _ProcessState:
         torch.set_rng_state(self.rng[2])
 
 
-def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: bool) -> dict[str, Any]:
-    """LLM(...) arguments for the configured rollout settings."""
+def kv_cache_gb_for(model_config: Any, sequences: int, tokens: int, dtype: torch.dtype) -> float:
+    """GiB of KV cache that hold `sequences` sequences of `tokens` tokens at once: per token, K and V for every
+    layer and KV head (Qwen2.5-0.5B in bf16: 2 x 24 x 2 x 64 x 2 = 12,288 bytes)."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    per_token = 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * head_dim * dtype.itemsize
+    return sequences * tokens * per_token / 2**30
+
+
+def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: bool,
+                  step_kv_gb: float | None = None) -> dict[str, Any]:
+    """LLM(...) arguments for the configured rollout settings. The KV cache: `rollout.kv_cache_gb` when set;
+    else on GPU `step_kv_gb` (what one step batch needs, so the rest of the GPU stays with training while it
+    backprops), or vLLM's gpu_memory_utilization sizing when that is unknown; on CPU 1 GiB."""
     kwargs: dict[str, Any] = {
         "model": model_path, "tokenizer": model_path, "dtype": dtype, "seed": seed,
         "logprobs_mode": "processed_logprobs",
@@ -60,7 +72,9 @@ def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: 
     }
     if rollout.max_model_len is not None:
         kwargs["max_model_len"] = rollout.max_model_len
-    kv_gb = rollout.kv_cache_gb if rollout.kv_cache_gb is not None else (None if on_gpu else DEFAULT_CPU_KV_CACHE_GB)
+    kv_gb = rollout.kv_cache_gb
+    if kv_gb is None:
+        kv_gb = step_kv_gb if on_gpu else DEFAULT_CPU_KV_CACHE_GB
     if kv_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
     if on_gpu:
@@ -72,7 +86,7 @@ def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: 
 class VLLMSampler:
     """Generates with vLLM from the current policy; `sync` pushes the policy's weights into the engine."""
 
-    def __init__(self, model_path: str, rollout: Any, dtype: str, seed: int) -> None:
+    def __init__(self, model_path: str, rollout: Any, dtype: str, seed: int, step_kv_gb: float | None = None) -> None:
         from vllm import LLM
 
         state = _ProcessState()
@@ -81,8 +95,10 @@ class VLLMSampler:
         self.sleep_mode = self.on_gpu and rollout.enable_sleep_mode
         # the engine runs in the compute dtype; sync casts the fp32 master weights to it
         self.dtype = getattr(torch, dtype)
+        # vLLM sets up torch.distributed for its own (single-process) worker unless the trainer already has
+        self.owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         try:
-            self.llm = LLM(**engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu))
+            self.llm = LLM(**engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu, step_kv_gb))
         finally:
             state.restore()
         self.asleep = False
@@ -121,13 +137,37 @@ class VLLMSampler:
         """Load the policy's current weights into the engine in place, then drop stale prefix-cache entries."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        # in-process: a generator hands over one tensor at a time; worker processes (tensor parallel) need a list
-        weights = list(_weights(policy, self.dtype)) if self.tensor_parallel else _weights(policy, self.dtype)
+        # in-process: a generator hands over one tensor at a time, on the policy's device. Tensor parallel: the
+        # workers are other processes and the list is pickled to each; CUDA tensors would be saved with
+        # torch.save and rebuilt by every worker on cuda:0, so they travel as CPU tensors (in the engine's
+        # dtype), which each worker copies to its own GPU
+        if self.tensor_parallel:
+            weights: Any = [(name, t.cpu()) for name, t in _weights(policy, self.dtype)]
+        else:
+            weights = _weights(policy, self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory now, not at garbage collection: a sweep's next job builds
+        its own engine in this process (vLLM checks free GPU memory at start-up, and sleep mode's allocator
+        serves one engine per process)."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        if self.owns_process_group:
+            cleanup_dist_env_and_memory()  # vLLM's own teardown: its process groups, gc, the CUDA cache
+        else:
+            gc.collect()
+            if self.on_gpu:
+                torch.cuda.empty_cache()
 
 
 def _weights(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
