@@ -32,10 +32,15 @@ class TrainSample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def microbatches(samples: Sequence[TrainSample], size: int) -> list[list[TrainSample]]:
-    """Length-sorted chunks of at most `size` samples (less padding; the summed loss is order-free)."""
+def microbatches(samples: Sequence[TrainSample], size: int, passes: int | None = None) -> list[list[TrainSample]]:
+    """Length-sorted chunks of at most `size` samples (less padding; the summed loss is order-free). With
+    `passes` (data parallel: every rank runs the same number), exactly that many near-equal chunks, empty ones
+    where there are fewer samples than passes."""
     ordered = sorted(samples, key=lambda s: s.length)
-    return [ordered[i: i + size] for i in range(0, len(ordered), size)]
+    if passes is None:
+        return [ordered[i: i + size] for i in range(0, len(ordered), size)]
+    n = len(ordered)
+    return [ordered[k * n // passes: (k + 1) * n // passes] for k in range(passes)]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -77,11 +82,29 @@ def response_logprobs(
     with compute_autocast(device, compute_dtype):
         # right padding under causal attention: no position attends to a later one, so the padding never reaches a
         # real token and no attention mask is needed (a mask makes transformers read it back from the device)
-        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-        logp = token_logprobs(hidden[row, pred_pos], model.get_output_embeddings(), targets, temperature, chunk)
+        hidden, head = final_hidden_states(model, input_ids)
+        logp = token_logprobs(hidden[row, pred_pos], head, targets, temperature, chunk)
     out = logp.new_zeros(mask.shape)
     out[row, col] = logp
     return out, mask.to(device=device, dtype=logp.dtype)
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The decoder's last hidden states [B, L, H] and the LM head, without the [B, L, V] logits.
+
+    An FSDP-sharded model runs its own (root) forward with the head swapped for the identity, so that FSDP's
+    hooks gather the root's parameters (embeddings, final norm, the tied head) and reduce their gradients; the
+    root keeps them gathered after forward, so the real head can then be applied in chunks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    head = model.get_output_embeddings()
+    if not isinstance(model, FSDPModule):
+        return model.get_decoder()(input_ids=input_ids).last_hidden_state, head
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        return model(input_ids=input_ids, use_cache=False).logits, head
+    finally:
+        model.set_output_embeddings(head)
 
 
 def pad_right(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:

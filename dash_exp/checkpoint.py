@@ -77,10 +77,30 @@ def load_policy_weights(policy: torch.nn.Module, path: Path) -> int:
     return int(meta["step"])
 
 
+def full_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The policy's and the optimizer's full state dicts on the CPU, keyed by parameter name: the same files for
+    one process and for an FSDP-sharded policy (gathered; a collective: every rank calls it), so a checkpoint
+    resumes on any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+    """Restore `full_state`'s optimizer state (resharded for an FSDP policy)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def apply_policy_state(policy: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
-    """Load a checkpoint's policy weights; a checkpoint of another model gives one clear error."""
+    """Load a checkpoint's (full) policy weights, sharded or not; a checkpoint of another model gives one clear
+    error."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     try:
-        policy.load_state_dict(state["policy"])
+        set_model_state_dict(policy, state["policy"], options=StateDictOptions(full_state_dict=True))
     except (RuntimeError, KeyError) as exc:
         # torch's first line is generic; the next one names the tensor and the shapes
         detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dash_exp.config import ConfigError, register_configs, resolved_threads, validate
+from dash_exp.distributed import SINGLE, World
 
 register_configs()
 
@@ -56,8 +57,9 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Any, need_train: bool = True) -> Components:
-    """Task, tokenizer, policy, reference (only when kl.beta > 0) and sampler for a validated config."""
+def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any = None) -> Components:
+    """Task, tokenizer, policy, reference (only when kl.beta > 0) and sampler for a validated config; in a
+    data-parallel `world`, the policy sharded with FSDP2 over the ranks."""
     from dash_exp.models import build_reference, load_policy, load_tokenizer, resolve_model_path
     from dash_exp.rollout.base import build_sampler
     from dash_exp.tasks.base import build_task
@@ -74,9 +76,14 @@ def build(cfg: Any, need_train: bool = True) -> Components:
     tokenizer = load_tokenizer(path)
     if task is None:
         task = build_task(cfg.task, tokenizer, need_train)
-    policy = load_policy(path, gradient_checkpointing=cfg.model.gradient_checkpointing)
-    ref = build_reference(path, cfg.model.dtype) if cfg.kl.beta > 0 else None
-    sampler = build_sampler(cfg, policy, tokenizer, path, [p.prompt for p in task.train])
+    policy = load_policy(path, device, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if world.parallel:
+        from dash_exp.batching import COMPUTE_DTYPES
+        from dash_exp.distributed import shard
+
+        shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device)
+    ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 else None
+    sampler = build_sampler(cfg, policy, tokenizer, path, [p.prompt for p in task.train], world.parallel)
     return Components(task, tokenizer, policy, ref, sampler, sft_items)
 
 
@@ -106,32 +113,42 @@ def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run, end to end; returns the summary also written to run_dir/summary.json."""
     from dash_exp.checkpoint import read_meta
-    from dash_exp.tracking import MetricSink
+    from dash_exp.distributed import all_gather, check_world, init, world_from_env
+    from dash_exp.tracking import MetricSink, NullSink
     from dash_exp.trainer import Trainer
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # torchrun (or SLURM) may start several ranks: rank 0 alone writes the run dir and logs
+    world = world_from_env()
+    check_world(cfg, world)
+    device = init(world)
+    # each rank's Hydra picked its own time-stamped output dir: rank 0's is the run's
+    run_dir = Path(all_gather(str(cfg.run_dir), world)[0])
+    cfg.run_dir = str(run_dir)
     seed_everything(cfg.seed, resolved_threads(cfg))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    parts = build(cfg)
-    ckpt = prepare_run_dir(run_dir, cfg.resume)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    parts = build(cfg, world=world, device=device)
+    ckpt = all_gather(prepare_run_dir(run_dir, cfg.resume) if world.main else None, world)[0]
     tuned = auto_tune(cfg, parts, run_dir, reuse=ckpt is not None) if cfg.tune == "auto" else None
     if tuned is not None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     resume_id = read_meta(ckpt).get("wandb_id") if ckpt else None
     config = OmegaConf.to_container(cfg, resolve=True)
-    sink = MetricSink(run_dir, cfg.logger, run_name(cfg), run_name(cfg), config, resume_id)  # type: ignore[arg-type]
+    sink = (MetricSink(run_dir, cfg.logger, run_name(cfg), run_name(cfg), config, resume_id)  # type: ignore[arg-type]
+            if world.main else NullSink())
     if tuned is not None and ckpt is None:
         sink.log(0, tuned.metrics())
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
-                          ref=parts.ref, sft_items=parts.sft_items)
-        summary = {"run": run_name(cfg), "run_dir": str(run_dir), **trainer.fit(ckpt)}
+                          ref=parts.ref, sft_items=parts.sft_items, world=world)
+        summary = {"run": run_name(cfg), "run_dir": str(run_dir), "world_size": world.size, **trainer.fit(ckpt)}
     finally:
         parts.close()
     sink.close(summary["final"])
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    report(summary, next(iter(parts.task.evals)))
+    if world.main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        report(summary, next(iter(parts.task.evals)))
     return summary
 
 
@@ -211,6 +228,10 @@ def main(cfg: DictConfig) -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         raise
+    finally:
+        from dash_exp.distributed import leave
+
+        leave()
 
 
 if __name__ == "__main__":

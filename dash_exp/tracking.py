@@ -110,6 +110,18 @@ def wandb_mode(requested: str) -> str:
     return requested
 
 
+class NullSink:
+    """The sink of a data-parallel rank other than 0 (rank 0 logs for the whole job)."""
+
+    wandb_id = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Rank 0 logs."""
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Nothing to close."""
+
+
 class MetricSink:
     """Writes each step's metrics as one JSON line (flushed) and, if enabled, to a W&B run."""
 

@@ -20,9 +20,17 @@ from dash_exp.algorithms.advantages import gradient_filter, group_advantages
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
-from dash_exp.checkpoint import apply_policy_state, load_checkpoint, save_checkpoint
+from dash_exp.checkpoint import (
+    apply_policy_state,
+    full_state,
+    load_checkpoint,
+    load_full_optimizer_state,
+    save_checkpoint,
+)
 from dash_exp.config import resolved_inference_batch, step_batch
+from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, full_tensor
 from dash_exp.evaluate import evaluate, generate_in_chunks
+from dash_exp.reward import GradeResult
 from dash_exp.rollout.base import Sampler, SamplingParams
 from dash_exp.rollout.hf import mix32
 from dash_exp.tasks.base import Problem, ProblemStream
@@ -57,9 +65,9 @@ class Trainer:
 
     def __init__(self, cfg: Any, policy: torch.nn.Module, tokenizer: Any, sampler: Sampler, task: Any,
                  sink: MetricSink, run_dir: Path, ref: torch.nn.Module | None = None,
-                 sft_items: list[Problem] | None = None) -> None:
+                 sft_items: list[Problem] | None = None, world: World = SINGLE) -> None:
         self.cfg, self.policy, self.sampler, self.task, self.sink = cfg, policy, sampler, task, sink
-        self.ref, self.run_dir = ref, run_dir
+        self.ref, self.run_dir, self.world = ref, run_dir, world
         self.tokens = TokenCache(tokenizer)
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.is_sft = cfg.algorithm.name == "sft"
@@ -80,21 +88,25 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "stream": self.stream.state_dict()}
+        """Full (unsharded) policy and optimizer state on the CPU, whatever the world size, so a run resumes on
+        any number of ranks (a collective under data parallelism: every rank calls it)."""
+        policy, optimizer = full_state(self.policy, self.optimizer)
+        state = {"policy": policy, "optimizer": optimizer, "stream": self.stream.state_dict()}
         meta = {"elapsed": self.elapsed, "initial_eval": self.initial_eval, "wandb_id": self.sink.wandb_id,
                 "nonfinite_total": self.nonfinite_total}
         return state, meta
 
     def save(self) -> None:
         state, meta = self.state()
-        save_checkpoint(self.run_dir, self.step, state, meta, keep=self.cfg.keep_checkpoints)
+        if self.world.main:
+            save_checkpoint(self.run_dir, self.step, state, meta, keep=self.cfg.keep_checkpoints)
+        barrier(self.world)
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint; push the restored weights to the sampler."""
         state, meta = load_checkpoint(path)
         apply_policy_state(self.policy, state, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_optimizer_state(self.policy, self.optimizer, state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.elapsed, self.initial_eval = meta["step"], meta["elapsed"], meta["initial_eval"]
         self.nonfinite_total = meta["nonfinite_total"]
@@ -109,7 +121,8 @@ class Trainer:
             self.initial_eval = self.evaluate()
             self.sink.log(0, self.initial_eval)
         bar = tqdm(range(self.step + 1, self.steps + 1), initial=self.step, total=self.steps,
-                   desc=f"{self.cfg.algorithm.name} kl={self.cfg.kl.name}", unit="step", dynamic_ncols=True)
+                   desc=f"{self.cfg.algorithm.name} kl={self.cfg.kl.name}", unit="step", dynamic_ncols=True,
+                   disable=not self.world.main)
         last: dict[str, float] = {}
         for step in bar:
             try:
@@ -168,8 +181,11 @@ class Trainer:
         """Sample, grade and score one step batch: (samples with advantages, gradient-filter mask, metrics)."""
         cfg = self.cfg
         problems: list[Problem] = self.stream.next(cfg.prompts_per_step)
-        prompts = [self.tokens(p.prompt) for p in problems]
-        seeds = [mix32(cfg.seed, step, i) for i in range(len(problems))]
+        # data parallel: this rank's share of the prompts (whole groups), each with its step-batch seed, so the
+        # rollouts are those one process would sample; then every rank gathers the whole step batch
+        mine = self.world.shares(len(problems))
+        prompts = [self.tokens(p.prompt) for p in problems[mine]]
+        seeds = [mix32(cfg.seed, step, i) for i in range(len(problems))][mine]
         with self.timers("inference"):
             start = time.perf_counter()
             rollouts = generate_in_chunks(self.sampler, prompts, self.sampling, seeds,
@@ -178,7 +194,13 @@ class Trainer:
             self.sampler.offload()
         with self.timers("reward"):
             texts = [self.tokens.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-            graded = self.task.score(texts, [p for p in problems for _ in range(cfg.group_size)])
+            graded = self.task.score(texts, [p for p in problems[mine] for _ in range(cfg.group_size)])
+        if self.world.parallel:
+            gathered = all_gather((rollouts, graded, gen_time), self.world)
+            rollouts = [r for part, _, _ in gathered for r in part]
+            graded = GradeResult([x for _, g, _ in gathered for x in g.rewards],
+                                 sum(g.timeouts for _, g, _ in gathered), sum(g.unparsed for _, g, _ in gathered))
+            gen_time = max(t for _, _, t in gathered)
         rewards = torch.tensor(graded.rewards)
         adv = group_advantages(rewards, cfg.group_size, cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
         keep = gradient_filter(adv, cfg.filter_threshold)
@@ -209,12 +231,11 @@ class Trainer:
             start = time.perf_counter()
             off_policy = a.ppo_epochs * a.ppo_minibatches > 1
             if off_policy:
-                old_logprobs(self.policy, [s for s, k in zip(samples, keep, strict=True) if k], self.pad_id,
-                             self.spec, cfg.train_microbatch)
+                self.old_logprobs([s for s, k in zip(samples, keep, strict=True) if k])
             # running sums of the optimizer steps' statistics, as host floats (each step's are read once, together
             # with its gradient norm, in optimizer_step: the update's only device reads)
             total = UpdateStats().as_dict()
-            grad_norms, optimizer_steps = [], 0
+            grad_norms, optimizer_steps, kept_per_rank, balance = [], 0, [], []
             indices = list(range(len(samples)))
             size = len(samples) // a.ppo_minibatches
             for epoch in range(a.ppo_epochs):
@@ -227,8 +248,20 @@ class Trainer:
                     kept = [samples[i] for i in chunk if keep[i]]
                     if not kept:
                         continue
-                    stats = accumulate_gradients(self.policy, kept, self.spec, norm, cfg.train_microbatch,
-                                                 self.pad_id, self.ref)
+                    if self.world.parallel:  # every rank holds the same `kept`: deal it out by tokens
+                        shares, passes = deal([s.length for s in kept], self.world.size, cfg.train_microbatch)
+                        kept_per_rank += [len(share) for share in shares]
+                        rank_tokens = [sum(kept[i].length for i in share) for share in shares]
+                        balance.append(min(rank_tokens) / max(rank_tokens))
+                        stats = accumulate_gradients(self.policy, [kept[i] for i in shares[self.world.rank]],
+                                                     self.spec, norm, cfg.train_microbatch, self.pad_id, self.ref,
+                                                     passes)
+                        torch.distributed.all_reduce(stats.sums)  # the step's sums over all ranks
+                        stats.tokens = sum(len(s.response_ids) for s in kept)
+                        stats.forward_samples = len(kept)
+                    else:
+                        stats = accumulate_gradients(self.policy, kept, self.spec, norm, cfg.train_microbatch,
+                                                     self.pad_id, self.ref)
                     grad_norm = self.optimizer_step(stats)
                     if grad_norm is None:
                         continue
@@ -238,7 +271,10 @@ class Trainer:
             update_time = time.perf_counter() - start
         tokens = max(total["tokens"], 1)
         n_opt = max(optimizer_steps, 1)
+        parallel = {"dist/kept_per_rank_min": min(kept_per_rank), "dist/kept_per_rank_max": max(kept_per_rank),
+                    "dist/token_balance": min(balance)} if kept_per_rank else {}
         return {
+            **parallel,
             "loss/total": total["loss"] / n_opt, "loss/pg": total["pg"] / n_opt, "loss/kl": total["kl_loss"] / n_opt,
             "kl/mean": total["kl_sum"] / tokens, "ppo/clip_frac": total["clipped"] / tokens,
             "ppo/approx_kl": total["approx_kl_sum"] / tokens, "ppo/optimizer_steps": optimizer_steps,
@@ -247,12 +283,29 @@ class Trainer:
             "throughput/train_tokens_per_s": total["tokens"] / max(update_time, 1e-9),
         }
 
+    def old_logprobs(self, kept: list[TrainSample]) -> None:
+        """PPO: the pre-update policy's log-probs of the kept samples (data parallel: each rank computes its deal,
+        then every rank gathers all of them)."""
+        cfg = self.cfg
+        if not self.world.parallel:
+            old_logprobs(self.policy, kept, self.pad_id, self.spec, cfg.train_microbatch)
+            return
+        shares, passes = deal([s.length for s in kept], self.world.size, cfg.train_microbatch)
+        mine = [kept[i] for i in shares[self.world.rank]]
+        old_logprobs(self.policy, mine, self.pad_id, self.spec, cfg.train_microbatch, passes)
+        computed = all_gather([s.old_logprobs.cpu() for s in mine], self.world)
+        device = next(self.policy.parameters()).device
+        for share, logprobs in zip(shares, computed, strict=True):
+            for i, lp in zip(share, logprobs, strict=True):
+                kept[i].old_logprobs = lp.to(device)
+
     def optimizer_step(self, stats: UpdateStats) -> float | None:
         """Clip and step; returns the gradient norm, or None when the step was skipped as non-finite.
 
         The step's one device read: the gradient norm together with `stats`' sums (its loss decides the skip)."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-        norm = stats.read(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))[-1]
+        # FSDP: the norm of the whole (sharded) gradient, the same on every rank, so all ranks skip or step alike
+        norm = stats.read(full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)))[-1]
         loss = stats.loss
         if not (math.isfinite(norm) and math.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)

@@ -86,14 +86,20 @@ def accumulate_gradients(
     microbatch: int,
     pad_id: int,
     ref: torch.nn.Module | None = None,
+    passes: int | None = None,
 ) -> UpdateStats:
     """Add d(sum of weighted token losses / norm)/d(theta) of `samples` into .grad, micro-batch by micro-batch.
 
     The result does not depend on how samples are split into micro-batches. No device sync: the statistics are
-    accumulated as device tensors (read them once per optimizer step, `UpdateStats.read`).
+    accumulated as device tensors (read them once per optimizer step, `UpdateStats.read`). `passes` (data
+    parallel): run exactly that many forward/backward passes, zero-weight ones where samples run out, so that
+    every rank joins the same FSDP collectives.
     """
-    stats = UpdateStats()
-    for micro in microbatches(samples, microbatch):
+    stats = UpdateStats(sums=torch.zeros(len(SUMS), dtype=torch.float64, device=next(policy.parameters()).device))
+    for micro in microbatches(samples, microbatch, passes):
+        if not micro:
+            idle_pass(policy, pad_id, spec, backward=True)
+            continue
         logp, mask = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
         stats.forward_samples += len(micro)
         stats.tokens += sum(len(s.response_ids) for s in micro)
@@ -122,11 +128,17 @@ def accumulate_gradients(
         loss.backward()
         with torch.no_grad():
             # in float64, from 0.0, in micro-batch order: the sums the Python floats once gave, bit for bit
-            step = torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl]).double()
-            if stats.sums is None:
-                stats.sums = torch.zeros_like(step)
-            stats.sums += step
+            stats.sums += torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl]).double()
     return stats
+
+
+def idle_pass(policy: torch.nn.Module, pad_id: int, spec: LossSpec, backward: bool) -> None:
+    """A forward (and backward) of one pad token with zero weight: a data-parallel rank with nothing left to do
+    still takes part in the sharded model's collectives; the gradient is unchanged."""
+    logp, _ = response_logprobs(policy, [TrainSample([pad_id], [pad_id])], pad_id, spec.temperature,
+                                spec.compute_dtype, spec.logprob_chunk)
+    if backward:
+        (logp.sum() * 0.0).backward()
 
 
 def reference_logprobs(
@@ -144,10 +156,15 @@ def reference_logprobs(
 
 @torch.no_grad()
 def old_logprobs(
-    policy: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, spec: LossSpec, microbatch: int
+    policy: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, spec: LossSpec, microbatch: int,
+    passes: int | None = None,
 ) -> None:
-    """Store log-probs of the pre-update policy on each sample (needed only for off-policy PPO)."""
-    for micro in microbatches(samples, microbatch):
+    """Store log-probs of the pre-update policy on each sample (needed only for off-policy PPO); `passes` as in
+    accumulate_gradients."""
+    for micro in microbatches(samples, microbatch, passes):
+        if not micro:
+            idle_pass(policy, pad_id, spec, backward=False)
+            continue
         lp, _ = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
         for s, row in zip(micro, lp, strict=True):
             s.old_logprobs = row[: len(s.response_ids)].clone()

@@ -92,8 +92,8 @@ class HFSampler:
     """Samples from the live policy module (colocated: `sync` has nothing to copy)."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, eos_ids: Sequence[int],
-                 compute_dtype: torch.dtype = torch.float32) -> None:
-        self.model, self.pad_id, self.compute_dtype = model, pad_id, compute_dtype
+                 compute_dtype: torch.dtype = torch.float32, own_copy: bool = False) -> None:
+        self.model, self.pad_id, self.compute_dtype, self.own_copy = model, pad_id, compute_dtype, own_copy
         self.eos = torch.tensor(list(eos_ids))
 
     def offload(self) -> None:
@@ -103,7 +103,17 @@ class HFSampler:
         """Nothing to shut down: the policy is the caller's."""
 
     def sync(self, policy: torch.nn.Module) -> None:
-        self.model = policy
+        """Sample from `policy` itself, or (own_copy: data parallel, the policy is sharded over ranks) copy its
+        full tensors, one at a time and in the same order on every rank, into this rank's unsharded copy."""
+        if not self.own_copy:
+            self.model = policy
+            return
+        from dash_exp.distributed import full_tensor
+
+        target = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in policy.state_dict().items():
+                target[name].copy_(full_tensor(tensor))
 
     def _pick(self, logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, t: int):
         """The next token of each row and its log softmax(logits / T) (before truncation); no device sync.

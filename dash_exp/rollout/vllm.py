@@ -86,7 +86,8 @@ def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: 
 class VLLMSampler:
     """Generates with vLLM from the current policy; `sync` pushes the policy's weights into the engine."""
 
-    def __init__(self, model_path: str, rollout: Any, dtype: str, seed: int, step_kv_gb: float | None = None) -> None:
+    def __init__(self, model_path: str, rollout: Any, dtype: str, seed: int, step_kv_gb: float | None = None,
+                 data_parallel: bool = False) -> None:
         from vllm import LLM
 
         state = _ProcessState()
@@ -98,7 +99,10 @@ class VLLMSampler:
         # vLLM sets up torch.distributed for its own (single-process) worker unless the trainer already has
         self.owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         try:
-            self.llm = LLM(**engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu, step_kv_gb))
+            kwargs = engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu, step_kv_gb)
+            if data_parallel:  # one engine per rank, in the rank's process, on the trainer's process group
+                kwargs["distributed_executor_backend"] = "external_launcher"
+            self.llm = LLM(**kwargs)
         finally:
             state.restore()
         self.asleep = False
@@ -174,5 +178,7 @@ def _weights(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str,
     """The policy's weights in checkpoint format and the engine's dtype, streamed one tensor at a time: each fp32
     master is cast when its turn comes (no copy at all when the dtypes agree). Tied weights appear under both
     names, as in a checkpoint: vLLM re-ties them only when it sees both."""
-    for name, tensor in policy.state_dict().items():
-        yield name, tensor.detach().to(dtype)
+    from dash_exp.distributed import full_tensor
+
+    for name, tensor in policy.state_dict().items():  # sharded (data parallel): gathered, in the same order on all
+        yield name, full_tensor(tensor.detach()).to(dtype)

@@ -1,0 +1,156 @@
+"""Data parallelism on torch.distributed: one process per device under torchrun, the policy sharded with FSDP2.
+
+The math is the single-process math. Every rank samples its share of the step's prompts (whole groups), then the
+rollouts are gathered so every rank holds the whole step batch: advantages, the normalizer (before filtering) and
+the gradient filter are computed exactly as with one process. The kept samples are then dealt out across ranks
+by tokens (`deal`), every rank runs the same number of forward/backward passes (a rank short of samples runs
+zero-weight passes, so FSDP's collectives always pair up), each rank's loss is divided by the GLOBAL normalizer,
+and FSDP sums the gradients (divide factor 1), so the update equals the one-process update. World size 1 is the
+plain code path: no process group, no sharding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job (torchrun's RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shares(self, n: int) -> slice:
+        """This rank's contiguous share of n items (n divisible by the world size)."""
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+# one process, no process group
+SINGLE = World()
+
+
+def world_from_env() -> World:
+    """The world torchrun (or SLURM through submitit) describes; size 1 without it."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_world(cfg: Any, world: World) -> None:
+    """Reject what data parallelism cannot run, in one line, before any model loads."""
+    from dash_exp.config import ConfigError
+
+    if not world.parallel:
+        return
+    if cfg.prompts_per_step % world.size:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: expected a multiple of the world size "
+                          f"{world.size} (each rank samples whole groups of an equal share of the prompts)")
+    if cfg.tune == "auto":
+        raise ConfigError(f"tune=auto: probes one process's memory; with {world.size} ranks set train_microbatch "
+                          "and inference_batch (or tune once with one process and reuse its numbers)")
+    if torch.cuda.is_available() and world.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={world.local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                          "visible: start at most one process per GPU (torchrun --nproc-per-node)")
+
+
+def init(world: World) -> torch.device:
+    """Join the process group (NCCL with CUDA, gloo on CPU) and return this rank's device; no group for size 1."""
+    if not torch.cuda.is_available():
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if world.parallel and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def leave() -> None:
+    """Leave the process group (torchrun ranks), if this process joined one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def shard(policy: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """FSDP2: every decoder layer and the root sharded over all ranks, fp32 parameters gathered in the compute
+    dtype, gradients reduced in fp32 and SUMMED (divide factor 1: the loss is already divided by the global
+    normalizer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    reduce_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 (fp64 for a float64 test policy)
+    policy_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
+    for layer in policy.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy_mp)
+    fully_shard(policy, mesh=mesh, mp_policy=policy_mp)
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            # a plain SUM reduce-scatter: FSDP's default averages (AVG), a factor alone becomes PREMUL_SUM, which
+            # gloo lacks
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return policy
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP-sharded DTensor (a collective: every rank calls it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def barrier(world: World) -> None:
+    if world.parallel:
+        torch.distributed.barrier()
+
+
+def all_gather(obj: Any, world: World) -> list[Any]:
+    """Every rank's `obj`, in rank order (just [obj] for one process)."""
+    if not world.parallel:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: Sequence[float], world: World) -> list[float]:
+    """Element-wise sum over ranks of a list of numbers (one collective)."""
+    if not world.parallel:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def deal(lengths: Sequence[int], size: int, microbatch: int) -> tuple[list[list[int]], int]:
+    """Which items each of `size` ranks processes, and the forward/backward passes every rank runs.
+
+    Longest first, each item to the rank with the fewest tokens so far among those with room (every rank gets
+    floor or ceil of n / size items), so ranks carry about the same tokens. Passes: the fewest micro-batches of at
+    most `microbatch` items that hold the largest share; every rank splits its share into that many micro-batches
+    (a rank left with fewer items than passes, or none, pads with zero-weight passes). The same on every rank.
+    """
+    n = len(lengths)
+    cap = -(-n // size)
+    tokens, shares = [0] * size, [[] for _ in range(size)]
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        rank = min((r for r in range(size) if len(shares[r]) < cap), key=lambda r: (tokens[r], r))
+        shares[rank].append(i)
+        tokens[rank] += lengths[i]
+    return [sorted(share) for share in shares], -(-cap // microbatch)
