@@ -100,10 +100,11 @@ run: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [ARGS="model=... task=..."]
+# one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [LAUNCHER=slurm|local_parallel]
+# [ARGS="model=... task=... hydra.launcher.partition=gpu"]; no LAUNCHER: one job after another in this process
 SWEEP ?= kl
 sweep: $(STAMP)
-	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(ARGS)
+	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
 
 # every figure (PNG + PDF) and table into figures/, from the runs under multirun/ (or a W&B project:
 # make figures WANDB_PROJECT=entity/project)
@@ -117,20 +118,14 @@ traces/sft_m.jsonl: | $(STAMP)
 
 traces: traces/sft_m.jsonl
 
-# all tiny sweeps (two lanes, one thread each, on 2 cores), then the figures; <= 45 min on 2 cores
+# all tiny sweeps, each two jobs at a time (hydra/launcher=local_parallel: joblib, one thread per job on 2 cores),
+# then the figures
+REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl batch_sizes
 reproduce: traces/sft_m.jsonl
-	$(MAKE) -j2 reproduce-lane-a reproduce-lane-b
+	@set -e; for sweep in $(REPRODUCE_SWEEPS); do \
+		$(BIN)/python -m dash_exp.run +sweep=$$sweep hydra/launcher=local_parallel threads=1 logger=none; \
+	done
 	$(MAKE) figures
-
-.PHONY: reproduce-lane-a reproduce-lane-b
-reproduce-lane-a: $(STAMP)
-	$(BIN)/python -m dash_exp.run +sweep=algorithms threads=1 logger=none
-	$(BIN)/python -m dash_exp.run +sweep=kl threads=1 logger=none
-	$(BIN)/python -m dash_exp.run +sweep=batch_sizes threads=1 logger=none
-
-reproduce-lane-b: traces/sft_m.jsonl
-	$(BIN)/python -m dash_exp.run +sweep=sft_vs_rl threads=1 logger=none
-	$(BIN)/python -m dash_exp.run +sweep=pg_vs_ppo threads=1 logger=none
 
 lint: $(STAMP)
 	$(BIN)/ruff check dash_exp tests analysis

@@ -132,9 +132,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Every directory below root (root included) with a config.yaml, skipping checkpoints and W&B dirs."""
+    """Every directory below root (root included) with a config.yaml, or with an error.txt (a sweep job that
+    failed before writing its config), skipping checkpoints and W&B dirs."""
     root = Path(root)
-    found = [] if not root.is_dir() else sorted(p.parent for p in root.rglob("config.yaml"))
+    found = [] if not root.is_dir() else sorted({p.parent for name in ("config.yaml", "error.txt")
+                                                 for p in root.rglob(name)})
     return [d for d in found if not ({"checkpoints", "wandb", ".hydra", "previous"} & set(d.relative_to(root).parts))]
 
 

@@ -46,7 +46,15 @@ SINGLE = World()
 
 
 def world_from_env() -> World:
-    """The world torchrun (or SLURM through submitit) describes; size 1 without it."""
+    """The world torchrun describes, or a submitit job of several tasks (hydra/launcher=slurm with nodes x
+    tasks_per_node > 1: its variables are exported as torchrun's); size 1 without either."""
+    if "RANK" not in os.environ and "SUBMITIT_EXECUTOR" in os.environ:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:
+            # every task sees all of its node's GPUs and takes cuda:LOCAL_RANK
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                  int(os.environ.get("LOCAL_RANK", 0)))
 

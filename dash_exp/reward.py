@@ -148,6 +148,10 @@ class _Worker:
     """One spawned grading process and its pipe; stopped on close, garbage collection or interpreter exit."""
 
     def __init__(self, timeout_s: int) -> None:
+        if multiprocessing.get_start_method(allow_none=True) not in (None, *multiprocessing.get_all_start_methods()):
+            # a joblib (loky) worker, e.g. a job of hydra/launcher=local_parallel: the spawned child would be told
+            # to use "loky", which it does not know, and die at start-up
+            multiprocessing.set_start_method("spawn", force=True)
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(
