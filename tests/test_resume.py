@@ -139,3 +139,18 @@ def test_resume_never_starts_from_scratch(make_cfg, tmp_path):
     assert [r["step"] for r in metrics(run_dir)] == [0, 1, 2, 2]
     archived = list((run_dir / "previous").glob("*/checkpoints/step_00000004"))
     assert len(archived) == 1 and [r["step"] for r in metrics(archived[0].parent.parent)][-1] == 4
+
+
+def test_a_bf16_compute_run_resumes_bit_exactly_from_its_fp32_masters(make_cfg, tmp_path):
+    # model.dtype=bfloat16: checkpoints hold the fp32 master weights and fp32 AdamW moments; resuming them gives
+    # the uninterrupted run's weights bit for bit
+    common = ["algorithm=dash", "save_every=2", "model.dtype=bfloat16"]
+    dir_a, dir_b = tmp_path / "A", tmp_path / "B"
+    train(make_cfg(*common, "steps=4", f"run_dir={dir_a}"))
+    train(make_cfg(*common, "steps=2", f"run_dir={dir_b}"))
+    assert train(make_cfg(*common, "steps=4", f"run_dir={dir_b}"))["resumed"] is True
+    a4, b4 = state_at(dir_a, 4), state_at(dir_b, 4)
+    assert {t.dtype for t in a4["policy"].values()} == {torch.float32}
+    assert_same_tensors(a4["policy"], b4["policy"])
+    for k in a4["optimizer"]["state"]:
+        assert_same_tensors(a4["optimizer"]["state"][k], b4["optimizer"]["state"][k])
