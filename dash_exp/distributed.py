@@ -12,7 +12,7 @@ plain code path: no process group, no sharding.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,14 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def full_weights(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights by checkpoint name, one whole tensor at a time, in `dtype` (each fp32 master cast when
+    its turn comes; no copy when the dtypes agree). Sharded: each gathered, in the same order on every rank (a
+    collective). Tied weights appear under both names, as in a checkpoint."""
+    for name, tensor in policy.state_dict().items():
+        yield name, full_tensor(tensor.detach()).to(dtype)
+
+
 def barrier(world: World) -> None:
     if world.parallel:
         torch.distributed.barrier()
@@ -135,15 +143,6 @@ def all_gather(obj: Any, world: World) -> list[Any]:
     out: list[Any] = [None] * world.size
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def all_sum(values: Sequence[float], world: World) -> list[float]:
-    """Element-wise sum over ranks of a list of numbers (one collective)."""
-    if not world.parallel:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 def deal(lengths: Sequence[int], size: int, microbatch: int) -> tuple[list[list[int]], int]:

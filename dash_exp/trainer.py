@@ -248,20 +248,16 @@ class Trainer:
                     kept = [samples[i] for i in chunk if keep[i]]
                     if not kept:
                         continue
-                    if self.world.parallel:  # every rank holds the same `kept`: deal it out by tokens
-                        shares, passes = deal([s.length for s in kept], self.world.size, cfg.train_microbatch)
+                    shares, passes = self.deal(kept)
+                    stats = accumulate_gradients(self.policy, [kept[i] for i in shares[self.world.rank]], self.spec,
+                                                 norm, cfg.train_microbatch, self.pad_id, self.ref, passes)
+                    if self.world.parallel:
                         kept_per_rank += [len(share) for share in shares]
                         rank_tokens = [sum(kept[i].length for i in share) for share in shares]
                         balance.append(min(rank_tokens) / max(rank_tokens))
-                        stats = accumulate_gradients(self.policy, [kept[i] for i in shares[self.world.rank]],
-                                                     self.spec, norm, cfg.train_microbatch, self.pad_id, self.ref,
-                                                     passes)
                         torch.distributed.all_reduce(stats.sums)  # the step's sums over all ranks
                         stats.tokens = sum(len(s.response_ids) for s in kept)
                         stats.forward_samples = len(kept)
-                    else:
-                        stats = accumulate_gradients(self.policy, kept, self.spec, norm, cfg.train_microbatch,
-                                                     self.pad_id, self.ref)
                     grad_norm = self.optimizer_step(stats)
                     if grad_norm is None:
                         continue
@@ -283,16 +279,21 @@ class Trainer:
             "throughput/train_tokens_per_s": total["tokens"] / max(update_time, 1e-9),
         }
 
+    def deal(self, kept: list[TrainSample]) -> tuple[list[list[int]], int | None]:
+        """Which of the step's kept samples each rank processes, and the passes every rank runs (None: one
+        process, all of them, micro-batches as they come)."""
+        if not self.world.parallel:
+            return [list(range(len(kept)))], None
+        return deal([s.length for s in kept], self.world.size, self.cfg.train_microbatch)
+
     def old_logprobs(self, kept: list[TrainSample]) -> None:
         """PPO: the pre-update policy's log-probs of the kept samples (data parallel: each rank computes its deal,
         then every rank gathers all of them)."""
-        cfg = self.cfg
-        if not self.world.parallel:
-            old_logprobs(self.policy, kept, self.pad_id, self.spec, cfg.train_microbatch)
-            return
-        shares, passes = deal([s.length for s in kept], self.world.size, cfg.train_microbatch)
+        shares, passes = self.deal(kept)
         mine = [kept[i] for i in shares[self.world.rank]]
-        old_logprobs(self.policy, mine, self.pad_id, self.spec, cfg.train_microbatch, passes)
+        old_logprobs(self.policy, mine, self.pad_id, self.spec, self.cfg.train_microbatch, passes)
+        if not self.world.parallel:
+            return
         computed = all_gather([s.old_logprobs.cpu() for s in mine], self.world)
         device = next(self.policy.parameters()).device
         for share, logprobs in zip(shares, computed, strict=True):

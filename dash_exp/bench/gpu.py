@@ -16,7 +16,6 @@ log-prob forward+backward chunked (model.logprob_chunk=null) against unchunked.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,32 +50,26 @@ def synthetic_score(seed: int) -> Callable[[Sequence[str], Sequence[Any]], Any]:
     return score
 
 
-def _cuda_peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-
-
-def _reset_cuda_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def timed_rl_step(trainer: Any, step: int) -> dict[str, Any]:
-    """One RL step of the real trainer (collect, update, sync, as Trainer.rl_step) with the peak CUDA memory of
-    generation and of the update measured separately."""
+def phase_peaks(trainer: Any) -> Callable[[int], dict[str, Any]]:
+    """`timed_step` of the real trainer, its metrics joined by the peak CUDA memory allocated while generating
+    (`collect`) and while updating (`update`), each measured on its own (None on CPU)."""
     device = next(trainer.policy.parameters()).device
-    start = time.perf_counter()
-    trainer.step = step
-    _reset_cuda_peak(device)
-    samples, keep, metrics = trainer.collect(step)
-    metrics["mem/inference_cuda_peak_mb"] = _cuda_peak_mb(device)
-    _reset_cuda_peak(device)
-    metrics.update(trainer.update(samples, keep, step))
-    metrics["mem/update_cuda_peak_mb"] = _cuda_peak_mb(device)
-    with trainer.timers("sync"):
-        trainer.sampler.sync(trainer.policy)
-    metrics.update(trainer.timers.pop())
-    metrics["time/step"] = time.perf_counter() - start
-    return metrics
+    peaks: dict[str, float | None] = {}
+
+    def measured(phase: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                return phase(*args, **kwargs)
+            finally:
+                peaks[key] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+        return call
+
+    trainer.collect = measured(trainer.collect, "mem/inference_cuda_peak_mb")
+    trainer.update = measured(trainer.update, "mem/update_cuda_peak_mb")
+    return lambda step: {**trainer.timed_step(step), **peaks}
 
 
 def changed_fraction(policy: torch.nn.Module, step: Callable[[], Any]) -> float:
@@ -132,12 +125,13 @@ def run(overrides: list[str], steps: int = 3, cpu: bool = False) -> dict[str, An
     rows: dict[str, list[dict[str, Any]]] = {a: [] for a in ALGORITHMS}
     try:
         grpo = trainers["grpo"]
+        timed_step = {a: phase_peaks(trainer) for a, trainer in trainers.items()}
         # one step at the recipe's lr: fp32 masters must move (nearly) every weight; bf16 weights would not
-        fraction = changed_fraction(grpo.policy, lambda: rows["grpo"].append(timed_rl_step(grpo, 1)))
-        rows["dash"].append(timed_rl_step(trainers["dash"], 1))
+        fraction = changed_fraction(grpo.policy, lambda: rows["grpo"].append(timed_step["grpo"](1)))
+        rows["dash"].append(timed_step["dash"](1))
         for step in range(2, steps + 1):
             for algorithm in ALGORITHMS if step % 2 else reversed(ALGORITHMS):
-                rows[algorithm].append(timed_rl_step(trainers[algorithm], step))
+                rows[algorithm].append(timed_step[algorithm](step))
         samples, _, _ = grpo.collect(steps + 1)
         peaks = logprob_peaks(grpo, samples)
     finally:

@@ -89,7 +89,8 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 class HFSampler:
-    """Samples from the live policy module (colocated: `sync` has nothing to copy)."""
+    """Samples from the live policy module (colocated: `sync` has nothing to copy), or with `own_copy` (data
+    parallel: the policy is sharded) from an unsharded compute-dtype copy that `sync` refreshes."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, eos_ids: Sequence[int],
                  compute_dtype: torch.dtype = torch.float32, own_copy: bool = False) -> None:
@@ -97,10 +98,10 @@ class HFSampler:
         self.eos = torch.tensor(list(eos_ids))
 
     def offload(self) -> None:
-        """Nothing to free: the sampler is the policy."""
+        """Nothing to free: the sampler is the policy (or a copy that the next step samples from)."""
 
     def close(self) -> None:
-        """Nothing to shut down: the policy is the caller's."""
+        """Nothing to shut down: the model goes with its last reference."""
 
     def sync(self, policy: torch.nn.Module) -> None:
         """Sample from `policy` itself, or (own_copy: data parallel, the policy is sharded over ranks) copy its
@@ -108,12 +109,12 @@ class HFSampler:
         if not self.own_copy:
             self.model = policy
             return
-        from dash_exp.distributed import full_tensor
+        from dash_exp.distributed import full_weights
 
         target = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in policy.state_dict().items():
-                target[name].copy_(full_tensor(tensor))
+            for name, tensor in full_weights(policy, self.compute_dtype):
+                target[name].copy_(tensor)
 
     def _pick(self, logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, t: int):
         """The next token of each row and its log softmax(logits / T) (before truncation); no device sync.

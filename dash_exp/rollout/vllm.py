@@ -12,12 +12,13 @@ from __future__ import annotations
 import gc
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from dash_exp.distributed import full_weights
 from dash_exp.rollout.base import Rollout, SamplingParams
 
 # the in-process engine needs this before it is built
@@ -145,10 +146,11 @@ class VLLMSampler:
         # workers are other processes and the list is pickled to each; CUDA tensors would be saved with
         # torch.save and rebuilt by every worker on cuda:0, so they travel as CPU tensors (in the engine's
         # dtype), which each worker copies to its own GPU
+        # (tied weights go under both names: vLLM re-ties them only when it sees both)
         if self.tensor_parallel:
-            weights: Any = [(name, t.cpu()) for name, t in _weights(policy, self.dtype)]
+            weights: Any = [(name, t.cpu()) for name, t in full_weights(policy, self.dtype)]
         else:
-            weights = _weights(policy, self.dtype)
+            weights = full_weights(policy, self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -172,13 +174,3 @@ class VLLMSampler:
             gc.collect()
             if self.on_gpu:
                 torch.cuda.empty_cache()
-
-
-def _weights(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's weights in checkpoint format and the engine's dtype, streamed one tensor at a time: each fp32
-    master is cast when its turn comes (no copy at all when the dtypes agree). Tied weights appear under both
-    names, as in a checkpoint: vLLM re-ties them only when it sees both."""
-    from dash_exp.distributed import full_tensor
-
-    for name, tensor in policy.state_dict().items():  # sharded (data parallel): gathered, in the same order on all
-        yield name, full_tensor(tensor.detach()).to(dtype)
