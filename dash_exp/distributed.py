@@ -53,8 +53,9 @@ def world_from_env() -> World:
         from submitit.helpers import TorchDistributedEnvironment
 
         if JobEnvironment().num_tasks > 1:
-            # every task sees all of its node's GPUs and takes cuda:LOCAL_RANK
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            # every task sees all of its node's GPUs and takes cuda:LOCAL_RANK; the job's own numbers replace any
+            # stale LOCAL_WORLD_SIZE / MASTER_* inherited from the launching process (no RANK: nothing set this up)
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                  int(os.environ.get("LOCAL_RANK", 0)))
 
