@@ -68,6 +68,17 @@ def peak_allocated_bytes(fn: Callable[[], Any], device: Any) -> int:
     return peak
 
 
+def release_cuda_memory() -> None:
+    """Collect garbage (reference cycles), then hand the CUDA allocator's cached blocks back to the driver."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _status_kb(field: str, path: Path = _STATUS) -> int:
     return next(int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith(field))
 

@@ -17,7 +17,6 @@ the step batch: neither can usefully be larger.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import time
 import traceback
@@ -33,7 +32,7 @@ from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
 from dash_exp.config import ConfigError, step_batch
 from dash_exp.rollout.base import Sampler, SamplingParams
-from dash_exp.tracking import memory_available_mb
+from dash_exp.tracking import memory_available_mb, release_cuda_memory
 
 # a doubled batch must raise tokens/s by this factor to count as still rising
 GAIN = 1.1
@@ -206,13 +205,6 @@ def drop_frames(exc: BaseException) -> None:
         traceback.clear_frames(current.__traceback__)  # skips frames still running (the caller's)
         current.__traceback__ = None
         current = current.__cause__ or current.__context__
-
-
-def release_cuda_memory() -> None:
-    """Collect garbage (reference cycles), then hand the allocator's cached blocks back to the driver."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def probe_fits(sizes: list[int], try_size: Callable[[int], float], none_fit: str,

@@ -9,7 +9,6 @@ temperature (vLLM's default returns them before temperature), matching training'
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 
 from dash_exp.distributed import full_weights
 from dash_exp.rollout.base import Rollout, SamplingParams
+from dash_exp.tracking import release_cuda_memory
 
 # the in-process engine needs this before it is built
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -171,6 +171,4 @@ class VLLMSampler:
         if self.owns_process_group:
             cleanup_dist_env_and_memory()  # vLLM's own teardown: its process groups, gc, the CUDA cache
         else:
-            gc.collect()
-            if self.on_gpu:
-                torch.cuda.empty_cache()
+            release_cuda_memory()
