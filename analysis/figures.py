@@ -26,7 +26,7 @@ KL_DISPLAY = {"on": "KL", "off": "No-KL"}
 KL_COLORS = {"on": "#bcbd22", "off": "#1f77b4"}
 # dashed/dotted series are drawn after solid ones, so curves that coincide (same samples) both stay visible
 LINESTYLES = {"no_gf": "--", "ppo_multi": "--", "ppo_mini": ":", "on": "--"}
-FIGURES = ["fig_sft_vs_rl", "fig1_right", "fig3", "fig4", "fig5", "fig6", "fig_batch_sizes"]
+FIGURES = ["fig_sft_vs_rl", "fig1_right", "fig3", "fig_time_to_accuracy", "fig4", "fig5", "fig6", "fig_batch_sizes"]
 
 
 class NoDataError(ValueError):
@@ -259,6 +259,118 @@ def fig3(runs: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path, sweep: st
     return pd.concat(out, ignore_index=True)
 
 
+# ------------------------------------------------------------------------------------ time to accuracy / Table 3
+EVAL_KINDS = {"accuracy": "greedy", "sampled_accuracy": "sampled"}
+
+
+def eval_points(runs: pd.DataFrame, steps: pd.DataFrame, eval_set: str, key: str = "accuracy") -> pd.DataFrame:
+    """One row per held-out evaluation of each run (`eval/<eval_set>/<key>`): run_dir, label, seed, step, time_s
+    (Table 3's clock: `time/elapsed` of that step's training row, i.e. the sum of step times so far, evaluation
+    excluded; 0 before training), samples (step x prompts_per_step x group_size), acc, final (the run's last
+    evaluation)."""
+    metric = f"eval/{eval_set}/{key}"
+    columns = ["run_dir", "label", "seed", "step", "time_s", "samples", "acc", "final"]
+    if metric not in steps or runs.empty:
+        return pd.DataFrame(columns=columns)
+    evals = steps[steps[metric].notna() & steps["run_dir"].isin(runs["run_dir"])]
+    evals = evals.drop_duplicates(["run_dir", "step"], keep="last").sort_values(["run_dir", "step"], kind="stable")
+    clock = _train(steps, "time/elapsed").drop_duplicates(["run_dir", "step"], keep="last")
+    clock = clock.set_index(["run_dir", "step"])["time/elapsed"]
+    per_run = runs.set_index("run_dir")
+    out = pd.DataFrame({"run_dir": evals["run_dir"], "label": evals["label"], "seed": evals["seed"],
+                        "step": evals["step"].astype(int), "acc": evals[metric].astype(float)})
+    out["time_s"] = clock.reindex(pd.MultiIndex.from_frame(out[["run_dir", "step"]])).to_numpy()
+    out["final"] = ~out["run_dir"].duplicated(keep="last")
+    out.loc[out["step"] == 0, "time_s"] = 0.0
+    out["time_s"] = out["time_s"].fillna(out["run_dir"].map(per_run["time_elapsed"]).where(out["final"]))
+    out["samples"] = out["step"] * out["run_dir"].map(per_run["prompts_per_step"] * per_run["group_size"])
+    return out[columns].reset_index(drop=True)
+
+
+def gain_targets(points: pd.DataFrame, fraction: float) -> pd.Series:
+    """Per run_dir: start + fraction x (final - start) of its own first and last evaluation; NaN where the
+    final accuracy is not above the start (no gain to reach)."""
+    acc = points.sort_values(["run_dir", "step"]).groupby("run_dir", sort=False)["acc"]
+    start, final = acc.first(), acc.last()
+    return (start + fraction * (final - start)).where(final > start)
+
+
+def default_targets(points: pd.DataFrame, fractions: tuple[float, ...] = (0.5, 1.0)) -> list[float]:
+    """Absolute accuracies from the base (mean first evaluation over runs) to the lowest final mean of the labels
+    that end above it, at `fractions` of the way, rounded down to whole points; none when no label ends above."""
+    if points.empty:
+        return []
+    ordered = points.sort_values(["run_dir", "step"])
+    base = ordered.groupby("run_dir")["acc"].first().mean()
+    finals = ordered[ordered["final"]].groupby("label")["acc"].mean()
+    if not (finals > base).any():
+        return []
+    lowest = finals[finals > base].min()
+    targets = [math.floor(100 * (base + f * (lowest - base)) + 1e-9) / 100 for f in fractions]
+    return sorted({t for t in targets if t > base})
+
+
+def first_reach(points: pd.DataFrame, target: float | pd.Series) -> pd.DataFrame:
+    """Per run: the first evaluation at or above `target` (one accuracy, or one per run_dir): run_dir, label,
+    target, reached, step, time_s, samples (NaN where never reached)."""
+    rows = []
+    for run_dir, g in points.sort_values(["run_dir", "step"]).groupby("run_dir", sort=False):
+        t = float(target.get(run_dir, math.nan)) if isinstance(target, pd.Series) else float(target)
+        hit = g[g["acc"] >= t - 1e-9] if math.isfinite(t) else g.iloc[0:0]
+        first = hit.iloc[0] if len(hit) else pd.Series({"step": math.nan, "time_s": math.nan, "samples": math.nan})
+        rows.append({"run_dir": run_dir, "label": g["label"].iloc[0], "target": t, "reached": bool(len(hit)),
+                     "step": first["step"], "time_s": first["time_s"], "samples": first["samples"]})
+    return pd.DataFrame(rows, columns=["run_dir", "label", "target", "reached", "step", "time_s", "samples"])
+
+
+def _eval_band(points: pd.DataFrame) -> pd.DataFrame:
+    """Per (label, evaluation): mean ± std over runs of time and accuracy; the runs' last evaluations make one
+    point even where runs stopped at different steps (time budget)."""
+    key = points["step"].astype(float).where(~points["final"].astype(bool), math.inf)
+    agg = points.assign(_key=key).groupby(["label", "_key"]).agg(
+        step=("step", "mean"), time_s=("time_s", "mean"), time_std=("time_s", "std"), samples=("samples", "mean"),
+        mean=("acc", "mean"), std=("acc", "std"), n=("acc", "count")).reset_index().drop(columns="_key")
+    return agg.fillna({"time_std": 0.0, "std": 0.0})
+
+
+def fig_time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path,
+                         sweep: str | None = "algorithms") -> pd.DataFrame:
+    """Finding 4 (beside Table 3): held-out greedy (and sampled) accuracy vs training wall-clock per method, one
+    point per periodic evaluation: mean time and accuracy over seeds, error bars ± std of both; dotted lines at
+    the absolute targets of the time-to-accuracy table."""
+    runs, steps = _select(runs, steps, sweep, what="fig_time_to_accuracy")
+    sets = list(dict.fromkeys(s for t in runs["eval_sets"] for s in t))
+    panels = [(s, key, eval_points(runs, steps, s, key)) for s in sets for key in EVAL_KINDS]
+    panels = [(s, key, points) for s, key, points in panels if not points.empty]
+    if not panels:
+        raise NoDataError("fig_time_to_accuracy: no held-out evaluations in the runs")
+    data = pd.concat([_eval_band(points).assign(eval_set=s, kind=EVAL_KINDS[key]) for s, key, points in panels],
+                     ignore_index=True)
+    div, unit = time_unit(float(data["time_s"].max()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.6 + 4.8 * len(panels), 3.9), squeeze=False,
+                             layout="constrained")
+    drawn: list[float] = []
+    for ax, (s, key, points) in zip(axes[0], panels, strict=True):
+        d = data[(data["eval_set"] == s) & (data["kind"] == EVAL_KINDS[key])]
+        for label in _order(d["label"], ["grpo", "no_gf", "dash", "ppo_multi", "ppo_mini"]):
+            dl = d[d["label"] == label]
+            ax.errorbar(dl["time_s"] / div, 100 * dl["mean"], xerr=dl["time_std"] / div, yerr=100 * dl["std"],
+                        color=color(label), ls=LINESTYLES.get(str(label), "-"), marker="o", ms=4, capsize=2,
+                        lw=1.6, label=display(label))
+        for target in default_targets(points) if key == "accuracy" else []:
+            ax.axhline(100 * target, color="black", ls=":", lw=0.8)
+            drawn.append(target)
+        ax.set_xlabel(f"training wall-clock ({unit}, evaluation excluded)")
+        ax.set_ylabel(f"held-out {EVAL_KINDS[key]} accuracy on {s} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    dotted = "; dotted: the table's absolute targets" if drawn else ""
+    fig.suptitle(f"Time to accuracy: held-out accuracy vs training time ({_setup(runs)}; mean ± std over "
+                 f"{_seeds_note(runs)}{dotted})", fontsize=10)
+    save(fig, out_dir, "fig_time_to_accuracy")
+    return data
+
+
 # ------------------------------------------------------------------------------------------------------------ Fig 4
 def _runtime_band(steps: pd.DataFrame, metric: str, window: int | None, points: int = 60) -> pd.DataFrame:
     """Per label: runs interpolated onto one time grid (from the latest first step to the earliest last step),
@@ -439,5 +551,6 @@ def fig_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path
     return pd.concat(out, ignore_index=True)
 
 
-FIGURE_FUNCS = {"fig_sft_vs_rl": fig_sft_vs_rl, "fig1_right": fig1_right, "fig3": fig3, "fig4": fig4,
-                "fig5": fig5, "fig6": fig6, "fig_batch_sizes": fig_batch_sizes}
+FIGURE_FUNCS = {"fig_sft_vs_rl": fig_sft_vs_rl, "fig1_right": fig1_right, "fig3": fig3,
+                "fig_time_to_accuracy": fig_time_to_accuracy, "fig4": fig4, "fig5": fig5, "fig6": fig6,
+                "fig_batch_sizes": fig_batch_sizes}

@@ -6,7 +6,8 @@
 Runs are found recursively under --runs (one directory per run: config.yaml, metrics.jsonl, summary.json);
 failed or unfinished runs are skipped with a note. For each sweep with completed runs it writes that
 finding's figures and tables into --out, and `<out>/README.md` lists them all (figures embedded, tables
-inlined). `--latest` keeps only the newest multirun directory of each sweep.
+inlined) after a "Findings" section: each of the paper's four findings, whether our runs reproduce it, with
+numbers (`analysis.findings`). `--latest` keeps only the newest multirun directory of each sweep.
 
 Exit status: 0 when anything was written; 1 when there is no completed run at all (it then prints which
 sweeps to run, e.g. `make sweep SWEEP=kl` or `make reproduce`) or the W&B API cannot be reached.
@@ -24,6 +25,7 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis import tables as T
+from analysis.findings import findings_section
 from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames
 
 
@@ -39,9 +41,9 @@ FINDINGS = (
     Finding("sft_vs_rl", "Finding 1: on-policy RL beats SFT on human (SFT-H) and model (SFT-M) traces (Table 1)",
             ("fig_sft_vs_rl",), ("table1",)),
     Finding("algorithms", "Finding 4: DASH (preemptive sampling + gradient filtering) vs GRPO (Table 3, Figs 1, 3)",
-            ("fig1_right", "fig3"), ("table3",)),
-    Finding("pg_vs_ppo", "Finding 2: PPO-style updates give no gain over policy gradient at equal runtime "
-            "(Table 5, Fig 4)", ("fig4",), ("table5",)),
+            ("fig1_right", "fig3", "fig_time_to_accuracy"), ("table3", "table3_time_to_accuracy")),
+    Finding("pg_vs_ppo", "Finding 2: PPO-style off-policy updates can raise accuracy over policy gradient at equal "
+            "runtime, but are less stable (Table 5, Fig 4)", ("fig4",), ("table5",)),
     Finding("kl", "Finding 3: no KL penalty: shorter generations, higher accuracy (Table 6, Figs 5, 6)",
             ("fig5", "fig6"), ("table6",)),
     Finding("batch_sizes", "The bottleneck: generation scales with the batch, backprop saturates",
@@ -86,10 +88,14 @@ def make_finding(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str, out_dir: s
     return result
 
 
-def write_index(results: list[Result], out_dir: Path, source: str, missing: list[str], skipped: list) -> Path:
+def write_index(results: list[Result], out_dir: Path, source: str, missing: list[str], skipped: list,
+                findings: str = "") -> Path:
+    """<out_dir>/README.md: the Findings section (verdicts), then each finding's figures and tables."""
     lines = ["# Figures and tables", "",
              f"Made by `python -m analysis.make_figures` from `{source}`. Each section is one finding of Huang et al. "
              "2025 (arXiv 2505.17218) and the sweep that tests it (`sweeps/<sweep>.yaml`).", ""]
+    if findings:
+        lines += [findings, ""]
     for r in results:
         lines += [f"## {r.finding.title}", "", f"Sweep `{r.finding.sweep}`: {r.runs} completed runs.", ""]
         lines += [f"![{name}]({name}.png) ([PDF]({name}.pdf))\n" for name in r.figures]
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print(no_runs_message(source))
         return 1
-    index = write_index(results, out, source, missing, skipped)
+    index = write_index(results, out, source, missing, skipped, findings_section(runs, steps))
     print(f"wrote {sum(len(r.written) for r in results) + 1} files to {out}/:")
     for r in results:
         print(f"  {r.finding.sweep} ({r.runs} runs): " + ", ".join(p.name for p in r.written))

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.figures import KL_DISPLAY, NoDataError, batch_size_medians, display, time_unit
+from analysis.figures import (
+    KL_DISPLAY,
+    NoDataError,
+    batch_size_medians,
+    default_targets,
+    display,
+    eval_points,
+    first_reach,
+    gain_targets,
+    time_unit,
+)
 
 PAPER_SIZES = ("0.5B", "1.5B", "3B")
 # Table 1: MATH / GSM8K accuracy (%) of Qwen2.5 base models
@@ -217,6 +227,82 @@ def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
                         markdown(rows, cols), direction, note]) + _skipped_note(runs)
 
 
+# ------------------------------------------------------------------------------------------- time to accuracy
+def time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, eval_set: str, fractions: Iterable[float] = (0.5, 0.9),
+                     targets: Iterable[float] | None = None, key: str = "accuracy") -> pd.DataFrame:
+    """Per (target, run): when the run first reaches the target on `eval/<eval_set>/<key>`; `target` names it:
+    'f% of gain' (f of the run's own final - start) for each fraction, then '≥ x%' for each absolute accuracy
+    (default: `figures.default_targets`). Columns of `figures.first_reach` plus `target_name`, `kind`."""
+    points = eval_points(runs, steps, eval_set, key)
+    absolute = default_targets(points) if targets is None else list(targets)
+    parts = [first_reach(points, gain_targets(points, f)).assign(target_name=f"{100 * f:g}% of gain", kind="gain")
+             for f in fractions]
+    parts += [first_reach(points, t).assign(target_name=f"≥ {100 * t:g}%", kind="absolute") for t in absolute]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _start_over_final(points: pd.DataFrame) -> tuple[float, float]:
+    """(min, max) over the runs that gained of first / last evaluated accuracy, in % (NaN when none gained)."""
+    acc = points.sort_values(["run_dir", "step"]).groupby("run_dir")["acc"]
+    start, final = acc.first(), acc.last()
+    ratio = (start / final)[final > start]
+    return 100 * ratio.min(), 100 * ratio.max()
+
+
+def _evaluated_steps(points: pd.DataFrame) -> str:
+    """'0, 20, 40 and at each run's last step (60)': the periodic evaluation steps, then the final ones."""
+    periodic = sorted(set(points.loc[~points["final"], "step"]))
+    last = points.loc[points["final"], "step"]
+    span = f"{last.min()}" if last.min() == last.max() else f"{last.min()}-{last.max()}"
+    return f"{', '.join(map(str, periodic))} and at each run's last step ({span})"
+
+
+def table3_time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str | None = "algorithms",
+                            fractions: Iterable[float] = (0.5, 0.9), targets: Iterable[float] | None = None) -> str:
+    """Beside Table 3 (finding 4): training time and samples until each run first reaches fractions of its own
+    accuracy gain and fixed accuracies (held-out greedy), per method; reached k/n and mean ± std over those
+    that reached it."""
+    runs = _select(runs, steps, sweep, "table3_time_to_accuracy")
+    steps = steps[steps["run_dir"].isin(runs["run_dir"])]
+    labels = ordered_labels(runs, ("grpo", "no_gf", "dash", "ppo_multi", "ppo_mini"))
+    div, unit = time_unit(float(runs["time_elapsed"].max()))
+    rows, notes = [], []
+    for s in eval_sets(runs):
+        points = eval_points(runs, steps, s)
+        if points.empty:
+            continue
+        reach = time_to_accuracy(runs, steps, s, fractions, targets)
+        for name in dict.fromkeys(reach["target_name"]):
+            for label in labels:
+                sel = reach[(reach["target_name"] == name) & (reach["label"] == label)]
+                hit = sel[sel["reached"]]
+                rows.append({"target": f"{s} {name}", "method": display(label),
+                             "reached": f"{len(hit)}/{len(sel)}", f"time ({unit})": fmt(hit["time_s"] / div, digits=1),
+                             "training samples": fmt(hit["samples"], digits=0), "step": fmt(hit["step"], digits=0)})
+        lo, hi = _start_over_final(points)
+        absolute = reach.loc[reach["kind"] == "absolute", "target"].drop_duplicates()
+        base = points.sort_values("step").groupby("run_dir")["acc"].first().mean()
+        degenerate = (f"Fractions of the final accuracy itself would be degenerate: the runs that gain start at "
+                      f"{lo:.0f}-{hi:.0f}% of their own final accuracy, so any fraction below {lo:.0f}% is met at "
+                      "step 0; hence fractions of the gain (final - start). ") if math.isfinite(lo) else ""
+        source = (" (given)" if targets is not None else f" (from the base accuracy {100 * base:.1f}% halfway and "
+                  "all the way to the lowest final mean of the methods that end above it, rounded down)")
+        notes.append(f"{s}: evaluations at steps {_evaluated_steps(points)}. {degenerate}Absolute targets: "
+                     + (", ".join(f"{100 * t:g}%" for t in absolute) + source if len(absolute) else
+                        "none (no method's final mean is above the base accuracy)") + ".")
+    if not rows:
+        raise NoDataError("table3_time_to_accuracy: no held-out evaluations in the runs")
+    how = ("Per run: the first held-out greedy evaluation at or above the target (so the resolution is the "
+           "evaluation interval); time on Table 3's clock (training wall-clock: sum of step times up to that step, "
+           "evaluation excluded); training samples = step x prompts_per_step x group_size. reached: runs that get "
+           "there / runs; a run whose final accuracy is not above its start has no gain and never reaches a "
+           "fraction of it. Time, samples and step: mean ± std over the runs that reached the target.")
+    title = "finding 4, beside Table 3" if sweep == "algorithms" else f"sweep `{sweep}`"
+    return "\n\n".join([f"## Time to accuracy ({title})", _setup_note(runs),
+                        markdown(rows, ["target", "method", "reached", f"time ({unit})", "training samples",
+                                        "step"]), how, *notes]) + _skipped_note(runs)
+
+
 # -------------------------------------------------------------------------------------------------------- Table 5
 def table5(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "pg_vs_ppo") -> str:
     """Table 5 (finding 2): DASH vs PPO Multi vs PPO Mini at the same training wall-clock."""
@@ -317,5 +403,6 @@ def table_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str | None
     return "\n\n".join(parts) + _skipped_note(runs)
 
 
-TABLE_FUNCS = {"table1": table1, "table3": table3, "table5": table5, "table6": table6,
+TABLE_FUNCS = {"table1": table1, "table3": table3, "table3_time_to_accuracy": table3_time_to_accuracy,
+               "table5": table5, "table6": table6,
                "table_batch_sizes": table_batch_sizes}

@@ -17,6 +17,7 @@ from conftest import REPO, TEST_OVERRIDES
 sys.path.insert(0, str(REPO))  # analysis/ is not an installed package: import it from the checkout
 
 from analysis import figures as F  # noqa: E402
+from analysis import findings as FD  # noqa: E402
 from analysis import tables as T  # noqa: E402
 from analysis.make_figures import FINDINGS, main, make_finding  # noqa: E402
 from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames  # noqa: E402
@@ -26,7 +27,7 @@ SEEDS = "seed=0,1"
 # per sweep: overrides after the small sizes (the sweep's own knobs cut down to them)
 SWEEP_ARGS = {
     "sft_vs_rl": ["steps=2", SEEDS],
-    "algorithms": ["steps=2", SEEDS],
+    "algorithms": ["steps=2", "eval_every=1", SEEDS],
     "kl": ["steps=2", SEEDS],
     # ppo_mini needs a step batch divisible by its 32 mini-batches; the time budget is not reached in 3 steps
     "pg_vs_ppo": ["steps=3", "time_budget_s=60", "prompts_per_step=8", SEEDS],
@@ -224,6 +225,10 @@ def test_every_figure_plots_non_empty_series(frames, tmp_path):
     for metric in ("adv/abs_mean", "time/update", "reward/mean"):
         d = fig3[fig3["metric"] == metric]
         assert set(d["label"]) == {"no_gf", "dash"} and d["mean"].notna().all() and (d["n"] == 2).all(), metric
+    tta = datas["fig_time_to_accuracy"]
+    assert set(tta["label"]) == {"grpo", "no_gf", "dash"} and set(tta["kind"]) == {"greedy", "sampled"}
+    assert sorted(set(tta["step"])) == [0, 1, 2] and (tta["n"] == 2).all()  # eval_every=1: 0, 1 and the final 2
+    assert (tta.loc[tta["step"] == 0, "time_s"] == 0).all() and (tta.loc[tta["step"] > 0, "time_s"] > 0).all()
     fig4 = datas["fig4"]
     assert set(fig4["label"]) == {"dash", "ppo_multi", "ppo_mini"} and fig4["mean"].notna().all()
     fig5 = datas["fig5"]
@@ -255,6 +260,9 @@ def test_tables_put_the_papers_numbers_beside_ours(frames):
         header, body = rows[0], rows[2:]
         ours = [i for i, c in enumerate(header) if c.startswith("ours")]
         assert ours and body and all(r[i] not in ("–", "") for r in body for i in ours), table
+    tta = T.table3_time_to_accuracy(runs, steps)
+    assert "| target | method | reached | time (s) | training samples | step |" in tta
+    assert "| arith 50% of gain | GRPO |" in tta and "evaluations at steps 0, 1 and at each run's last step (2)" in tta
     with pytest.raises(F.NoDataError):
         T.table1(runs[runs["sweep"] == "kl"], steps)
 
@@ -274,6 +282,9 @@ def test_make_figures_cli_writes_every_figure_table_and_the_index(sweeps, tmp_pa
     index = (out / "README.md").read_text()
     assert all(f"![{n}]({n}.png)" in index for f in FINDINGS for n in f.figures)
     assert "Sweeps without runs" not in index and "not made" not in index
+    # the Findings section comes first and has a verdict for every finding (all sweeps ran)
+    assert index.index("## Findings") < index.index("## Finding 1:")
+    assert index.count("Reproduced: **") == 4 and "not run" not in index
 
 
 @pytest.mark.slow
@@ -283,6 +294,159 @@ def test_make_finding_reports_what_a_partial_sweep_cannot_make(frames, tmp_path)
     result = make_finding(only_grpo, steps, "algorithms", tmp_path)
     assert "fig1_right" in result.figures and "table3" in result.tables
     assert any("fig3" in n for n in result.notes) and "fig3" not in result.figures
+
+
+# ------------------------------------------------------------------------ hand-built runs: known crossings, verdicts
+def write_run(root: Path, sweep: str, label: str, seed: int, evals: dict[int, float], step_s: float = 1.0,
+              kl: str = "off", lengths: tuple[float, float] = (30.0, 30.0)) -> Path:
+    """A run dir as the trainer writes it (4 prompts x 2 samples per step): training rows at steps 1..last key of
+    `evals` taking `step_s` seconds each, response length going linearly from lengths[0] to lengths[1]; held-out
+    greedy accuracy `evals[step]` (step 0: the initial row, the last: the final row, others merged into the
+    training row, as eval_every does)."""
+    import yaml
+
+    last = max(evals)
+    run = root / sweep / f"{label}_kl-{kl}_seed{seed}"
+    run.mkdir(parents=True)
+
+    def ev(step: int) -> dict:
+        return {"eval/arith/accuracy": evals[step], "eval/arith/sampled_accuracy": evals[step] / 2,
+                "eval/arith/length_mean": lengths[step > 0]}
+
+    rows = [{"step": 0, **ev(0)}]
+    for s in range(1, last + 1):
+        length = lengths[0] + (lengths[1] - lengths[0]) * (s - 1) / max(last - 1, 1)
+        rows.append({"step": s, "reward/mean": 0.5, "response/length_mean": length, "kl/mean": 0.01,
+                     "time/step": step_s, "time/elapsed": s * step_s, "epoch": s / 10,
+                     **(ev(s) if s in evals and s < last else {})})
+    rows.append({"step": last, **ev(last)})
+    config = {"sweep_name": sweep, "algorithm": {"name": label, "label": label}, "kl": {"name": kl}, "seed": seed,
+              "model": {"name": "tiny"}, "task": {"name": "arith", "eval_size": 100}, "prompts_per_step": 4,
+              "group_size": 2}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"steps": last, "time/elapsed": last * step_s, "initial": ev(0),
+                                                  "final": ev(last)}))
+    return run
+
+
+# algorithms: DASH gains in both runs; GRPO seed 0 never gains, seed 1 gains 6 points; 3 s per GRPO step
+CROSSINGS = [("dash", 0, {0: 0.40, 10: 0.50, 20: 0.60, 30: 0.60}, 1.0),
+             ("dash", 1, {0: 0.40, 10: 0.45, 20: 0.70, 30: 0.60}, 2.0),
+             ("grpo", 0, {0: 0.40, 10: 0.38, 20: 0.39, 30: 0.40}, 3.0),
+             ("grpo", 1, {0: 0.40, 10: 0.42, 20: 0.44, 30: 0.46}, 3.0)]
+
+
+def test_time_to_accuracy_finds_the_first_crossing_and_counts_runs_that_never_get_there(tmp_path):
+    for label, seed, evals, step_s in CROSSINGS:
+        write_run(tmp_path, "algorithms", label, seed, evals, step_s)
+    runs, steps = load_runs(tmp_path)
+    points = F.eval_points(runs, steps, "arith")
+    assert list(points.loc[points["label"] == "dash", "step"]) == [0, 10, 20, 30] * 2
+    # the final evaluation (its own row) gets the clock of its step's training row; step 0 is 0 s
+    d1 = points[(points["label"] == "dash") & (points["seed"] == 1)]
+    assert list(d1["time_s"]) == [0, 20, 40, 60] and list(d1["samples"]) == [0, 80, 160, 240]
+    assert list(d1["final"]) == [False, False, False, True]
+    # the base is 40%, the lowest final mean 43% (GRPO): targets halfway (41.5 -> 41) and all the way
+    assert F.default_targets(points) == [0.41, 0.43]
+
+    reach = T.time_to_accuracy(runs, steps, "arith").set_index(["target_name", "label", "run_dir"]).sort_index()
+
+    def per_run(name: str, label: str) -> list:
+        return [None if pd.isna(t) else t for t in reach.loc[(name, label), "time_s"]]
+
+    # 50% of the gain: DASH 0.50 at step 10 (10 s) and step 20 (0.70; 40 s); GRPO seed 1: 0.43 at step 20 (60 s)
+    assert per_run("50% of gain", "dash") == [10, 40] and per_run("50% of gain", "grpo") == [None, 60]
+    # 90%: 0.58 at step 20 for both DASH runs; GRPO seed 1: 0.454 only at the final evaluation (step 30, 90 s)
+    assert per_run("90% of gain", "dash") == [20, 40] and per_run("90% of gain", "grpo") == [None, 90]
+    assert per_run("≥ 41%", "dash") == [10, 20] and per_run("≥ 41%", "grpo") == [None, 30]
+    assert not reach.loc[("50% of gain", "grpo"), "reached"].iloc[0]  # no gain: never reaches a fraction of it
+
+    table = T.table3_time_to_accuracy(runs, steps)
+    assert "| arith 50% of gain | GRPO | 1/2 | 60.0 | 160 | 20 |" in table
+    assert "| arith 50% of gain | DASH | 2/2 | 25.0 ± 21.2 | 120 ± 57 | 15 ± 7 |" in table
+    assert "| arith 90% of gain | GRPO | 1/2 | 90.0 | 240 | 30 |" in table
+    assert "| arith ≥ 41% | DASH | 2/2 | 15.0 ± 7.1 | 80 ± 0 | 10 ± 0 |" in table  # both at step 10
+    assert "| arith ≥ 43% | GRPO | 1/2 | 60.0 | 160 | 20 |" in table
+    assert "start at 67-87% of their own final accuracy" in table  # why fractions of the final are degenerate
+    never = T.table3_time_to_accuracy(runs, steps, targets=[0.9])
+    assert "| arith ≥ 90% | DASH | 0/2 | – | – | – |" in never and "90% (given)" in never
+
+
+def _load(root: Path, sweep: str, specs: list[tuple], **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two seeds per (label, start, final, extra kwargs of write_run) spec, 10 steps; seed 1 ends 1 point higher."""
+    for label, start, final, extra in specs:
+        for seed in (0, 1):
+            write_run(root, sweep, label, seed, {0: start, 5: (start + final) / 2, 10: final + seed / 100},
+                      **{**kw, **extra})
+    return load_runs(root)
+
+
+def test_finding1_verdict_follows_dash_vs_sft(tmp_path):
+    def verdict(sft_m: float, sft_h: float, name: str) -> FD.Verdict:
+        specs = [("dash", 0.4, 0.6, {}), ("sft_m", 0.4, sft_m, {}), ("sft_h", 0.4, sft_h, {}), ("base", 0.4, 0.4, {})]
+        return FD.finding1(*_load(tmp_path / name, "sft_vs_rl", specs))
+
+    assert verdict(0.5, 0.1, "a").verdict == "yes"
+    flipped = verdict(0.7, 0.1, "b")
+    assert flipped.verdict == "partly" and "SFT-M 70.5 ± 0.7 (n=2)" in flipped.evidence
+    assert "Why not: SFT-M gains +30.5 points over the base in 10 steps" in flipped.evidence
+    assert verdict(0.7, 0.7, "c").verdict == "no"
+
+
+def test_finding2_verdict_follows_ppo_accuracy_and_collapse(tmp_path):
+    def verdict(multi: float, mini: float, name: str) -> FD.Verdict:
+        specs = [("dash", 0.4, 0.55, {}), ("ppo_multi", 0.4, multi, {}), ("ppo_mini", 0.4, mini, {})]
+        return FD.finding2(*_load(tmp_path / name, "pg_vs_ppo", specs))
+
+    yes = verdict(0.60, 0.05, "a")  # Multi above DASH, Mini collapses
+    assert yes.verdict == "yes" and "PPO Mini 2/2" in yes.evidence and "DASH 0/2" in yes.evidence
+    assert verdict(0.45, 0.05, "b").verdict == "partly"
+    no = verdict(0.45, 0.37, "c")  # Mini ends 2.5 points below its start on average: within the collapse margin
+    assert no.verdict == "no" and "Why not (accuracy)" in no.evidence and "Why not (stability)" in no.evidence
+
+
+def test_finding3_verdict_follows_length_and_accuracy_without_kl(tmp_path):
+    def verdict(off_final: float, off_lengths: tuple, name: str) -> FD.Verdict:
+        specs = [("dash", 0.4, 0.5, {"kl": "on", "lengths": (30.0, 40.0)}),
+                 ("dash", 0.4, off_final, {"kl": "off", "lengths": off_lengths})]
+        return FD.finding3(*_load(tmp_path / name, "kl", specs))
+
+    yes = verdict(0.6, (30.0, 32.0), "a")
+    assert yes.verdict == "yes" and "Why not" not in yes.evidence
+    assert "(mean of the last step) 40.0 ± 0.0 (n=2) -> 32.0 ± 0.0 (n=2) tokens" in yes.evidence
+    assert "-> 60.5 ± 0.7 (n=2)" in yes.evidence
+    no = verdict(0.45, (30.0, 45.0), "b")
+    assert no.verdict == "no" and "Why not (length)" in no.evidence and "Why not (accuracy)" in no.evidence
+
+
+def test_finding4_verdict_follows_time_and_accuracy(tmp_path):
+    def verdict(dash_step_s: float, dash_final: float, name: str) -> FD.Verdict:
+        specs = [("grpo", 0.4, 0.5, {"step_s": 3.0}), ("dash", 0.4, dash_final, {"step_s": dash_step_s})]
+        return FD.finding4(*_load(tmp_path / name, "algorithms", specs))
+
+    yes = verdict(1.0, 0.5, "a")
+    assert yes.verdict == "yes" and "DASH 3.00x faster" in yes.evidence
+    # time to GRPO's final mean (50.5%): both first reach it at the final evaluation (step 10)
+    assert "DASH 10.0 s (reached 1/2)" in yes.evidence and "GRPO 30.0 s (reached 1/2)" in yes.evidence
+    assert verdict(4.0, 0.5, "b").verdict == "partly"
+    assert verdict(4.0, 0.3, "c").verdict == "no"
+
+
+def test_findings_section_says_which_sweeps_were_not_run(tmp_path):
+    for label, seed, evals, step_s in CROSSINGS:
+        write_run(tmp_path / "runs", "algorithms", label, seed, evals, step_s)
+    runs, steps = load_runs(tmp_path / "runs")
+    section = FD.findings_section(runs, steps)
+    assert section.startswith("## Findings")
+    for number, sweep in ((1, "sft_vs_rl"), (2, "pg_vs_ppo"), (3, "kl")):
+        assert f"**Finding {number}.**" in section and f"not run (make sweep SWEEP={sweep})" in section
+    assert "**Finding 4.**" in section and section.count("not run") == 3
+    # make_figures writes it at the top of the index, with the time-to-accuracy table and figure of finding 4
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
+    index = (tmp_path / "figures" / "README.md").read_text()
+    assert index.index("## Findings") < index.index("## Finding 4:") < index.index("### Time to accuracy")
+    assert (tmp_path / "figures" / "fig_time_to_accuracy.png").stat().st_size > 10_000
 
 
 # -------------------------------------------------------------------------------------------------- notebooks
