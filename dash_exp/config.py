@@ -230,6 +230,9 @@ class Config:
     grad_clip: float | None = 1.0
     # most tokens generated per response
     max_new_tokens: int = 64
+    # training prompts longer than this many tokens (the formatted prompt, policy's tokenizer) are dropped from the
+    # training split, not truncated; evaluation sets are never filtered; null = no limit
+    max_prompt_tokens: int | None = None
     # sampling temperature (also divides the logits in training log-probs)
     temperature: float = 1.0
     # nucleus sampling mass; 1.0 = off
@@ -244,6 +247,10 @@ class Config:
     eval_every: int = 50
     # samples per held-out problem for sampled accuracy
     eval_samples: int = 1
+    # sampling temperature of the sampled held-out evaluation (greedy is reported too); null = temperature
+    eval_temperature: float | None = None
+    # nucleus mass of the sampled held-out evaluation; null = top_p
+    eval_top_p: float | None = None
     # checkpoint every this many steps (and at the end); 0 = only at the end
     save_every: int = 0
     # checkpoints kept in run_dir/checkpoints (the newest ones)
@@ -339,6 +346,8 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("threads", cfg.threads, allow_none=True)
     _positive("tune_memory_gb", cfg.tune_memory_gb, allow_none=True)
     _positive("inference_batch", cfg.inference_batch, allow_none=True)
+    for key in ("max_prompt_tokens", "eval_temperature", "eval_top_p"):
+        _positive(key, getattr(cfg, key), allow_none=True)
     r = cfg.rollout
     _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)
     _positive("rollout.kv_cache_gb", r.kv_cache_gb, allow_none=True)
@@ -347,8 +356,9 @@ def validate(cfg: Config | DictConfig) -> None:
         raise ConfigError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: expected a number in (0, 1]")
     if r.max_model_len is not None and r.max_model_len <= cfg.max_new_tokens:
         raise ConfigError(f"rollout.max_model_len={r.max_model_len}: expected > max_new_tokens={cfg.max_new_tokens}")
-    if cfg.top_p > 1:
-        raise ConfigError(f"top_p={cfg.top_p}: expected a number in (0, 1]")
+    for key in ("top_p", "eval_top_p"):
+        if (getattr(cfg, key) or 0) > 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)}: expected a number in (0, 1]")
     if a.clip_low >= 1:
         raise ConfigError(f"algorithm.clip_low={a.clip_low}: expected a number in [0, 1)")
 

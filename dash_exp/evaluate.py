@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed, resolved_threads(cfg))
     parts = build(cfg, need_train=False)
     step = 0
-    sampled = SamplingParams.from_config(cfg, n)
+    sampled = SamplingParams.from_config(cfg, n, evaluation=True)
     try:
         if checkpoint and not (Path(checkpoint) / "config.json").is_file():
             step = load_policy_weights(parts.policy, Path(checkpoint))

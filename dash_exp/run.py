@@ -35,6 +35,8 @@ class Components:
     ref: Any
     sampler: Any
     sft_items: list | None
+    # training prompts dropped as longer than max_prompt_tokens
+    dropped_prompts: int = 0
 
     def close(self) -> None:
         """Stop the grader's workers and shut the sampler's engine down (a sweep runs its jobs in one process:
@@ -76,6 +78,14 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
     tokenizer = load_tokenizer(path)
     if task is None:
         task = build_task(cfg.task, tokenizer, need_train)
+    dropped = 0
+    if need_train and cfg.max_prompt_tokens is not None:
+        total = len(task.train)
+        task.train = drop_long_prompts(task.train, tokenizer, cfg.max_prompt_tokens)
+        dropped = total - len(task.train)
+        if world.main:
+            print(f"max_prompt_tokens={cfg.max_prompt_tokens}: dropped {dropped} of {total} training prompts "
+                  f"({len(task.train)} kept)", flush=True)
     policy = load_policy(path, device, gradient_checkpointing=cfg.model.gradient_checkpointing)
     if world.parallel:
         from dash_exp.batching import COMPUTE_DTYPES
@@ -84,7 +94,21 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
         shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device)
     ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 else None
     sampler = build_sampler(cfg, policy, tokenizer, path, [p.prompt for p in task.train], world.parallel)
-    return Components(task, tokenizer, policy, ref, sampler, sft_items)
+    return Components(task, tokenizer, policy, ref, sampler, sft_items, dropped)
+
+
+def drop_long_prompts(problems: list[Any], tokenizer: Any, max_tokens: int) -> list[Any]:
+    """The problems whose prompt, tokenized as the sampler sees it, has at most `max_tokens` tokens (a truncated
+    problem is another problem, so longer ones are dropped, not cut); ConfigError when none is left."""
+    from dash_exp.batching import TokenCache
+
+    tokens = TokenCache(tokenizer)
+    kept = [p for p in problems if len(tokens(p.prompt)) <= max_tokens]
+    if problems and not kept:
+        shortest = min(len(tokens(p.prompt)) for p in problems)
+        raise ConfigError(f"max_prompt_tokens={max_tokens}: every one of the {len(problems)} training prompts is "
+                          f"longer (the shortest has {shortest} tokens)")
+    return kept
 
 
 def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
@@ -139,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if world.main else NullSink())
     if tuned is not None and ckpt is None:
         sink.log(0, tuned.metrics())
+    if cfg.max_prompt_tokens is not None and ckpt is None:
+        sink.log(0, {"data/train_prompts": len(parts.task.train), "data/dropped_prompts": parts.dropped_prompts})
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
                           ref=parts.ref, sft_items=parts.sft_items, world=world)

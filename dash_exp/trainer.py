@@ -154,7 +154,7 @@ class Trainer:
                 "initial": self.initial_eval, "final": final, "last_step": last}
 
     def evaluate(self) -> dict[str, float]:
-        sampled = SamplingParams.from_config(self.cfg, self.cfg.eval_samples)
+        sampled = SamplingParams.from_config(self.cfg, self.cfg.eval_samples, evaluation=True)
         start = time.perf_counter()
         metrics = evaluate(self.sampler, self.tokens, self.task, sampled, self.cfg.seed,
                            max(resolved_inference_batch(self.cfg), self.cfg.eval_samples), self.cfg.task.eval_size)

@@ -66,6 +66,9 @@ BAD = [
     (["model.dtype=float16"], "model.dtype='float16': expected one of float32, bfloat16"),
     (["model.logprob_chunk=0"], "model.logprob_chunk=0: expected a number > 0"),
     (["model.source=random"], "model.arch=None: expected one of qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b"),
+    (["max_prompt_tokens=0"], "max_prompt_tokens=0: expected a number > 0"),
+    (["eval_temperature=0"], "eval_temperature=0.0: expected a number > 0"),
+    (["eval_top_p=1.5"], "eval_top_p=1.5: expected a number in (0, 1]"),
 ]
 
 

@@ -25,10 +25,14 @@ class SamplingParams:
     greedy: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any, n: int) -> SamplingParams:
-        """The run's sampling knobs (temperature, top_p, top_k, max_new_tokens), n samples per prompt."""
-        return cls(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                   max_new_tokens=cfg.max_new_tokens)
+    def from_config(cls, cfg: Any, n: int, evaluation: bool = False) -> SamplingParams:
+        """The run's sampling knobs (temperature, top_p, top_k, max_new_tokens), n samples per prompt; for the
+        sampled held-out `evaluation`, eval_temperature / eval_top_p where set."""
+        temperature, top_p = cfg.temperature, cfg.top_p
+        if evaluation:
+            temperature = cfg.eval_temperature if cfg.eval_temperature is not None else temperature
+            top_p = cfg.eval_top_p if cfg.eval_top_p is not None else top_p
+        return cls(n=n, temperature=temperature, top_p=top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens)
 
 
 @dataclass
