@@ -80,13 +80,16 @@ class TinyModelConfig:
     # longest prompt + response the tiny model handles
     max_position_embeddings: int = 512
     # warm-up pre-training steps that turn the random init into the "base" model
-    warmup_steps: int = 500
+    warmup_steps: int = 800
     # warm-up batch size (sequences)
     warmup_batch: int = 32
     # warm-up constant learning rate
     warmup_lr: float = 1e-3
     # fraction of warm-up traces with a deliberate arithmetic slip (keeps the base model imperfect)
     warmup_noise: float = 0.2
+    # probability that a warm-up trace restates a step before moving on (a longer trace for the same problem),
+    # so RL and the KL penalty have response length to move
+    warmup_restate: float = 0.3
     # seed of the init and the warm-up data
     warmup_seed: int = 1234
 

@@ -131,7 +131,7 @@ def build_base_model(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     examples = warmup_examples(task_cfg, tiny_cfg.warmup_steps * tiny_cfg.warmup_batch, tiny_cfg.warmup_noise,
-                               tiny_cfg.warmup_seed)
+                               tiny_cfg.warmup_seed, tiny_cfg.warmup_restate)
     samples = [TrainSample(tokenizer.encode(p), tokenizer.encode(r) + [tokenizer.eos_token_id]) for p, r in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny_cfg.warmup_lr, weight_decay=0.0)
     spec = LossSpec(kind="sft")

@@ -235,3 +235,33 @@ def test_state_dict_resumes_the_exact_continuation(cut):
 def test_empty_items_raise():
     with pytest.raises(ValueError, match="no items"):
         ProblemStream([], seed=0)
+
+
+# ------------------------------------------------------------------ restated steps (response length can move)
+def test_restated_steps_repeat_their_line_and_keep_the_chain():
+    """restate=1 writes every step twice in a row, a slip included; without the repeats the trace walks the
+    prompt's chain as before, so restating changes the length and nothing else."""
+    rng, problem_rng = random.Random(6), random.Random(5)
+    for noise in (0.0, 1.0):
+        for _ in range(300):
+            problem, numbers, ops = make_problem(problem_rng, cfg())
+            *lines, boxed = cot_trace(numbers, ops, rng, noise=noise, restate=1.0).split("\n")
+            assert len(lines) == 2 * len(ops) and lines[0::2] == lines[1::2]
+            steps, answer = parse_trace("\n".join([*lines[0::2], boxed]))
+            right = check_chain(steps, numbers, ops)
+            assert answer == str(steps[-1][3])
+            if noise == 0.0:
+                assert all(right) and answer == problem.answer
+
+
+def test_warmup_traces_of_one_problem_differ_in_length_at_the_configured_rate():
+    from dash_exp.tasks.arithmetic import warmup_examples
+
+    examples = warmup_examples(cfg(min_terms=3, max_terms=3), 2000, noise=0.0, seed=0, restate=0.3)
+    repeats = [sum(a == b for a, b in zip(r.split("\n"), r.split("\n")[1:], strict=False)) for _, r in examples]
+    assert abs(sum(repeats) / (2 * len(examples)) - 0.3) < 0.02  # 2 steps per 3-term chain, each restated at 0.3
+    assert {0, 1, 2} <= set(repeats)
+    rng = random.Random(1)
+    lengths = {len(cot_trace([5, 7, 3], ["+", "-"], rng, restate=0.5)) for _ in range(50)}
+    assert len(lengths) == 3  # no, one or two restated steps
+    assert warmup_examples(cfg(), 50, 0.2, 3) == warmup_examples(cfg(), 50, 0.2, 3, restate=0.0)

@@ -2,6 +2,7 @@
 
 Prompt:    ``37+25-18=?\\n``
 CoT trace: ``37+25=62\\n62-18=44\\n\\boxed{44}``  (what the base model is warmed up on, and RL samples)
+           ``37+25=62\\n37+25=62\\n62-18=44\\n\\boxed{44}``  (the same with its first step restated: longer)
 Reference: ``\\boxed{44}``                     (terse "human" solution used by SFT-H)
 """
 
@@ -38,9 +39,12 @@ def chain_value(numbers: list[int], ops: list[str]) -> int:
     return value
 
 
-def cot_trace(numbers: list[int], ops: list[str], rng: random.Random | None = None, noise: float = 0.0) -> str:
-    """Step-by-step solution; with probability `noise` one step carries a small slip that propagates
-    (a slip below 0 is clamped to 0, so a step whose true result is 0 may keep it)."""
+def cot_trace(numbers: list[int], ops: list[str], rng: random.Random | None = None, noise: float = 0.0,
+              restate: float = 0.0) -> str:
+    """Step-by-step solution. With probability `noise` one step carries a small slip that propagates (a slip
+    below 0 is clamped to 0, so a step whose true result is 0 may keep it). With probability `restate` each step
+    is restated once as written (a slip included) before moving on, so traces of one problem differ in length
+    and nothing in the trace says whether restating pays."""
     slip_at = rng.randrange(len(ops)) if rng is not None and rng.random() < noise else -1
     value, lines = numbers[0], []
     for i, (op, b) in enumerate(zip(ops, numbers[1:], strict=True)):
@@ -48,6 +52,8 @@ def cot_trace(numbers: list[int], ops: list[str], rng: random.Random | None = No
         if i == slip_at:
             result = max(0, result + rng.choice([-10, -2, -1, 1, 2, 10]))
         lines.append(f"{value}{op}{b}={result}")
+        if restate and rng is not None and rng.random() < restate:
+            lines.append(lines[-1])
         value = result
     return "\n".join(lines) + f"\n\\boxed{{{value}}}"
 
@@ -72,11 +78,12 @@ def make_splits(cfg: Any) -> tuple[list[Problem], list[Problem]]:
     return problems[: cfg.n_train], problems[cfg.n_train:]
 
 
-def warmup_examples(cfg: Any, n: int, noise: float, seed: int) -> list[tuple[str, str]]:
-    """(prompt, noisy CoT trace) pairs for building the base model; fresh chains, not the RL splits."""
+def warmup_examples(cfg: Any, n: int, noise: float, seed: int, restate: float = 0.0) -> list[tuple[str, str]]:
+    """(prompt, noisy CoT trace with steps restated at rate `restate`) pairs for building the base model; fresh
+    chains, not the RL splits."""
     rng = random.Random(f"warmup:{seed}")
     out = []
     for _ in range(n):
         problem, numbers, ops = make_problem(rng, cfg)
-        out.append((problem.prompt, cot_trace(numbers, ops, rng, noise)))
+        out.append((problem.prompt, cot_trace(numbers, ops, rng, noise, restate)))
     return out
