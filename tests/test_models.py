@@ -46,3 +46,17 @@ def test_cache_key_changes_with_the_config(make_cfg):
     a, b = make_cfg(), make_cfg("model.tiny.warmup_steps=151")
     assert tiny_model_key(a.model.tiny, a.task) != tiny_model_key(b.model.tiny, b.task)
     assert tiny_model_key(a.model.tiny, a.task) == tiny_model_key(make_cfg().model.tiny, a.task)
+
+
+def test_the_sft_m_teacher_is_a_larger_longer_trained_tiny_model_cached_apart(make_cfg):
+    """model=tiny-teacher (what `make traces` samples) composes to a wider, deeper tiny model warmed up longer on
+    cleaner traces of the same task, under its own cache key; the student keeps the base."""
+    from dash_exp.models import tiny_model_key
+
+    base, teacher = make_cfg(), make_cfg("model=tiny-teacher")
+    b, t = base.model.tiny, teacher.model.tiny
+    assert teacher.model.source == "tiny" and teacher.model.name == "tiny-teacher"
+    assert t.hidden_size > b.hidden_size and t.num_layers > b.num_layers and t.intermediate_size > b.intermediate_size
+    assert t.warmup_steps > b.warmup_steps and t.warmup_noise < b.warmup_noise
+    assert t.warmup_restate == b.warmup_restate and t.hidden_size % t.num_heads == 0
+    assert tiny_model_key(t, teacher.task) != tiny_model_key(b, base.task)
