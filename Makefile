@@ -113,8 +113,9 @@ figures: $(STAMP)
 		$(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT))
 
 # SFT-M traces for sft_vs_rl: rejection sampling (correct answers only) of the stronger embedded teacher
-# (conf/model/tiny-teacher.yaml, built and cached once, ~4 min on 2 cores) on the student's training prompts
-traces/sft_m.jsonl: | $(STAMP)
+# (conf/model/tiny-teacher.yaml, built and cached once, ~5 min on 2 cores) on the student's training prompts;
+# remade when the teacher's preset or the task's generator changes
+traces/sft_m.jsonl: conf/model/tiny-teacher.yaml dash_exp/tasks/arithmetic.py | $(STAMP)
 	$(BIN)/python -m dash_exp.traces --out $@ --samples 8 --per-prompt 1 model=tiny-teacher
 
 traces: traces/sft_m.jsonl
