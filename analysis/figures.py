@@ -287,11 +287,16 @@ def eval_points(runs: pd.DataFrame, steps: pd.DataFrame, eval_set: str, key: str
     return out[columns].reset_index(drop=True)
 
 
+def start_final(points: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per run_dir: the accuracy of its first and of its last evaluation."""
+    acc = points.sort_values(["run_dir", "step"]).groupby("run_dir", sort=False)["acc"]
+    return acc.first(), acc.last()
+
+
 def gain_targets(points: pd.DataFrame, fraction: float) -> pd.Series:
     """Per run_dir: start + fraction x (final - start) of its own first and last evaluation; NaN where the
     final accuracy is not above the start (no gain to reach)."""
-    acc = points.sort_values(["run_dir", "step"]).groupby("run_dir", sort=False)["acc"]
-    start, final = acc.first(), acc.last()
+    start, final = start_final(points)
     return (start + fraction * (final - start)).where(final > start)
 
 
@@ -300,9 +305,8 @@ def default_targets(points: pd.DataFrame, fractions: tuple[float, ...] = (0.5, 1
     that end above it, at `fractions` of the way, rounded down to whole points; none when no label ends above."""
     if points.empty:
         return []
-    ordered = points.sort_values(["run_dir", "step"])
-    base = ordered.groupby("run_dir")["acc"].first().mean()
-    finals = ordered[ordered["final"]].groupby("label")["acc"].mean()
+    base = start_final(points)[0].mean()
+    finals = points[points["final"]].groupby("label")["acc"].mean()
     if not (finals > base).any():
         return []
     lowest = finals[finals > base].min()

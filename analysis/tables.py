@@ -25,6 +25,7 @@ from analysis.figures import (
     eval_points,
     first_reach,
     gain_targets,
+    start_final,
     time_unit,
 )
 
@@ -228,12 +229,12 @@ def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
 
 
 # ------------------------------------------------------------------------------------------- time to accuracy
-def time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, eval_set: str, fractions: Iterable[float] = (0.5, 0.9),
-                     targets: Iterable[float] | None = None, key: str = "accuracy") -> pd.DataFrame:
-    """Per (target, run): when the run first reaches the target on `eval/<eval_set>/<key>`; `target` names it:
-    'f% of gain' (f of the run's own final - start) for each fraction, then '≥ x%' for each absolute accuracy
-    (default: `figures.default_targets`). Columns of `figures.first_reach` plus `target_name`, `kind`."""
-    points = eval_points(runs, steps, eval_set, key)
+def time_to_accuracy(points: pd.DataFrame, fractions: Iterable[float] = (0.5, 0.9),
+                     targets: Iterable[float] | None = None) -> pd.DataFrame:
+    """Per (target, run): when the run first reaches the target in its evaluations `points`
+    (`figures.eval_points`); `target` names it: 'f% of gain' (f of the run's own final - start) for each fraction,
+    then '≥ x%' for each absolute accuracy (default: `figures.default_targets`). Columns of `figures.first_reach`
+    plus `target_name`, `kind`."""
     absolute = default_targets(points) if targets is None else list(targets)
     parts = [first_reach(points, gain_targets(points, f)).assign(target_name=f"{100 * f:g}% of gain", kind="gain")
              for f in fractions]
@@ -243,8 +244,7 @@ def time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, eval_set: str, fra
 
 def _start_over_final(points: pd.DataFrame) -> tuple[float, float]:
     """(min, max) over the runs that gained of first / last evaluated accuracy, in % (NaN when none gained)."""
-    acc = points.sort_values(["run_dir", "step"]).groupby("run_dir")["acc"]
-    start, final = acc.first(), acc.last()
+    start, final = start_final(points)
     ratio = (start / final)[final > start]
     return 100 * ratio.min(), 100 * ratio.max()
 
@@ -271,7 +271,7 @@ def table3_time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str 
         points = eval_points(runs, steps, s)
         if points.empty:
             continue
-        reach = time_to_accuracy(runs, steps, s, fractions, targets)
+        reach = time_to_accuracy(points, fractions, targets)
         for name in dict.fromkeys(reach["target_name"]):
             for label in labels:
                 sel = reach[(reach["target_name"] == name) & (reach["label"] == label)]
@@ -281,7 +281,7 @@ def table3_time_to_accuracy(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str 
                              "training samples": fmt(hit["samples"], digits=0), "step": fmt(hit["step"], digits=0)})
         lo, hi = _start_over_final(points)
         absolute = reach.loc[reach["kind"] == "absolute", "target"].drop_duplicates()
-        base = points.sort_values("step").groupby("run_dir")["acc"].first().mean()
+        base = start_final(points)[0].mean()
         degenerate = (f"Fractions of the final accuracy itself would be degenerate: the runs that gain start at "
                       f"{lo:.0f}-{hi:.0f}% of their own final accuracy, so any fraction below {lo:.0f}% is met at "
                       "step 0; hence fractions of the gain (final - start). ") if math.isfinite(lo) else ""

@@ -350,7 +350,7 @@ def test_time_to_accuracy_finds_the_first_crossing_and_counts_runs_that_never_ge
     # the base is 40%, the lowest final mean 43% (GRPO): targets halfway (41.5 -> 41) and all the way
     assert F.default_targets(points) == [0.41, 0.43]
 
-    reach = T.time_to_accuracy(runs, steps, "arith").set_index(["target_name", "label", "run_dir"]).sort_index()
+    reach = T.time_to_accuracy(points).set_index(["target_name", "label", "run_dir"]).sort_index()
 
     def per_run(name: str, label: str) -> list:
         return [None if pd.isna(t) else t for t in reach.loc[(name, label), "time_s"]]
