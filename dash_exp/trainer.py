@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dash_exp.algorithms.advantages import gradient_filter, group_advantages
 from dash_exp.algorithms.losses import normalizer
-from dash_exp.algorithms.update import LossSpec, UpdateStats, accumulate_gradients, old_logprobs
+from dash_exp.algorithms.update import SUMS, LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
 from dash_exp.checkpoint import (
     apply_policy_state,
@@ -234,7 +234,7 @@ class Trainer:
                 self.old_logprobs([s for s, k in zip(samples, keep, strict=True) if k])
             # running sums of the optimizer steps' statistics, as host floats (each step's are read once, together
             # with its gradient norm, in optimizer_step: the update's only device reads)
-            total = UpdateStats().as_dict()
+            total = {**dict.fromkeys(SUMS, 0.0), "tokens": 0, "forward_samples": 0}
             grad_norms, optimizer_steps, kept_per_rank, balance = [], 0, [], []
             indices = list(range(len(samples)))
             size = len(samples) // a.ppo_minibatches

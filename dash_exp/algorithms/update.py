@@ -46,7 +46,7 @@ class UpdateStats:
     to Python floats all at once, by `read` or on first access to one of them (`loss`, `pg`, ...), then cached.
     """
 
-    sums: torch.Tensor | None = None
+    sums: torch.Tensor
     tokens: int = 0
     forward_samples: int = 0
     _floats: list[float] | None = field(default=None, repr=False, compare=False)
@@ -62,14 +62,11 @@ class UpdateStats:
         """The float sums (SUMS order) followed by the values of the 0-dim tensors `extra`, in ONE device read
         (`.tolist()` of one concatenated tensor); the sums are cached, so reading them again costs nothing."""
         tensors = [e.detach().reshape(1).double() for e in extra]
-        if self._floats is None and self.sums is not None:
+        if self._floats is None:
             tensors.insert(0, self.sums)
         values = torch.cat(tensors).tolist() if tensors else []
         if self._floats is None:
-            if self.sums is None:
-                self._floats = [0.0] * len(SUMS)
-            else:
-                self._floats, values = values[: len(SUMS)], values[len(SUMS):]
+            self._floats, values = values[: len(SUMS)], values[len(SUMS):]
         return [*self._floats, *values]
 
     def as_dict(self) -> dict[str, float]:
