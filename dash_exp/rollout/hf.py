@@ -129,7 +129,7 @@ class HFSampler:
         if params.temperature != 1.0:
             scaled.div_(params.temperature)
         cut = truncation_mask(scaled, params.top_k, params.top_p)
-        top = scaled.amax(-1, keepdim=True)
+        top, best = scaled.max(-1, keepdim=True)
         # the one [B, V] temporary: unnormalised probabilities, then (in place) their CDF
         weights = torch.sub(scaled, top).exp_()
         log_z = weights.sum(-1, keepdim=True).log_()
@@ -140,7 +140,7 @@ class HFSampler:
         if cut is not None:
             # a parallel cumsum (CUDA) may round a cut token's cumulative weight past its predecessor's; should u
             # land in that ulp, take the most likely token instead (never a cut one)
-            token = torch.where(cut.gather(-1, token[:, None]).squeeze(1), scaled.argmax(-1), token)
+            token = torch.where(cut.gather(-1, token[:, None]).squeeze(1), best.squeeze(1), token)
         logp = scaled.gather(-1, token[:, None]) - top - log_z
         return token, logp.squeeze(-1)
 
