@@ -208,7 +208,6 @@ def drop_frames(exc: BaseException) -> None:
 
 
 def probe_fits(sizes: list[int], try_size: Callable[[int], float], none_fit: str,
-               is_oom: Callable[[BaseException], bool] = is_allocation_failure,
                free: Callable[[], None] = release_cuda_memory) -> tuple[int, dict[int, float | None]]:
     """Run try_size (its peak MB) on increasing sizes until an allocation fails: the largest size that ran and MB
     by size (None where it failed). Another error propagates; the first size failing raises TuneError(none_fit).
@@ -222,7 +221,7 @@ def probe_fits(sizes: list[int], try_size: Callable[[int], float], none_fit: str
         try:
             memory[size] = try_size(size)
         except Exception as exc:
-            if not is_oom(exc):
+            if not is_allocation_failure(exc):
                 raise
             drop_frames(exc)
             failed = True  # free below, not in here: exc (and sys.exc_info()) stay alive until the block ends
