@@ -13,7 +13,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.experimental.callback import Callback
@@ -21,6 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dash_exp.config import ConfigError, register_configs, resolved_threads, validate
 from dash_exp.distributed import SINGLE, World
+
+if TYPE_CHECKING:
+    from dash_exp.batching import TokenCache
 
 register_configs()
 
@@ -62,6 +65,7 @@ def seed_everything(seed: int, threads: int) -> None:
 def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any = None) -> Components:
     """Task, tokenizer, policy, reference (only when kl.beta > 0) and sampler for a validated config; in a
     data-parallel `world`, the policy sharded with FSDP2 over the ranks."""
+    from dash_exp.batching import TokenCache
     from dash_exp.models import build_reference, load_policy, load_tokenizer, resolve_model_path
     from dash_exp.rollout.base import build_sampler
     from dash_exp.tasks.base import build_task
@@ -78,10 +82,11 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
     tokenizer = load_tokenizer(path)
     if task is None:
         task = build_task(cfg.task, tokenizer, need_train)
+    tokens = TokenCache(tokenizer)  # each training prompt is tokenized once here (dropping, vLLM's KV sizing)
     dropped = 0
     if need_train and cfg.max_prompt_tokens is not None:
         total = len(task.train)
-        task.train = drop_long_prompts(task.train, tokenizer, cfg.max_prompt_tokens)
+        task.train = drop_long_prompts(task.train, tokens, cfg.max_prompt_tokens)
         dropped = total - len(task.train)
         if world.main:
             print(f"max_prompt_tokens={cfg.max_prompt_tokens}: dropped {dropped} of {total} training prompts "
@@ -93,16 +98,13 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
 
         shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device)
     ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 else None
-    sampler = build_sampler(cfg, policy, tokenizer, path, [p.prompt for p in task.train], world.parallel)
+    sampler = build_sampler(cfg, policy, tokens, path, [p.prompt for p in task.train], world.parallel)
     return Components(task, tokenizer, policy, ref, sampler, sft_items, dropped)
 
 
-def drop_long_prompts(problems: list[Any], tokenizer: Any, max_tokens: int) -> list[Any]:
+def drop_long_prompts(problems: list[Any], tokens: TokenCache, max_tokens: int) -> list[Any]:
     """The problems whose prompt, tokenized as the sampler sees it, has at most `max_tokens` tokens (a truncated
     problem is another problem, so longer ones are dropped, not cut); ConfigError when none is left."""
-    from dash_exp.batching import TokenCache
-
-    tokens = TokenCache(tokenizer)
     kept = [p for p in problems if len(tokens(p.prompt)) <= max_tokens]
     if problems and not kept:
         shortest = min(len(tokens(p.prompt)) for p in problems)

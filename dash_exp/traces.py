@@ -42,8 +42,8 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
     task = build_task(cfg.task)
     path = resolve_model_path(cfg.model, cfg.task)
     tokenizer = load_tokenizer(path)
-    sampler = build_sampler(cfg, load_policy(path), tokenizer, path)
     tokens = TokenCache(tokenizer)
+    sampler = build_sampler(cfg, load_policy(path), tokens, path)
     problems = task.train[:max_prompts] if max_prompts else task.train
     params = SamplingParams.from_config(cfg, samples)
     seeds = [mix32(cfg.seed, -2, i) for i in range(len(problems))]

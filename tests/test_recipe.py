@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import TEST_OVERRIDES
 
+from dash_exp.batching import TokenCache
 from dash_exp.char_tokenizer import build_char_tokenizer
 from dash_exp.config import ConfigError, compose_config
 from dash_exp.rollout.base import SamplingParams
@@ -71,12 +72,12 @@ def test_drop_long_prompts_drops_exactly_the_longer_ones():
     task = build_task(compose_config([*TEST_OVERRIDES, "run_dir=x"]).task)
     lengths = prompt_tokens(task.train)
     limit = sorted(lengths)[len(lengths) // 2]
-    kept = drop_long_prompts(task.train, build_char_tokenizer(), limit)
+    kept = drop_long_prompts(task.train, TokenCache(build_char_tokenizer()), limit)
     assert kept == [p for p, n in zip(task.train, lengths, strict=True) if n <= limit]
     assert 0 < len(kept) < len(task.train)
-    assert drop_long_prompts(task.train, build_char_tokenizer(), max(lengths)) == task.train
+    assert drop_long_prompts(task.train, TokenCache(build_char_tokenizer()), max(lengths)) == task.train
     with pytest.raises(ConfigError) as info:
-        drop_long_prompts(task.train, build_char_tokenizer(), min(lengths) - 1)
+        drop_long_prompts(task.train, TokenCache(build_char_tokenizer()), min(lengths) - 1)
     assert str(info.value) == (f"max_prompt_tokens={min(lengths) - 1}: every one of the {len(task.train)} training "
                                f"prompts is longer (the shortest has {min(lengths)} tokens)")
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from dash_exp.batching import TokenCache
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,13 @@ def resolved_rollout(name: str) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path: str,
+def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_path: str,
                   prompts: Sequence[str] = (), data_parallel: bool = False) -> Sampler:
-    """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf). `prompts` (the training prompts)
-    size vLLM's KV cache on GPU: one step batch of the longest prompt plus max_new_tokens. `data_parallel`: the
-    policy is sharded over ranks, and each rank gets its own engine holding the whole model (HF: an unsharded
-    copy in the compute dtype; vLLM: an engine per rank on torch.distributed's external launcher), refreshed from
-    the policy's full tensors at every sync."""
+    """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf); `tokens` is the run's tokenizer
+    cache. `prompts` (the training prompts) size vLLM's KV cache on GPU: one step batch of the longest prompt plus
+    max_new_tokens. `data_parallel`: the policy is sharded over ranks, and each rank gets its own engine holding the
+    whole model (HF: an unsharded copy in the compute dtype; vLLM: an engine per rank on torch.distributed's external
+    launcher), refreshed from the policy's full tensors at every sync."""
     from dash_exp.batching import COMPUTE_DTYPES
 
     name = resolved_rollout(cfg.rollout.name)
@@ -95,6 +98,7 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path:
 
         device = next(policy.parameters()).device
         model = build_reference(model_path, cfg.model.dtype, device) if data_parallel else policy
+        tokenizer = tokens.tokenizer
         sampler = HFSampler(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy),
                             compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], own_copy=data_parallel)
         sampler.sync(policy)
@@ -109,7 +113,7 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokenizer: Any, model_path:
         from dash_exp.config import step_batch
         from dash_exp.rollout.vllm import kv_cache_gb_for
 
-        longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+        longest = max(len(tokens(p)) for p in prompts)
         step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
                                      COMPUTE_DTYPES[cfg.model.dtype])
     sampler = VLLMSampler(model_path, cfg.rollout, cfg.model.dtype, cfg.seed, step_kv_gb, data_parallel)
