@@ -5,7 +5,7 @@ import torch
 
 from dash_exp.batching import TrainSample, response_logprobs
 from dash_exp.rollout.base import SamplingParams
-from dash_exp.rollout.hf import HFSampler, inverse_cdf_sample, truncate_logits, uniform_noise
+from dash_exp.rollout.hf import HFSampler, inverse_cdf_sample, truncation_mask, uniform_noise
 from dash_exp.run import build
 
 
@@ -141,7 +141,7 @@ def test_top_k_top_p_sampling_draws_only_kept_tokens_in_proportion(top_k, top_p)
     logits = torch.tensor([0.2, 2.0, 1.0, -0.5, 1.7, 0.0, 0.9, -1.0])
     params = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p)
     tokens, logp = pick_many(logits, params, n=10000, positions=2)
-    kept = torch.isfinite(truncate_logits(logits[None] / 0.9, top_k, top_p))[0]
+    kept = ~truncation_mask(logits[None] / 0.9, top_k, top_p)[0]
     assert 1 < int(kept.sum()) < 8 and bool(kept[tokens].all())
     probs = torch.softmax((logits / 0.9).masked_fill(~kept, float("-inf")), -1)
     assert chi_square(tokens, probs) < 40
@@ -151,6 +151,6 @@ def test_top_k_top_p_sampling_draws_only_kept_tokens_in_proportion(top_k, top_p)
 
 def test_top_k_and_top_p_truncation_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(truncate_logits(logits, top_k=2, top_p=1.0)).tolist() == [[False, False, True, True]]
+    assert truncation_mask(logits, top_k=2, top_p=1.0).tolist() == [[False, False, True, True]]
     # nucleus 0.7: 0.5 alone < 0.7, 0.5 + 0.3 covers it -> keep the first two
-    assert torch.isinf(truncate_logits(logits, top_k=0, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert truncation_mask(logits, top_k=0, top_p=0.7).tolist() == [[False, False, True, True]]

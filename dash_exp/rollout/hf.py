@@ -82,12 +82,6 @@ def truncation_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return cut
 
 
-def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf."""
-    cut = truncation_mask(logits, top_k, top_p)
-    return logits if cut is None else logits.masked_fill(cut, float("-inf"))
-
-
 class HFSampler:
     """Samples from the live policy module (colocated: `sync` has nothing to copy), or with `own_copy` (data
     parallel: the policy is sharded) from an unsharded compute-dtype copy that `sync` refreshes."""
