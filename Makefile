@@ -102,9 +102,11 @@ test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP)
 
 # one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [LAUNCHER=slurm|local_parallel]
 # [ARGS="model=... task=... hydra.launcher.partition=gpu"]; no LAUNCHER: one job after another in this process
+# [SEEDS=5]: seeds 0..SEEDS-1 instead of the sweep's own 0,1,2
 SWEEP ?= kl
 sweep: $(STAMP)
-	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS)
+	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
+		$(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 
 # every figure (PNG + PDF) and table into figures/, from the runs under multirun/ (or a W&B project:
 # make figures WANDB_PROJECT=entity/project)
@@ -121,19 +123,25 @@ traces/sft_m.jsonl: conf/model/tiny-teacher.yaml dash_exp/tasks/arithmetic.py | 
 traces: traces/sft_m.jsonl
 
 # all tiny sweeps, each two jobs at a time (hydra/launcher=local_parallel: joblib, one thread per job on 2 cores),
-# the SFT-M teacher's own held-out accuracy (evaluation only, a `teacher` row of Table 1), then the figures
-REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl batch_sizes
+# the SFT-M teacher's own held-out accuracy (evaluation only, a `teacher` row of Table 1), then the figures.
+# SEEDS: seeds per configuration of the four findings' sweeps (0..SEEDS-1; batch_sizes measures throughput and runs
+# once); each verdict's interval narrows with more: make reproduce SEEDS=5
+SEEDS ?= 3
+REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl
 REPRODUCE_ARGS := hydra/launcher=local_parallel threads=1 logger=none
 reproduce: traces/sft_m.jsonl
 	@set -e; for sweep in $(REPRODUCE_SWEEPS); do \
-		$(BIN)/python -m dash_exp.run +sweep=$$sweep $(REPRODUCE_ARGS); \
+		$(BIN)/python -m dash_exp.run +sweep=$$sweep $(REPRODUCE_ARGS) 'seed=range(0,$(SEEDS))'; \
 	done
+	$(BIN)/python -m dash_exp.run +sweep=batch_sizes $(REPRODUCE_ARGS)
 	$(BIN)/python -m dash_exp.run +sweep=sft_vs_rl algorithm=base algorithm.label=teacher model=tiny-teacher \
-		$(REPRODUCE_ARGS)
+		$(REPRODUCE_ARGS) 'seed=range(0,$(SEEDS))'
 	$(MAKE) figures
 
+# ruff, then the import layers of pyproject.toml's [tool.importlinter] (entrypoints > factory > trainer > ... > config)
 lint: $(STAMP)
 	$(BIN)/ruff check dash_exp tests analysis
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf runs multirun outputs figures traces .pytest_cache

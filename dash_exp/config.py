@@ -92,6 +92,9 @@ class TinyModelConfig:
     warmup_restate: float = 0.3
     # seed of the init and the warm-up data
     warmup_seed: int = 1234
+    # torch CPU threads during the warm-up, whatever the building process uses (restored afterwards): CPU kernels
+    # sum in an order that depends on the thread count, so a fixed count makes the same key hold the same weights
+    warmup_threads: int = 1
 
 
 @dataclass
@@ -342,6 +345,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("model.logprob_chunk", cfg.model.logprob_chunk, allow_none=True)
     if cfg.model.source == "random":
         _one_of("model.arch", cfg.model.arch, ARCHS)
+    _positive("model.tiny.warmup_threads", cfg.model.tiny.warmup_threads)
     _positive("task.few_shot", cfg.task.few_shot, allow_zero=True)
     _positive("epochs", cfg.epochs, allow_none=True)
     _positive("time_budget_s", cfg.time_budget_s, allow_none=True)

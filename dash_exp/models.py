@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +116,26 @@ def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
     return str(path)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n inside the block, the caller's count restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_base_model(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
-    """Init a tiny Llama and warm it up on noisy CoT arithmetic traces; save it atomically to out_dir."""
+    """Init a tiny Llama and warm it up on noisy CoT arithmetic traces; save it atomically to out_dir. The result
+    depends on the config alone, not on the calling process: the warm-up runs on `warmup_threads` threads from
+    its own seed, and the caller's thread count and global RNG state are restored afterwards."""
+    with torch_threads(tiny_cfg.warmup_threads), torch.random.fork_rng():
+        _warm_up(tiny_cfg, task_cfg, out_dir)
+
+
+def _warm_up(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
     from dash_exp.tasks.arithmetic import warmup_examples
 
     torch.manual_seed(tiny_cfg.warmup_seed)

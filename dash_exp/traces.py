@@ -13,18 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dash_exp.tasks.base import Problem
-
-
-def load_traces(path: Path) -> list[Problem]:
-    """Traces JSONL -> Problems (solution = response); errors name path:line and what was expected."""
-    from dash_exp.tasks.math import read_jsonl
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: traces file not found (make one with python -m dash_exp.traces)")
-    rows = read_jsonl(path, ("prompt", "response"))
-    return [Problem(prompt=r["prompt"], answer=str(r.get("answer", "")), solution=r["response"]) for r in rows]
-
 
 def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts: int | None) -> dict[str, float]:
     """Rejection sampling over the training split; returns counts."""
@@ -32,11 +20,12 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
 
     from dash_exp.batching import TokenCache
     from dash_exp.config import resolved_inference_batch, resolved_threads
-    from dash_exp.evaluate import generate_in_chunks
+    from dash_exp.evaluation import generate_in_chunks
     from dash_exp.models import load_policy, load_tokenizer, resolve_model_path
-    from dash_exp.rollout.base import SamplingParams, build_sampler
+    from dash_exp.rollout.base import SamplingParams
     from dash_exp.rollout.hf import mix32
-    from dash_exp.tasks.base import build_task
+    from dash_exp.rollout.registry import build_sampler
+    from dash_exp.tasks.registry import build_task
 
     torch.set_num_threads(resolved_threads(cfg))
     task = build_task(cfg.task)

@@ -29,7 +29,7 @@ from dash_exp.checkpoint import (
 )
 from dash_exp.config import resolved_inference_batch, step_batch
 from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, full_tensor
-from dash_exp.evaluate import evaluate, generate_in_chunks
+from dash_exp.evaluation import evaluate, generate_in_chunks
 from dash_exp.reward import GradeResult
 from dash_exp.rollout.base import Sampler, SamplingParams
 from dash_exp.rollout.hf import mix32

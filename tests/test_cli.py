@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import TEST_OVERRIDES
 
-from dash_exp.traces import load_traces
+from dash_exp.tasks.traces import load_traces
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith(("logger=", "run_dir="))]

@@ -21,7 +21,7 @@ def test_every_algorithm_kl_combination_composes(algorithm, kl):
 def test_rollout_auto_is_vllm_with_cuda_else_hf():
     import torch
 
-    from dash_exp.rollout.base import resolved_rollout
+    from dash_exp.rollout.registry import resolved_rollout
 
     assert compose_config(["run_dir=x"]).rollout.name == "auto"
     assert resolved_rollout("auto") == ("vllm" if torch.cuda.is_available() else "hf")

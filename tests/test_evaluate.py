@@ -18,7 +18,7 @@ from conftest import REPO, TEST_OVERRIDES
 
 from dash_exp.checkpoint import latest_checkpoint, load_policy_weights
 from dash_exp.evaluate import main as evaluate_main
-from dash_exp.evaluate import pass_at_k
+from dash_exp.evaluation import pass_at_k
 from dash_exp.run import train
 
 FRACTIONS = ("accuracy", "sampled_accuracy", "truncated_frac", "sampled_truncated_frac", "unparsed_frac",

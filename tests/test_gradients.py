@@ -9,7 +9,7 @@ import torch
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
-from dash_exp.run import build
+from dash_exp.factory import build
 
 
 @pytest.fixture

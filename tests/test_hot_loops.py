@@ -19,9 +19,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients, old_logprobs
 from dash_exp.batching import TrainSample
+from dash_exp.factory import build
 from dash_exp.rollout.base import SamplingParams
 from dash_exp.rollout.hf import CHECK_EVERY, HFSampler
-from dash_exp.run import build
 from dash_exp.tracking import MetricSink, peak_allocated_bytes
 from dash_exp.trainer import Trainer
 

@@ -22,7 +22,6 @@ from conftest import DATA_DIR, REPO
 
 from dash_exp.config import TaskConfig, compose_config
 from dash_exp.reward import Grader, extract_boxed
-from dash_exp.tasks.base import build_task
 from dash_exp.tasks.math import (
     GSM8K_FIELDS,
     INSTRUCTION,
@@ -35,6 +34,7 @@ from dash_exp.tasks.math import (
     math_problem,
     read_jsonl,
 )
+from dash_exp.tasks.registry import build_task
 
 MATH500 = DATA_DIR / "math500" / "test.jsonl"
 GSM8K_TRAIN = DATA_DIR / "gsm8k" / "train.jsonl"

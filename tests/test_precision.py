@@ -14,10 +14,11 @@ import torch
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample, response_logprobs
 from dash_exp.checkpoint import latest_checkpoint, load_checkpoint
+from dash_exp.factory import build
 from dash_exp.models import load_policy, resolve_model_path
 from dash_exp.rollout.base import SamplingParams
 from dash_exp.rollout.hf import HFSampler
-from dash_exp.run import build, train
+from dash_exp.run import train
 
 BF16 = "model.dtype=bfloat16"
 

@@ -11,9 +11,10 @@ from conftest import TEST_OVERRIDES
 from dash_exp.batching import TokenCache
 from dash_exp.char_tokenizer import build_char_tokenizer
 from dash_exp.config import ConfigError, compose_config
+from dash_exp.factory import build, drop_long_prompts
 from dash_exp.rollout.base import SamplingParams
-from dash_exp.run import build, drop_long_prompts, train
-from dash_exp.tasks.base import build_task
+from dash_exp.run import train
+from dash_exp.tasks.registry import build_task
 from dash_exp.tracking import MetricSink
 from dash_exp.trainer import Trainer
 

@@ -99,7 +99,7 @@ def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
     ("", "traces.jsonl: no rows (empty file)"),
 ])
 def test_bad_traces_file_names_file_line_and_expectation(tmp_path, content, message):
-    from dash_exp.traces import load_traces
+    from dash_exp.tasks.traces import load_traces
 
     path = tmp_path / "traces.jsonl"
     path.write_text(content)
@@ -108,7 +108,7 @@ def test_bad_traces_file_names_file_line_and_expectation(tmp_path, content, mess
 
 
 def test_missing_traces_file_is_named(tmp_path):
-    from dash_exp.traces import load_traces
+    from dash_exp.tasks.traces import load_traces
 
     with pytest.raises(FileNotFoundError, match="nope.jsonl: traces file not found"):
         load_traces(tmp_path / "nope.jsonl")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dash_exp.batching import TrainSample, response_logprobs
+from dash_exp.factory import build
 from dash_exp.rollout.base import SamplingParams
 from dash_exp.rollout.hf import HFSampler, inverse_cdf_sample, truncation_mask, uniform_noise
-from dash_exp.run import build
 
 
 @pytest.fixture

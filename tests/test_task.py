@@ -7,7 +7,8 @@ import pytest
 
 from dash_exp.config import TaskConfig
 from dash_exp.tasks.arithmetic import chain_value, cot_trace, make_problem, make_splits, prompt_of
-from dash_exp.tasks.base import ProblemStream, build_task
+from dash_exp.tasks.base import ProblemStream
+from dash_exp.tasks.registry import build_task
 
 # a noisy slip can push later running values below 0, so a and the result may be negative
 STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")

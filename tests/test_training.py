@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import GenerationMixin
 
-from dash_exp.run import build, train
+from dash_exp.factory import build
+from dash_exp.run import train
 from dash_exp.tracking import MetricSink
 from dash_exp.trainer import Trainer
 

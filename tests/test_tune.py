@@ -15,7 +15,7 @@ from conftest import REPO, TEST_OVERRIDES
 
 from dash_exp.batching import TrainSample
 from dash_exp.config import ConfigError, compose_config
-from dash_exp.run import build
+from dash_exp.factory import build
 from dash_exp.trainer import loss_spec
 from dash_exp.tune import (
     BACKWARD_FACTOR,

@@ -16,11 +16,11 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm ins
 from conftest import TEST_OVERRIDES  # noqa: E402
 
 from dash_exp.batching import TrainSample, response_logprobs  # noqa: E402
+from dash_exp.factory import build  # noqa: E402
 from dash_exp.models import eos_token_ids  # noqa: E402
 from dash_exp.rollout.base import SamplingParams  # noqa: E402
 from dash_exp.rollout.hf import HFSampler  # noqa: E402
 from dash_exp.rollout.vllm import VLLMSampler, engine_kwargs, kv_cache_gb_for  # noqa: E402
-from dash_exp.run import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4

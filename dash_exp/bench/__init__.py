@@ -40,7 +40,7 @@ def median(values: Sequence[float]) -> float:
 def components(overrides: list[str]) -> tuple[Any, Any]:
     """The composed, validated config (logger=none) and its built components, seeded as a run is."""
     from dash_exp.config import compose_config, resolved_threads
-    from dash_exp.run import build, seed_everything
+    from dash_exp.factory import build, seed_everything
 
     cfg = compose_config(["logger=none", *overrides])
     seed_everything(cfg.seed, resolved_threads(cfg))

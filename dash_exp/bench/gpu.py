@@ -113,7 +113,7 @@ def run(overrides: list[str], steps: int = 3, cpu: bool = False) -> dict[str, An
     if not cpu and not torch.cuda.is_available():
         raise RuntimeError("bench gpu: no CUDA device (use --cpu for the test-size flavour)")
     from dash_exp.config import compose_config, resolved_threads
-    from dash_exp.run import build, seed_everything
+    from dash_exp.factory import build, seed_everything
 
     cfgs = {a: compose_config(["logger=none", f"run_dir=runs/bench/gpu/{a}", f"algorithm={a}", f"steps={steps}",
                                *shape, *overrides]) for a in ALGORITHMS}
@@ -153,7 +153,7 @@ def summarize(cfg: Any, rows: dict[str, list[dict[str, Any]]], fraction: float, 
         per_algorithm[algorithm] = {k: (median([r[k] for r in timed]) if timed[0][k] is not None else None)
                                     for k in keys}
     grpo, dash = per_algorithm["grpo"], per_algorithm["dash"]
-    from dash_exp.rollout.base import resolved_rollout
+    from dash_exp.rollout.registry import resolved_rollout
 
     return {
         "flavour": "cpu" if cpu else "gpu", "device": torch.cuda.get_device_name() if not cpu else "cpu",

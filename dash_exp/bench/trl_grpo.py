@@ -150,7 +150,7 @@ def run(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
 
     from dash_exp.config import compose_config, resolved_threads
     from dash_exp.models import load_policy, load_tokenizer, resolve_model_path
-    from dash_exp.tasks.base import build_task
+    from dash_exp.tasks.registry import build_task
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps}, warmup={warmup}: expected steps >= 1 and warmup >= 0")

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from dash_exp.batching import TokenCache
 
 
 @dataclass(frozen=True)
@@ -73,49 +70,3 @@ class Sampler(Protocol):
     def close(self) -> None:
         """Release the engine and its memory for good (the sampler is unusable afterwards)."""
         ...
-
-
-def resolved_rollout(name: str) -> str:
-    """auto -> vllm when CUDA is available, hf otherwise."""
-    if name != "auto":
-        return name
-    return "vllm" if torch.cuda.is_available() else "hf"
-
-
-def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_path: str,
-                  prompts: Sequence[str] = (), data_parallel: bool = False) -> Sampler:
-    """The backend named by cfg.rollout.name (auto: vllm with CUDA, else hf); `tokens` is the run's tokenizer
-    cache. `prompts` (the training prompts) size vLLM's KV cache on GPU: one step batch of the longest prompt plus
-    max_new_tokens. `data_parallel`: the policy is sharded over ranks, and each rank gets its own engine holding the
-    whole model (HF: an unsharded copy in the compute dtype; vLLM: an engine per rank on torch.distributed's external
-    launcher), refreshed from the policy's full tensors at every sync."""
-    from dash_exp.batching import COMPUTE_DTYPES
-
-    name = resolved_rollout(cfg.rollout.name)
-    if name == "hf":
-        from dash_exp.models import build_reference, eos_token_ids
-        from dash_exp.rollout.hf import HFSampler
-
-        device = next(policy.parameters()).device
-        model = build_reference(model_path, cfg.model.dtype, device) if data_parallel else policy
-        tokenizer = tokens.tokenizer
-        sampler = HFSampler(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy),
-                            compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], own_copy=data_parallel)
-        sampler.sync(policy)
-        return sampler
-    from dash_exp.rollout.vllm import VLLMSampler, vllm_available
-
-    if not vllm_available():
-        raise RuntimeError(f"rollout={cfg.rollout.name} needs vLLM, which is not installed: run `make install-vllm` "
-                           "(or choose rollout=hf)")
-    step_kv_gb = None
-    if torch.cuda.is_available() and prompts:
-        from dash_exp.config import step_batch
-        from dash_exp.rollout.vllm import kv_cache_gb_for
-
-        longest = max(len(tokens(p)) for p in prompts)
-        step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
-                                     COMPUTE_DTYPES[cfg.model.dtype])
-    sampler = VLLMSampler(model_path, cfg.rollout, cfg.model.dtype, cfg.seed, step_kv_gb, data_parallel)
-    sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
-    return sampler
