@@ -1,46 +1,57 @@
-"""The paper's four findings checked against our runs: the claim, a verdict, the numbers, and why when not.
+"""The paper's four findings checked against our runs: the claim, a verdict per part with the interval it rests on,
+the numbers, and why when not.
 
 `findings_section(runs, steps)` is the "Findings" section that make_figures writes near the top of
 figures/README.md. One function per finding returns a `Verdict`, computed from the frames of
-`analysis.runs.load_runs` (nothing about the results is written in here): "yes" when every part of the claim
-holds in our runs, "partly" when some part does, "no" when none does, "not run" when the sweep (or a method it
-needs) has no completed runs. Accuracy is the final held-out greedy accuracy (%) on the sweep's first evaluation
-set; values are mean ± std over seeds, n = runs.
+`analysis.runs.load_runs` (nothing about the results is written in here). Each part of a claim compares two methods
+with `analysis.stats.compare`: the difference of their means over seeds with a 95% bootstrap confidence interval,
+paired by seed where both ran the same seeds. A part is "yes" when the interval lies wholly on the claim's side,
+"no" when it lies wholly on the other side, "inconclusive" otherwise; the finding is "yes" / "no" / "inconclusive"
+when all its parts agree, else "partly"; "not run" when the sweep (or a method it needs) has no completed runs.
+Accuracy is the final held-out greedy accuracy (%) on the sweep's first evaluation set; values are mean ± std over
+seeds, n = runs, and the per-run binomial standard error of the accuracy (`SE`) is given beside them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from analysis.figures import KL_DISPLAY, auto_window, display, eval_points, first_reach, time_unit
 from analysis.runs import sweep_frames
+from analysis.stats import Comparison, accuracy_se, combine, compare, rate_verdict
 from analysis.tables import _mean, eval_sets, fmt
 
 # a run "collapses" when it ends this far below its own start (about one binomial standard error of the accuracy on
 # 100 problems), finding 2's stability measure
 COLLAPSE_POINTS = 5.0
-# finding 4: DASH's accuracy "equals" GRPO's when it is at most max(this, GRPO's std over seeds) points lower
+# finding 4: DASH's accuracy "equals" GRPO's when it is credibly no more than this many points lower (the whole
+# interval of DASH - GRPO lies above -EQUAL_POINTS: a non-inferiority margin)
 EQUAL_POINTS = 2.0
+# what resolves an inconclusive part
+RESOLVE = ("more seeds (`make reproduce SEEDS=5`) narrow the interval; a larger held-out set (`task.n_test`) "
+           "lowers each run's standard error")
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """One finding: the paper's claim, our verdict (yes / partly / no / not run) and the evidence."""
+    """One finding: the paper's claim, our verdict (yes / partly / no / inconclusive / not run), the verdict of
+    each part of the claim, and the evidence."""
 
     number: int
     claim: str
     verdict: str
     evidence: str
+    parts: dict[str, str] = field(default_factory=dict)
+    # the comparison each part rests on (make_figures plots them)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
 
     def markdown(self) -> str:
-        return f"- **Finding {self.number}.** {self.claim} Reproduced: **{self.verdict}**. {self.evidence}"
-
-
-def _verdict(parts: list[bool]) -> str:
-    return "yes" if all(parts) else "partly" if any(parts) else "no"
+        parts = "; ".join(f"{name}: {v}" for name, v in self.parts.items())
+        return (f"- **Finding {self.number}.** {self.claim} Reproduced: **{self.verdict}**"
+                + (f" ({parts})" if parts else "") + f". {self.evidence}")
 
 
 def _not_run(number: int, claim: str, sweep: str, missing: str = "") -> Verdict:
@@ -48,19 +59,47 @@ def _not_run(number: int, claim: str, sweep: str, missing: str = "") -> Verdict:
     return Verdict(number, claim, f"not run (make sweep SWEEP={sweep})", why + ".")
 
 
-def _acc(runs: pd.DataFrame, label: str, eval_set: str, part: str = "final") -> list[float]:
-    """Accuracy (%) per run of `label` at the initial or final evaluation."""
-    col = f"{part}/eval/{eval_set}/accuracy"
+def _by_seed(runs: pd.DataFrame, col: str, scale: float = 1.0) -> dict[object, float]:
+    """{seed: value} of `col` over the given runs (the last run of a seed wins)."""
+    if col not in runs:
+        return {}
+    return {seed: scale * float(v) for seed, v in zip(runs["seed"], runs[col], strict=True)
+            if v is not None and math.isfinite(float(v))}
+
+
+def _acc(runs: pd.DataFrame, label: str, eval_set: str, part: str = "final") -> dict[object, float]:
+    """{seed: accuracy (%)} of the runs of `label` at the initial or final evaluation."""
+    return _by_seed(runs[runs["label"] == label], f"{part}/eval/{eval_set}/accuracy", 100.0)
+
+
+def _problems(runs: pd.DataFrame, eval_set: str) -> pd.Series:
+    """Held-out problems behind each run's accuracy: the logged count, else the configured eval_size."""
+    logged = runs.get(f"final/eval/{eval_set}/problems", pd.Series(math.nan, index=runs.index))
+    configured = runs.get("task.eval_size", pd.Series(math.nan, index=runs.index))
+    return logged.fillna(pd.to_numeric(configured, errors="coerce"))
+
+
+def mean_se(runs: pd.DataFrame, label: str, eval_set: str) -> float:
+    """Mean over the runs of `label` of the binomial standard error (%) of their final accuracy."""
     sel = runs[runs["label"] == label]
-    return [100 * float(v) for v in sel[col].dropna()] if col in sel else []
+    acc = sel.get(f"final/eval/{eval_set}/accuracy", pd.Series(dtype=float))
+    return _mean(100 * accuracy_se(float(p), int(n)) for p, n in zip(acc, _problems(sel, eval_set), strict=True)
+                 if math.isfinite(float(p)) and math.isfinite(float(n)))
 
 
-def _stat(values: list[float], digits: int = 1) -> str:
-    return f"{fmt(values, digits=digits)} (n={len(values)})"
+def _stat(values: dict[object, float] | list[float], digits: int = 1, se: float = math.nan) -> str:
+    vals = list(values.values()) if isinstance(values, dict) else list(values)
+    se_txt = f", SE {se:.{digits}f}" if math.isfinite(se) else ""
+    return f"{fmt(vals, digits=digits)} (n={len(vals)}{se_txt})"
 
 
-def _std(values: list[float]) -> float:
-    return float(pd.Series(values, dtype=float).std()) if len(values) > 1 else 0.0
+def _acc_stat(runs: pd.DataFrame, label: str, eval_set: str) -> str:
+    return _stat(_acc(runs, label, eval_set), se=mean_se(runs, label, eval_set))
+
+
+def _std(values: dict[object, float] | list[float]) -> float:
+    vals = list(values.values()) if isinstance(values, dict) else list(values)
+    return float(pd.Series(vals, dtype=float).std()) if len(vals) > 1 else 0.0
 
 
 def _steps_of(runs: pd.DataFrame, label: str) -> str:
@@ -68,9 +107,16 @@ def _steps_of(runs: pd.DataFrame, label: str) -> str:
     return fmt(runs.loc[runs["label"] == label, "steps_done"], digits=0).removesuffix(" ± 0")
 
 
+def _inconclusive(parts: dict[str, str]) -> str:
+    open_parts = [name for name, v in parts.items() if v == "inconclusive"]
+    if not open_parts:
+        return ""
+    return f" Inconclusive ({', '.join(open_parts)}): the interval includes the threshold; {RESOLVE}."
+
+
 # ---------------------------------------------------------------------------------------------------- finding 1
 def finding1(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "sft_vs_rl") -> Verdict:
-    """DASH's final greedy accuracy above SFT-M's and above SFT-H's."""
+    """DASH's final greedy accuracy above SFT-M's and above SFT-H's (one part each)."""
     claim = "On-policy RL (DASH) ends above SFT on model traces (SFT-M) and on human-style solutions (SFT-H)."
     runs, _ = sweep_frames(runs, steps, sweep)
     sfts = [lb for lb in ("sft_m", "sft_h") if not runs.empty and lb in set(runs["label"])]
@@ -78,18 +124,21 @@ def finding1(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "sft_vs_rl") 
         return _not_run(1, claim, sweep, "" if runs.empty else "DASH and SFT")
     s = eval_sets(runs[runs["label"] == "dash"])[0]
     dash = _acc(runs, "dash", s)
-    base = _mean(_acc(runs, "base" if "base" in set(runs["label"]) else "dash", s, "initial"))
-    wins = {lb: _mean(dash) > _mean(_acc(runs, lb, s)) for lb in sfts}
-    evidence = (f"Final greedy {s} accuracy (%): DASH {_stat(dash)}, "
-                + ", ".join(f"{display(lb)} {_stat(_acc(runs, lb, s))}" for lb in sfts)
-                + f"; base model {base:.1f}.")
+    base = _mean(_acc(runs, "base" if "base" in set(runs["label"]) else "dash", s, "initial").values())
+    comparisons = {f"DASH > {display(lb)}": compare(dash, _acc(runs, lb, s)) for lb in sfts}
+    parts = {name: c.verdict() for name, c in comparisons.items()}
+    evidence = (f"Final greedy {s} accuracy (%): DASH {_acc_stat(runs, 'dash', s)}, "
+                + ", ".join(f"{display(lb)} {_acc_stat(runs, lb, s)}" for lb in sfts)
+                + f"; base model {base:.1f}. "
+                + "; ".join(f"DASH − {display(lb)}: {comparisons[f'DASH > {display(lb)}'].text('points')}"
+                            for lb in sfts) + ".")
     traces = runs.loc[runs["label"] == "sft_m", "algorithm.traces_path"] if "algorithm.traces_path" in runs else []
-    for lb in (lb for lb, won in wins.items() if not won):
+    for lb in (lb for lb in sfts if parts[f"DASH > {display(lb)}"] == "no"):
         source = f" by imitating correct traces from `{traces.iloc[0]}`" if lb == "sft_m" and len(traces) else ""
-        evidence += (f" Why not: {display(lb)} gains {_mean(_acc(runs, lb, s)) - base:+.1f} points over the base in "
-                     f"{_steps_of(runs, lb)} steps{source}, DASH {_mean(dash) - base:+.1f} in "
+        evidence += (f" Why not: {display(lb)} gains {_mean(_acc(runs, lb, s).values()) - base:+.1f} points over "
+                     f"the base in {_steps_of(runs, lb)} steps{source}, DASH {_mean(dash.values()) - base:+.1f} in "
                      f"{_steps_of(runs, 'dash')} steps of RL on its own samples.")
-    return Verdict(1, claim, _verdict(list(wins.values())), evidence)
+    return Verdict(1, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
 
 
 # ---------------------------------------------------------------------------------------------------- finding 2
@@ -100,9 +149,15 @@ def collapsed(runs: pd.DataFrame, label: str, eval_set: str) -> tuple[int, int]:
     return int((drop > COLLAPSE_POINTS).sum()), int(drop.notna().sum())
 
 
+def _any_of(verdicts: list[str]) -> str:
+    """'Some variant does X': yes when one credibly does, no when every one credibly does not, else inconclusive."""
+    return "yes" if "yes" in verdicts else "no" if verdicts and set(verdicts) == {"no"} else "inconclusive"
+
+
 def finding2(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "pg_vs_ppo") -> Verdict:
-    """PPO Multi / Mini vs DASH at equal wall-clock: some PPO variant ends above DASH (accuracy) and some PPO
-    variant collapses in a larger fraction of its runs than DASH (stability)."""
+    """PPO Multi / Mini vs DASH at equal wall-clock. Accuracy: some PPO variant ends above DASH (interval of
+    PPO - DASH above 0). Stability: some PPO variant collapses in more of its runs than DASH (one-sided Fisher exact
+    test at 5%)."""
     claim = ("PPO-style off-policy updates (Multi: 3 passes per batch, Mini: 32 mini-batch steps) can raise accuracy "
              "over plain policy gradient (DASH) at equal training time, but are less stable.")
     runs, _ = sweep_frames(runs, steps, sweep)
@@ -110,26 +165,31 @@ def finding2(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "pg_vs_ppo") 
     if runs.empty or "dash" not in set(runs["label"]) or not ppos:
         return _not_run(2, claim, sweep, "" if runs.empty else "DASH and PPO")
     s = eval_sets(runs)[0]
-    dash = _mean(_acc(runs, "dash", s))
-    higher = {lb: _mean(_acc(runs, lb, s)) > dash for lb in ppos}
+    dash = _acc(runs, "dash", s)
+    comparisons = {f"{display(lb)} > DASH": compare(_acc(runs, lb, s), dash) for lb in ppos}
     falls = {lb: collapsed(runs, lb, s) for lb in ("dash", *ppos)}
-    rate = {lb: k / n if n else math.nan for lb, (k, n) in falls.items()}
-    less_stable = [lb for lb in ppos if rate[lb] > rate["dash"]]
-    evidence = (f"Final greedy {s} accuracy (%): " + ", ".join(f"{display(lb)} {_stat(_acc(runs, lb, s))}"
-                                                              for lb in ("dash", *ppos))
+    tests = {lb: rate_verdict(*falls[lb], *falls["dash"]) for lb in ppos}
+    parts = {"accuracy": _any_of([c.verdict() for c in comparisons.values()]),
+             "stability": _any_of([v for v, _ in tests.values()])}
+    evidence = (f"Final greedy {s} accuracy (%): " + ", ".join(f"{display(lb)} {_acc_stat(runs, lb, s)}"
+                                                              for lb in ("dash", *ppos)) + ". "
+                + "; ".join(f"{display(lb)} − DASH: {comparisons[f'{display(lb)} > DASH'].text('points')}"
+                            for lb in ppos)
                 + f". Stability, collapsed runs (final more than {COLLAPSE_POINTS:g} points below their start): "
-                + ", ".join(f"{display(lb)} {k}/{n}" for lb, (k, n) in falls.items()) + ".")
-    if not any(higher.values()):
+                + ", ".join(f"{display(lb)} {k}/{n}" for lb, (k, n) in falls.items())
+                + " (one-sided Fisher exact p that PPO collapses more often: "
+                + ", ".join(f"{display(lb)} {p:.2f}" for lb, (_, p) in tests.items()) + ").")
+    if parts["accuracy"] == "no":
         budget = runs["time_budget_s"].dropna() if "time_budget_s" in runs else pd.Series(dtype=float)
         within = f" within the same {budget.max():g} s budget" if len(budget) else ""
         evidence += (" Why not (accuracy): " + ", ".join(
             f"{display(lb)} ran {_steps_of(runs, lb)} steps" + (f" and collapsed in {falls[lb][0]}/{falls[lb][1]}"
                                                                   if falls[lb][0] else "") for lb in ppos)
             + f" against DASH's {_steps_of(runs, 'dash')}{within}.")
-    if not less_stable:
-        evidence += (" Why not (stability): no PPO variant collapsed more often than DASH; spread over seeds: "
+    if not any(falls[lb][0] for lb in ppos):
+        evidence += (" No PPO variant collapsed; spread over seeds: "
                      + ", ".join(f"{display(lb)} ± {_std(_acc(runs, lb, s)):.1f}" for lb in ("dash", *ppos)) + ".")
-    return Verdict(2, claim, _verdict([any(higher.values()), bool(less_stable)]), evidence)
+    return Verdict(2, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
 
 
 # ---------------------------------------------------------------------------------------------------- finding 3
@@ -142,7 +202,8 @@ def last_steps_mean(steps: pd.DataFrame, metric: str, first: bool = False) -> pd
 
 
 def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verdict:
-    """No KL vs KL: shorter training responses (mean over the last steps) and higher final greedy accuracy."""
+    """No KL vs KL. Length: training responses (mean over the last steps) shorter without KL (interval of
+    No-KL - KL below 0). Accuracy: final greedy accuracy higher without KL (interval above 0)."""
     claim = "Without the KL penalty, responses are shorter and accuracy is higher."
     runs, steps = sweep_frames(runs, steps, sweep)
     if runs.empty or not {"on", "off"} <= set(runs["kl"]):
@@ -151,66 +212,74 @@ def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verd
     end, start = last_steps_mean(steps, "response/length_mean"), last_steps_mean(steps, "response/length_mean", True)
     window = auto_window(int(runs["steps_done"].max()))
     last = f"last {window} steps" if window > 1 else "last step"
-    acc = {kl: [100 * float(v) for v in runs.loc[runs["kl"] == kl, f"final/eval/{s}/accuracy"].dropna()]
-           for kl in ("on", "off")}
-    length = {kl: list(end.reindex(runs.loc[runs["kl"] == kl, "run_dir"]).dropna()) for kl in ("on", "off")}
-    shorter, higher = _mean(length["off"]) < _mean(length["on"]), _mean(acc["off"]) > _mean(acc["on"])
+    side = {kl: runs[runs["kl"] == kl] for kl in ("on", "off")}
+    acc = {kl: _by_seed(sel, f"final/eval/{s}/accuracy", 100.0) for kl, sel in side.items()}
+    length = {kl: _by_seed(sel.assign(length=end.reindex(sel["run_dir"]).to_numpy()), "length")
+              for kl, sel in side.items()}
+    comparisons = {"shorter": compare(length["off"], length["on"]), "higher accuracy": compare(acc["off"], acc["on"])}
+    parts = {"shorter": comparisons["shorter"].verdict(greater=False),
+             "higher accuracy": comparisons["higher accuracy"].verdict()}
+    se = {kl: mean_se(sel.assign(label=kl), kl, s) for kl, sel in side.items()}
     eval_len = f"final/eval/{s}/length_mean"
     evidence = (f"KL -> No-KL: training response length (mean of the {last}) {_stat(length['on'])} -> "
-                f"{_stat(length['off'])} tokens")
+                f"{_stat(length['off'])} tokens, No-KL − KL {comparisons['shorter'].text('tokens')}")
     if eval_len in runs:
-        evidence += (f", held-out greedy length {fmt(runs.loc[runs['kl'] == 'on', eval_len])} -> "
-                     f"{fmt(runs.loc[runs['kl'] == 'off', eval_len])} tokens")
-    evidence += f"; final greedy {s} accuracy (%) {_stat(acc['on'])} -> {_stat(acc['off'])}."
-    if not shorter:
-        drift = {kl: _mean(end.reindex(runs.loc[runs["kl"] == kl, "run_dir"]))
-                 - _mean(start.reindex(runs.loc[runs["kl"] == kl, "run_dir"])) for kl in ("on", "off")}
-        kl_end = _mean(last_steps_mean(steps, "kl/mean").reindex(runs.loc[runs["kl"] == "on", "run_dir"]))
+        evidence += (f"; held-out greedy length {fmt(side['on'][eval_len])} -> {fmt(side['off'][eval_len])} tokens")
+    evidence += (f"; final greedy {s} accuracy (%) {_stat(acc['on'], se=se['on'])} -> "
+                 f"{_stat(acc['off'], se=se['off'])}, No-KL − KL {comparisons['higher accuracy'].text('points')}.")
+    if parts["shorter"] == "no":
+        drift = {kl: _mean(end.reindex(sel["run_dir"])) - _mean(start.reindex(sel["run_dir"]))
+                 for kl, sel in side.items()}
+        kl_end = _mean(last_steps_mean(steps, "kl/mean").reindex(side["on"]["run_dir"]))
         kl_txt = f"; the KL runs' mean KL to the reference at the end is {kl_end:.3g}" if math.isfinite(kl_end) else ""
         flat = abs(drift["on"]) < 0.05 * _mean(start)
         evidence += (f" Why not (length): responses changed by {drift['on']:+.1f} ({KL_DISPLAY['on']}) and "
                      f"{drift['off']:+.1f} ({KL_DISPLAY['off']}) tokens from the first to the {last}"
                      + (" (under 5%), so with KL there was no growth for the penalty to hold back" if flat else "")
                      + f"{kl_txt}.")
-    if not higher:
-        diff, spread = _mean(acc["off"]) - _mean(acc["on"]), max(_std(acc["on"]), _std(acc["off"]))
-        evidence += (f" Why not (accuracy): No-KL ends {diff:+.1f} points from KL, "
-                     + ("within" if abs(diff) <= spread else "beyond") + f" the spread over seeds (± {spread:.1f}).")
-    return Verdict(3, claim, _verdict([shorter, higher]), evidence)
+    if parts["higher accuracy"] == "no":
+        evidence += (f" Why not (accuracy): No-KL ends {comparisons['higher accuracy'].diff:+.1f} points from KL, "
+                     "with the whole interval below zero.")
+    return Verdict(3, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
 
 
 # ---------------------------------------------------------------------------------------------------- finding 4
 def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms") -> Verdict:
-    """DASH vs GRPO: less total training time, final greedy accuracy at least GRPO's minus max(EQUAL_POINTS,
-    GRPO's std); also the time each takes to first reach GRPO's final mean accuracy."""
+    """DASH vs GRPO. Time: less total training time (interval of GRPO - DASH above 0). Accuracy: DASH no more than
+    EQUAL_POINTS below GRPO (interval of DASH - GRPO above -EQUAL_POINTS). Also the time each takes to first reach
+    GRPO's final mean accuracy."""
     claim = "DASH reaches GRPO's accuracy in less training time."
     runs, steps = sweep_frames(runs, steps, sweep)
     if runs.empty or not {"dash", "grpo"} <= set(runs["label"]):
         return _not_run(4, claim, sweep, "" if runs.empty else "GRPO and DASH")
     s = eval_sets(runs)[0]
-    times = {lb: list(runs.loc[runs["label"] == lb, "time_elapsed"].dropna()) for lb in ("grpo", "dash")}
+    times = {lb: _by_seed(runs[runs["label"] == lb], "time_elapsed") for lb in ("grpo", "dash")}
     acc = {lb: _acc(runs, lb, s) for lb in ("grpo", "dash")}
-    ratio = _mean(times["grpo"]) / _mean(times["dash"])
-    tol = max(EQUAL_POINTS, _std(acc["grpo"]))
-    faster, equal = ratio > 1, _mean(acc["dash"]) >= _mean(acc["grpo"]) - tol
-    div, unit = time_unit(max(times["grpo"] + times["dash"]))
-    speed = f"{ratio:.2f}x faster" if faster else f"{1 / ratio:.2f}x slower"
-    target = _mean(acc["grpo"]) / 100
+    div, unit = time_unit(max([*times["grpo"].values(), *times["dash"].values()]))
+    comparisons = {"faster": compare({k: v / div for k, v in times["grpo"].items()},
+                                     {k: v / div for k, v in times["dash"].items()}),
+                   "equal accuracy": compare(acc["dash"], acc["grpo"])}
+    parts = {"faster": comparisons["faster"].verdict(),
+             "equal accuracy": comparisons["equal accuracy"].verdict(threshold=-EQUAL_POINTS)}
+    ratio = _mean(times["grpo"].values()) / _mean(times["dash"].values())
+    speed = f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+    target = _mean(acc["grpo"].values()) / 100
     reach = first_reach(eval_points(runs[runs["label"].isin(["grpo", "dash"])], steps, s), target)
     reach_txt = ", ".join(f"{display(lb)} {_reached(reach[reach['label'] == lb], div, unit)}"
                           for lb in ("dash", "grpo"))
-    evidence = (f"Training time ({unit}): GRPO {_stat([t / div for t in times['grpo']])}, DASH "
-                f"{_stat([t / div for t in times['dash']])}: DASH {speed}. Final greedy {s} accuracy (%): "
-                f"GRPO {_stat(acc['grpo'])}, DASH {_stat(acc['dash'])} (equal when DASH is at most {tol:.1f} points "
-                f"lower: max({EQUAL_POINTS:g}, GRPO's std)). Time to first reach GRPO's final mean "
-                f"({100 * target:.1f}%): {reach_txt}.")
-    if not faster:
+    evidence = (f"Training time ({unit}): GRPO {_stat([t / div for t in times['grpo'].values()])}, DASH "
+                f"{_stat([t / div for t in times['dash'].values()])}: DASH {speed}, GRPO − DASH "
+                f"{comparisons['faster'].text(unit, digits=2)}. Final greedy {s} accuracy (%): "
+                f"GRPO {_acc_stat(runs, 'grpo', s)}, DASH {_acc_stat(runs, 'dash', s)}, DASH − GRPO "
+                f"{comparisons['equal accuracy'].text('points')} (equal when the whole interval lies above "
+                f"−{EQUAL_POINTS:g} points). Time to first reach GRPO's final mean ({100 * target:.1f}%): {reach_txt}.")
+    if parts["faster"] == "no":
         evidence += (f" Why not (time): DASH's median step takes "
                      f"{_median_step(steps, 'dash'):.2f} s against GRPO's {_median_step(steps, 'grpo'):.2f} s.")
-    if not equal:
-        evidence += (f" Why not (accuracy): DASH ends {_mean(acc['dash']) - _mean(acc['grpo']):+.1f} points from "
-                     "GRPO, more than the tolerance.")
-    return Verdict(4, claim, _verdict([faster, equal]), evidence)
+    if parts["equal accuracy"] == "no":
+        evidence += (f" Why not (accuracy): DASH ends {comparisons['equal accuracy'].diff:+.1f} points from GRPO, "
+                     f"credibly more than {EQUAL_POINTS:g} points below.")
+    return Verdict(4, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
 
 
 def _reached(reach: pd.DataFrame, div: float, unit: str) -> str:
@@ -234,7 +303,12 @@ def findings_section(runs: pd.DataFrame, steps: pd.DataFrame) -> str:
     models = ", ".join(sorted(map(str, runs["model"].dropna().unique()))) if not runs.empty else "–"
     tasks = ", ".join(sorted(map(str, runs["task"].dropna().unique()))) if not runs.empty else "–"
     intro = (f"The paper's four findings against our runs (model `{models}`, task `{tasks}`): does each hold in the "
-             "same direction? Verdicts are computed from the runs by `analysis.findings` (yes: every part of the "
-             "claim holds; partly: some part; no: none). Accuracy: final held-out greedy accuracy; mean ± std over "
-             "seeds, n = runs. Details in each finding's section below.")
+             "same direction? Verdicts are computed from the runs by `analysis.findings`. Each part of a claim is a "
+             "difference between two methods with its 95% bootstrap confidence interval over seeds (paired by seed "
+             "where both ran the same seeds; `analysis.stats`): **yes** when the whole interval lies on the claim's "
+             "side, **no** when it lies on the other side, **inconclusive** when it straddles the threshold; a "
+             "finding is yes / no / inconclusive when all its parts agree, else partly. P(improve): the probability "
+             "that a run of the first method beats a run of the second. Accuracy: final held-out greedy accuracy; "
+             "mean ± std over seeds, n = runs, SE = the mean binomial standard error of one run's accuracy on its "
+             "held-out problems (the same problems for every method). Details in each finding's section below.")
     return "\n\n".join(["## Findings", intro, "\n".join(v.markdown() for v in verdicts)])

@@ -373,10 +373,12 @@ def test_time_to_accuracy_finds_the_first_crossing_and_counts_runs_that_never_ge
     assert "| arith ≥ 90% | DASH | 0/2 | – | – | – |" in never and "90% (given)" in never
 
 
-def _load(root: Path, sweep: str, specs: list[tuple], **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Two seeds per (label, start, final, extra kwargs of write_run) spec, 10 steps; seed 1 ends 1 point higher."""
+def _load(root: Path, sweep: str, specs: list[tuple], seeds: tuple[int, ...] = (0, 1), **kw
+          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`seeds` per (label, start, final, extra kwargs of write_run) spec, 10 steps; seed k ends k points higher (so
+    every paired difference is the same and the interval is that point)."""
     for label, start, final, extra in specs:
-        for seed in (0, 1):
+        for seed in seeds:
             write_run(root, sweep, label, seed, {0: start, 5: (start + final) / 2, 10: final + seed / 100},
                       **{**kw, **extra})
     return load_runs(root)
@@ -389,7 +391,10 @@ def test_finding1_verdict_follows_dash_vs_sft(tmp_path):
 
     assert verdict(0.5, 0.1, "a").verdict == "yes"
     flipped = verdict(0.7, 0.1, "b")
-    assert flipped.verdict == "partly" and "SFT-M 70.5 ± 0.7 (n=2)" in flipped.evidence
+    assert flipped.verdict == "partly" and "SFT-M 70.5 ± 0.7 (n=2, SE 4.6)" in flipped.evidence
+    assert flipped.parts == {"DASH > SFT-M": "no", "DASH > SFT-H": "yes"}
+    assert "DASH − SFT-M: -10.0 [-10.0, -10.0] points (95% CI, paired by seed, n=2; P(improve) 0.00)" \
+        in flipped.evidence
     assert "Why not: SFT-M gains +30.5 points over the base in 10 steps" in flipped.evidence
     assert verdict(0.7, 0.7, "c").verdict == "no"
 
@@ -397,13 +402,18 @@ def test_finding1_verdict_follows_dash_vs_sft(tmp_path):
 def test_finding2_verdict_follows_ppo_accuracy_and_collapse(tmp_path):
     def verdict(multi: float, mini: float, name: str) -> FD.Verdict:
         specs = [("dash", 0.4, 0.55, {}), ("ppo_multi", 0.4, multi, {}), ("ppo_mini", 0.4, mini, {})]
-        return FD.finding2(*_load(tmp_path / name, "pg_vs_ppo", specs))
+        return FD.finding2(*_load(tmp_path / name, "pg_vs_ppo", specs, seeds=(0, 1, 2, 3)))
 
-    yes = verdict(0.60, 0.05, "a")  # Multi above DASH, Mini collapses
-    assert yes.verdict == "yes" and "PPO Mini 2/2" in yes.evidence and "DASH 0/2" in yes.evidence
+    yes = verdict(0.60, 0.05, "a")  # Multi above DASH, Mini collapses in 4 of 4 runs (Fisher p = 1/70)
+    assert yes.verdict == "yes" and "PPO Mini 4/4" in yes.evidence and "DASH 0/4" in yes.evidence
+    assert "PPO Mini 0.01" in yes.evidence
     assert verdict(0.45, 0.05, "b").verdict == "partly"
-    no = verdict(0.45, 0.37, "c")  # Mini ends 2.5 points below its start on average: within the collapse margin
-    assert no.verdict == "no" and "Why not (accuracy)" in no.evidence and "Why not (stability)" in no.evidence
+    # Mini ends 2.5 points below its start on average: within the collapse margin; nothing collapses, so whether PPO
+    # is less stable cannot be told
+    no = verdict(0.45, 0.37, "c")
+    assert no.parts == {"accuracy": "no", "stability": "inconclusive"} and no.verdict == "partly"
+    assert "Why not (accuracy)" in no.evidence and "No PPO variant collapsed" in no.evidence
+    assert "Inconclusive (stability)" in no.evidence and "SEEDS=5" in no.evidence
 
 
 def test_finding3_verdict_follows_length_and_accuracy_without_kl(tmp_path):
@@ -415,7 +425,7 @@ def test_finding3_verdict_follows_length_and_accuracy_without_kl(tmp_path):
     yes = verdict(0.6, (30.0, 32.0), "a")
     assert yes.verdict == "yes" and "Why not" not in yes.evidence
     assert "(mean of the last step) 40.0 ± 0.0 (n=2) -> 32.0 ± 0.0 (n=2) tokens" in yes.evidence
-    assert "-> 60.5 ± 0.7 (n=2)" in yes.evidence
+    assert "-> 60.5 ± 0.7 (n=2, SE 4.9)" in yes.evidence
     no = verdict(0.45, (30.0, 45.0), "b")
     assert no.verdict == "no" and "Why not (length)" in no.evidence and "Why not (accuracy)" in no.evidence
 
