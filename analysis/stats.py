@@ -105,7 +105,7 @@ def rate_verdict(k_a: int, n_a: int, k_b: int, n_b: int) -> tuple[str, float]:
     table = [[k_a, n_a - k_a], [k_b, n_b - k_b]]
     higher = float(stats.fisher_exact(table, alternative="greater").pvalue)
     lower = float(stats.fisher_exact(table, alternative="less").pvalue)
-    alpha = 1 - CONFIDENCE
+    alpha = round(1 - CONFIDENCE, 10)  # 0.05, not 0.050000000000000044 (an exact p of 1/20 is not below it)
     return ("yes" if higher < alpha else "no" if lower < alpha else "inconclusive"), higher
 
 

@@ -60,3 +60,53 @@ def test_the_sft_m_teacher_is_a_larger_longer_trained_tiny_model_cached_apart(ma
     assert t.warmup_steps > b.warmup_steps and t.warmup_noise < b.warmup_noise
     assert t.warmup_restate == b.warmup_restate and t.hidden_size % t.num_heads == 0
     assert tiny_model_key(t, teacher.task) != tiny_model_key(b, base.task)
+
+
+# a small warm-up (a few seconds) through the real build path: the default architecture at a quarter of its width
+SMALL_BASE = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=256", "model.tiny.warmup_steps=25",
+              "model.tiny.warmup_batch=16"]
+BUILD = """
+import hashlib, sys, torch
+from pathlib import Path
+from dash_exp.config import compose_config
+from dash_exp.factory import seed_everything
+from dash_exp.models import resolve_model_path
+cfg = compose_config(sys.argv[2:])
+seed_everything(cfg.seed, cfg.threads)
+path = Path(resolve_model_path(cfg.model, cfg.task))
+assert torch.get_num_threads() == cfg.threads
+print(hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest(), path.name)
+"""
+
+
+def test_the_base_model_holds_the_same_weights_whatever_process_builds_it(tmp_path, cli_env):
+    """The same key, built by a one-thread process (as the suite and make reproduce run: OMP_NUM_THREADS=1,
+    threads=1) and by a two-thread one (as make run: no OMP_NUM_THREADS, threads=2), holds bit-identical weights."""
+    import subprocess
+    import sys
+
+    def build(threads: int, cache: str) -> str:
+        env = dict(cli_env)
+        if threads > 1:
+            env.pop("OMP_NUM_THREADS", None)
+        args = [f"threads={threads}", f"model.cache_dir={tmp_path / cache}", *SMALL_BASE]
+        proc = subprocess.run([sys.executable, "-c", BUILD, "-", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split()[-2:]
+
+    one, two = build(1, "one"), build(2, "two")
+    assert one == two  # same key, same sha256 of model.safetensors
+
+
+def test_building_the_base_leaves_the_callers_threads_and_random_state_alone(tmp_path, make_cfg):
+    """The warm-up runs on model.tiny.warmup_threads from its own seed; afterwards the caller's thread count and torch
+    RNG are as before, so a run that found the base cached and one that built it go on identically."""
+    cfg = make_cfg(f"model.cache_dir={tmp_path}", "model.tiny.warmup_threads=2", *SMALL_BASE)
+    torch.set_num_threads(1)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    resolve_model_path(cfg.model, cfg.task)  # builds
+    assert torch.get_num_threads() == 1
+    assert torch.equal(torch.rand(3), expected)
