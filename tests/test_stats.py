@@ -10,10 +10,11 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # analysis/ is not an installed package: import it from the checkout
 
+from test_analysis import write_run  # noqa: E402
+
 from analysis import findings as FD  # noqa: E402
 from analysis.runs import load_runs  # noqa: E402
 from analysis.stats import accuracy_se, combine, compare, rate_verdict  # noqa: E402
-from test_analysis import write_run  # noqa: E402
 
 
 def test_paired_percentile_interval_of_three_seeds_is_hand_computable():
