@@ -555,6 +555,36 @@ def fig_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, out_dir: str | Path
     return pd.concat(out, ignore_index=True)
 
 
+# ---------------------------------------------------------------------------------------------------- verdicts
+VERDICT_COLORS = {"yes": "#2ca02c", "no": "#d62728", "inconclusive": "#7f7f7f"}
+
+
+def fig_verdicts(intervals: pd.DataFrame, out_dir: str | Path, name: str = "fig_verdicts") -> pd.DataFrame:
+    """Every verdict's difference with the 95% confidence interval it was decided on (rows of
+    `findings.interval_frame`), one row each on its own scale (units differ), the threshold as a dashed line: a part
+    is yes / no only where its interval clears the line."""
+    rows = intervals.dropna(subset=["diff"]).reset_index(drop=True) if len(intervals) else intervals
+    if rows.empty:
+        raise NoDataError(f"{name}: no comparison to plot")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.6 + 0.75 * len(rows)), layout="constrained", squeeze=False)
+    for ax, (_, r) in zip(axes[:, 0], rows.iterrows(), strict=True):
+        has_ci = math.isfinite(r["low"])
+        err = [[r["diff"] - r["low"]], [r["high"] - r["diff"]]] if has_ci else None
+        ax.errorbar(r["diff"], 0, xerr=err, fmt="o", capsize=4, color=VERDICT_COLORS.get(r["verdict"], "#333333"))
+        ax.axvline(r["threshold"], color="#333333", lw=0.8, ls="--")
+        lo, hi = (min(r["low"], r["threshold"]), max(r["high"], r["threshold"])) if has_ci else (r["diff"], r["diff"])
+        pad = max(0.15 * (hi - lo), 0.5)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_yticks([0], [f"F{r['finding']} {r['part']}: {r['verdict']}"], fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel(r["unit"], fontsize=7, labelpad=0)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Verdicts: each difference (first − second method) and the 95% bootstrap CI over seeds it was "
+                 "decided on; dashed: threshold", fontsize=9)
+    save(fig, out_dir, name)
+    return rows
+
+
 FIGURE_FUNCS = {"fig_sft_vs_rl": fig_sft_vs_rl, "fig1_right": fig1_right, "fig3": fig3,
                 "fig_time_to_accuracy": fig_time_to_accuracy, "fig4": fig4, "fig5": fig5, "fig6": fig6,
                 "fig_batch_sizes": fig_batch_sizes}

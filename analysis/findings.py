@@ -21,8 +21,8 @@ import pandas as pd
 
 from analysis.figures import KL_DISPLAY, auto_window, display, eval_points, first_reach, time_unit
 from analysis.runs import sweep_frames
-from analysis.stats import Comparison, accuracy_se, combine, compare, rate_verdict
-from analysis.tables import _mean, eval_sets, fmt
+from analysis.stats import Comparison, combine, compare, rate_verdict
+from analysis.tables import _mean, by_seed, eval_sets, fmt, mean_se
 
 # a run "collapses" when it ends this far below its own start (about one binomial standard error of the accuracy on
 # 100 problems), finding 2's stability measure
@@ -45,8 +45,10 @@ class Verdict:
     verdict: str
     evidence: str
     parts: dict[str, str] = field(default_factory=dict)
-    # the comparison each part rests on (make_figures plots them)
+    # the comparison each part rests on (make_figures plots them), its unit and the threshold it is judged against
     comparisons: dict[str, Comparison] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def markdown(self) -> str:
         parts = "; ".join(f"{name}: {v}" for name, v in self.parts.items())
@@ -59,32 +61,9 @@ def _not_run(number: int, claim: str, sweep: str, missing: str = "") -> Verdict:
     return Verdict(number, claim, f"not run (make sweep SWEEP={sweep})", why + ".")
 
 
-def _by_seed(runs: pd.DataFrame, col: str, scale: float = 1.0) -> dict[object, float]:
-    """{seed: value} of `col` over the given runs (the last run of a seed wins)."""
-    if col not in runs:
-        return {}
-    return {seed: scale * float(v) for seed, v in zip(runs["seed"], runs[col], strict=True)
-            if v is not None and math.isfinite(float(v))}
-
-
 def _acc(runs: pd.DataFrame, label: str, eval_set: str, part: str = "final") -> dict[object, float]:
     """{seed: accuracy (%)} of the runs of `label` at the initial or final evaluation."""
-    return _by_seed(runs[runs["label"] == label], f"{part}/eval/{eval_set}/accuracy", 100.0)
-
-
-def _problems(runs: pd.DataFrame, eval_set: str) -> pd.Series:
-    """Held-out problems behind each run's accuracy: the logged count, else the configured eval_size."""
-    logged = runs.get(f"final/eval/{eval_set}/problems", pd.Series(math.nan, index=runs.index))
-    configured = runs.get("task.eval_size", pd.Series(math.nan, index=runs.index))
-    return logged.fillna(pd.to_numeric(configured, errors="coerce"))
-
-
-def mean_se(runs: pd.DataFrame, label: str, eval_set: str) -> float:
-    """Mean over the runs of `label` of the binomial standard error (%) of their final accuracy."""
-    sel = runs[runs["label"] == label]
-    acc = sel.get(f"final/eval/{eval_set}/accuracy", pd.Series(dtype=float))
-    return _mean(100 * accuracy_se(float(p), int(n)) for p, n in zip(acc, _problems(sel, eval_set), strict=True)
-                 if math.isfinite(float(p)) and math.isfinite(float(n)))
+    return by_seed(runs[runs["label"] == label], f"{part}/eval/{eval_set}/accuracy", 100.0)
 
 
 def _stat(values: dict[object, float] | list[float], digits: int = 1, se: float = math.nan) -> str:
@@ -94,7 +73,7 @@ def _stat(values: dict[object, float] | list[float], digits: int = 1, se: float 
 
 
 def _acc_stat(runs: pd.DataFrame, label: str, eval_set: str) -> str:
-    return _stat(_acc(runs, label, eval_set), se=mean_se(runs, label, eval_set))
+    return _stat(_acc(runs, label, eval_set), se=mean_se(runs[runs["label"] == label], eval_set))
 
 
 def _std(values: dict[object, float] | list[float]) -> float:
@@ -138,7 +117,8 @@ def finding1(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "sft_vs_rl") 
         evidence += (f" Why not: {display(lb)} gains {_mean(_acc(runs, lb, s).values()) - base:+.1f} points over "
                      f"the base in {_steps_of(runs, lb)} steps{source}, DASH {_mean(dash.values()) - base:+.1f} in "
                      f"{_steps_of(runs, 'dash')} steps of RL on its own samples.")
-    return Verdict(1, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
+    return Verdict(1, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
+                   dict.fromkeys(parts, "points"))
 
 
 # ---------------------------------------------------------------------------------------------------- finding 2
@@ -189,7 +169,8 @@ def finding2(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "pg_vs_ppo") 
     if not any(falls[lb][0] for lb in ppos):
         evidence += (" No PPO variant collapsed; spread over seeds: "
                      + ", ".join(f"{display(lb)} ± {_std(_acc(runs, lb, s)):.1f}" for lb in ("dash", *ppos)) + ".")
-    return Verdict(2, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
+    return Verdict(2, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
+                   dict.fromkeys(comparisons, "points"))
 
 
 # ---------------------------------------------------------------------------------------------------- finding 3
@@ -213,13 +194,13 @@ def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verd
     window = auto_window(int(runs["steps_done"].max()))
     last = f"last {window} steps" if window > 1 else "last step"
     side = {kl: runs[runs["kl"] == kl] for kl in ("on", "off")}
-    acc = {kl: _by_seed(sel, f"final/eval/{s}/accuracy", 100.0) for kl, sel in side.items()}
-    length = {kl: _by_seed(sel.assign(length=end.reindex(sel["run_dir"]).to_numpy()), "length")
+    acc = {kl: by_seed(sel, f"final/eval/{s}/accuracy", 100.0) for kl, sel in side.items()}
+    length = {kl: by_seed(sel.assign(length=end.reindex(sel["run_dir"]).to_numpy()), "length")
               for kl, sel in side.items()}
     comparisons = {"shorter": compare(length["off"], length["on"]), "higher accuracy": compare(acc["off"], acc["on"])}
     parts = {"shorter": comparisons["shorter"].verdict(greater=False),
              "higher accuracy": comparisons["higher accuracy"].verdict()}
-    se = {kl: mean_se(sel.assign(label=kl), kl, s) for kl, sel in side.items()}
+    se = {kl: mean_se(sel, s) for kl, sel in side.items()}
     eval_len = f"final/eval/{s}/length_mean"
     evidence = (f"KL -> No-KL: training response length (mean of the {last}) {_stat(length['on'])} -> "
                 f"{_stat(length['off'])} tokens, No-KL − KL {comparisons['shorter'].text('tokens')}")
@@ -240,7 +221,8 @@ def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verd
     if parts["higher accuracy"] == "no":
         evidence += (f" Why not (accuracy): No-KL ends {comparisons['higher accuracy'].diff:+.1f} points from KL, "
                      "with the whole interval below zero.")
-    return Verdict(3, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
+    return Verdict(3, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
+                   {"shorter": "tokens", "higher accuracy": "points"})
 
 
 # ---------------------------------------------------------------------------------------------------- finding 4
@@ -253,7 +235,7 @@ def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms")
     if runs.empty or not {"dash", "grpo"} <= set(runs["label"]):
         return _not_run(4, claim, sweep, "" if runs.empty else "GRPO and DASH")
     s = eval_sets(runs)[0]
-    times = {lb: _by_seed(runs[runs["label"] == lb], "time_elapsed") for lb in ("grpo", "dash")}
+    times = {lb: by_seed(runs[runs["label"] == lb], "time_elapsed") for lb in ("grpo", "dash")}
     acc = {lb: _acc(runs, lb, s) for lb in ("grpo", "dash")}
     div, unit = time_unit(max([*times["grpo"].values(), *times["dash"].values()]))
     comparisons = {"faster": compare({k: v / div for k, v in times["grpo"].items()},
@@ -279,7 +261,8 @@ def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms")
     if parts["equal accuracy"] == "no":
         evidence += (f" Why not (accuracy): DASH ends {comparisons['equal accuracy'].diff:+.1f} points from GRPO, "
                      f"credibly more than {EQUAL_POINTS:g} points below.")
-    return Verdict(4, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons)
+    return Verdict(4, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
+                   {"faster": unit, "equal accuracy": "points"}, {"equal accuracy": -EQUAL_POINTS})
 
 
 def _reached(reach: pd.DataFrame, div: float, unit: str) -> str:
@@ -297,9 +280,26 @@ def _median_step(steps: pd.DataFrame, label: str) -> float:
 FINDING_FUNCS = (finding1, finding2, finding3, finding4)
 
 
-def findings_section(runs: pd.DataFrame, steps: pd.DataFrame) -> str:
-    """The "## Findings" Markdown section: one bullet per finding of the paper, in the paper's order."""
-    verdicts = [func(runs, steps) for func in FINDING_FUNCS]
+def verdicts(runs: pd.DataFrame, steps: pd.DataFrame) -> list[Verdict]:
+    """Every finding's verdict, in the paper's order."""
+    return [func(runs, steps) for func in FINDING_FUNCS]
+
+
+def interval_frame(found: list[Verdict]) -> pd.DataFrame:
+    """One row per compared pair of a verdict: finding, part (what is compared), the difference and its interval,
+    the threshold, the unit and the part's verdict (what `figures.fig_verdicts` plots)."""
+    rows = [{"finding": v.number, "part": name, "diff": c.diff, "low": c.low, "high": c.high,
+             "threshold": v.thresholds.get(name, 0.0), "unit": v.units.get(name, ""),
+             "verdict": v.parts.get(name) or c.verdict(v.thresholds.get(name, 0.0)), "paired": c.paired, "n": c.n_a}
+            for v in found for name, c in v.comparisons.items()]
+    return pd.DataFrame(rows)
+
+
+def findings_section(runs: pd.DataFrame, steps: pd.DataFrame, found: list[Verdict] | None = None,
+                     figure: str = "") -> str:
+    """The "## Findings" Markdown section: one bullet per finding of the paper, in the paper's order (and the
+    figure of every verdict's interval, when given)."""
+    found = verdicts(runs, steps) if found is None else found
     models = ", ".join(sorted(map(str, runs["model"].dropna().unique()))) if not runs.empty else "–"
     tasks = ", ".join(sorted(map(str, runs["task"].dropna().unique()))) if not runs.empty else "–"
     intro = (f"The paper's four findings against our runs (model `{models}`, task `{tasks}`): does each hold in the "
@@ -311,4 +311,7 @@ def findings_section(runs: pd.DataFrame, steps: pd.DataFrame) -> str:
              "that a run of the first method beats a run of the second. Accuracy: final held-out greedy accuracy; "
              "mean ± std over seeds, n = runs, SE = the mean binomial standard error of one run's accuracy on its "
              "held-out problems (the same problems for every method). Details in each finding's section below.")
-    return "\n\n".join(["## Findings", intro, "\n".join(v.markdown() for v in verdicts)])
+    blocks = ["## Findings", intro, "\n".join(v.markdown() for v in found)]
+    if figure:
+        blocks.append(f"![every verdict's difference and 95% interval]({figure}.png) ([PDF]({figure}.pdf))")
+    return "\n\n".join(blocks)

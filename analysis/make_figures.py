@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis import tables as T
-from analysis.findings import findings_section
+from analysis.findings import findings_section, interval_frame, verdicts
 from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames
 
 
@@ -164,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print(no_runs_message(source))
         return 1
-    index = write_index(results, out, source, missing, skipped, findings_section(runs, steps))
+    found = verdicts(runs, steps)
+    try:
+        F.fig_verdicts(interval_frame(found), out)
+        figure = "fig_verdicts"
+    except F.NoDataError:
+        figure = ""
+    index = write_index(results, out, source, missing, skipped, findings_section(runs, steps, found, figure))
     print(f"wrote {sum(len(r.written) for r in results) + 1} files to {out}/:")
     for r in results:
         print(f"  {r.finding.sweep} ({r.runs} runs): " + ", ".join(p.name for p in r.written))

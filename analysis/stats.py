@@ -49,6 +49,13 @@ class Comparison:
             return "yes" if above == greater else "no"
         return "inconclusive"
 
+    def short(self, digits: int = 1) -> str:
+        """'+1.7 [-2.1, +5.3]' (a table cell); '–' without runs on both sides."""
+        if not math.isfinite(self.diff):
+            return "–"
+        ci = f" [{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if math.isfinite(self.low) else " [–]"
+        return f"{self.diff:+.{digits}f}{ci}"
+
     def text(self, unit: str = "", digits: int = 1) -> str:
         """'+1.7 [-2.1, +5.3] points (95% CI, paired by seed, n=3; P(improve) 0.67)'."""
         unit = f" {unit}" if unit else ""

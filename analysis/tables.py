@@ -28,6 +28,7 @@ from analysis.figures import (
     start_final,
     time_unit,
 )
+from analysis.stats import accuracy_se, compare
 
 PAPER_SIZES = ("0.5B", "1.5B", "3B")
 # Table 1: MATH / GSM8K accuracy (%) of Qwen2.5 base models
@@ -64,6 +65,40 @@ def fmt(values: Iterable[float], scale: float = 1.0, digits: int = 1) -> str:
         return f"{mean:.{digits}f}"
     std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def by_seed(runs: pd.DataFrame, col: str, scale: float = 1.0) -> dict[object, float]:
+    """{seed: scale * value of `col`} over the given runs (the last run of a seed wins); missing values left out."""
+    if col not in runs:
+        return {}
+    return {seed: scale * float(v) for seed, v in zip(runs["seed"], runs[col], strict=True)
+            if v is not None and math.isfinite(float(v))}
+
+
+def problems(runs: pd.DataFrame, eval_set: str) -> pd.Series:
+    """Held-out problems behind each run's final accuracy: the logged count, else the configured eval_size."""
+    logged = runs.get(f"final/eval/{eval_set}/problems", pd.Series(math.nan, index=runs.index))
+    configured = runs.get("task.eval_size", pd.Series(math.nan, index=runs.index))
+    return pd.to_numeric(logged, errors="coerce").fillna(pd.to_numeric(configured, errors="coerce"))
+
+
+def mean_se(sel: pd.DataFrame, eval_set: str, part: str = "final") -> float:
+    """Mean over the runs of the binomial standard error (%) of their greedy accuracy on `eval_set`."""
+    acc = sel.get(f"{part}/eval/{eval_set}/accuracy", pd.Series(dtype=float))
+    return _mean(100 * accuracy_se(float(p), int(n)) for p, n in zip(acc, problems(sel, eval_set), strict=True)
+                 if math.isfinite(float(p)) and math.isfinite(float(n)))
+
+
+def versus(a: pd.DataFrame, b: pd.DataFrame, eval_set: str) -> str:
+    """Table cell: final greedy accuracy of runs `a` minus runs `b` (points) with its 95% bootstrap CI, paired by
+    seed where the seeds match (analysis.stats.compare)."""
+    col = f"final/eval/{eval_set}/accuracy"
+    return compare(by_seed(a, col, 100.0), by_seed(b, col, 100.0)).short()
+
+
+def _se_cell(sel: pd.DataFrame, eval_set: str, part: str = "final") -> str:
+    se = mean_se(sel, eval_set, part)
+    return f"{se:.1f}" if math.isfinite(se) else "–"
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -175,7 +210,11 @@ def table1(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
             acc = _ours_accuracy(sel, sets, "initial")
         else:
             acc = _ours_accuracy(sel, sets)
-        row = {"method": display(label), **acc, "n": len(sel)}
+        dash = runs[runs["label"] == "dash"]
+        row = {"method": display(label), **acc, "n": len(sel),
+               f"SE {sets[0]}": _se_cell(sel, sets[0], "initial" if label == "base" else "final"),
+               f"DASH − method, {sets[0]} (95% CI)": "" if label in ("dash", "base") else
+               versus(dash, sel, sets[0])}
         for size in PAPER_SIZES:
             math_acc, gsm = PAPER_TABLE1.get(label, {}).get(size, ("–", "–"))
             row[f"paper {size} MATH"], row[f"paper {size} GSM8K"] = math_acc, gsm
@@ -190,7 +229,8 @@ def table1(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     paper_rank = _ranking([(display(k), v["0.5B"][0]) for k, v in PAPER_TABLE1.items()])
     direction = (f"Direction: paper (0.5B, MATH): {paper_rank}. "
                  f"Ours ({main}, greedy): {_ranking([(display(lb), ours_mean(lb)) for lb in labels])}.")
-    body = markdown(rows, ["method", *paper_cols, *_acc_columns(sets), "n"])
+    body = markdown(rows, ["method", *paper_cols, *_acc_columns(sets), f"SE {sets[0]}",
+                           f"DASH − method, {sets[0]} (95% CI)", "n"])
     return "\n\n".join(["## Table 1: RL vs SFT (finding 1)", _setup_note(runs), body, direction, *notes]) + \
         _skipped_note(runs)
 
@@ -211,9 +251,15 @@ def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
         rows.append({"method": display(label), "paper time (h)": paper[0], "paper MATH": paper[1],
                      "paper GSM8K": paper[2], f"ours time ({unit})": fmt(sel["time_elapsed"] / div, digits=2),
                      "ours speed-up vs GRPO": f"{grpo_time / t:.2f}x" if math.isfinite(grpo_time) and t > 0 else "–",
-                     **_ours_accuracy(sel, sets), "n": len(sel)})
+                     f"GRPO − method, time ({unit}, 95% CI)": "" if label == "grpo" else compare(
+                         by_seed(runs[runs["label"] == "grpo"], "time_elapsed", 1 / div),
+                         by_seed(sel, "time_elapsed", 1 / div)).short(2),
+                     **_ours_accuracy(sel, sets), f"SE {sets[0]}": _se_cell(sel, sets[0]),
+                     f"method − GRPO, {sets[0]} (95% CI)": "" if label == "grpo" else
+                     versus(sel, runs[runs["label"] == "grpo"], sets[0]), "n": len(sel)})
     cols = ["method", "paper time (h)", "paper MATH", "paper GSM8K", f"ours time ({unit})", "ours speed-up vs GRPO",
-            *_acc_columns(sets), "n"]
+            f"GRPO − method, time ({unit}, 95% CI)", *_acc_columns(sets), f"SE {sets[0]}",
+            f"method − GRPO, {sets[0]} (95% CI)", "n"]
     direction = ("Direction: paper: DASH trains 5.9x faster than GRPO (38.9 h -> 6.6 h) at nearly the same accuracy "
                  "(27.6 -> 27.2 MATH); preemptive sampling gives most of the gain (No-GF 6.9 h), gradient filtering "
                  "the rest.")
@@ -318,10 +364,13 @@ def table5(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
             m, g = PAPER_TABLE5.get(label, {}).get(size, ("–", "–"))
             row[f"paper {size} MATH"], row[f"paper {size} GSM8K"] = m, g
         row.update({"ours steps": fmt(sel["steps_done"], digits=0), f"ours time ({unit})":
-                    fmt(sel["time_elapsed"] / div, digits=2), **_ours_accuracy(sel, sets), "n": len(sel)})
+                    fmt(sel["time_elapsed"] / div, digits=2), **_ours_accuracy(sel, sets),
+                    f"SE {sets[0]}": _se_cell(sel, sets[0]),
+                    f"method − DASH, {sets[0]} (95% CI)": "" if label == "dash" else
+                    versus(sel, runs[runs["label"] == "dash"], sets[0]), "n": len(sel)})
         rows.append(row)
     cols = ["method", *[f"paper {s} {b}" for s in ("0.5B", "1.5B") for b in ("MATH", "GSM8K")], "ours steps",
-            f"ours time ({unit})", *_acc_columns(sets), "n"]
+            f"ours time ({unit})", *_acc_columns(sets), f"SE {sets[0]}", f"method − DASH, {sets[0]} (95% CI)", "n"]
     budget = runs["time_budget_s"].dropna() if "time_budget_s" in runs else pd.Series(dtype=float)
     budget_txt = (f"All runs stop at a training time budget of {budget.max():g} s (`time_budget_s`) or at their "
                   "step limit, whichever comes first." if len(budget) else "No time budget was set.")
@@ -359,12 +408,14 @@ def table6(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
             row[f"ours {s} length (tokens)"] = fmt(_values(sel, f"final/eval/{s}/length_mean"))
             if kmax:
                 row[f"ours {s} pass@{kmax}"] = fmt(_values(sel, f"final/eval/{s}/pass@{kmax}"), 100)
+        row[f"SE {sets[0]}"] = _se_cell(sel, sets[0])
+        row[f"method − KL, {sets[0]} (95% CI)"] = "" if kl == "on" else versus(sel, runs[runs["kl"] == "on"], sets[0])
         row["n"] = len(sel)
         rows.append(row)
     cols = ["method", *[f"paper {s} {c}" for s in PAPER_SIZES for c in ("time (h)", "MATH", "GSM8K")],
             f"ours time ({unit})", *_acc_columns(sets),
             *[c for s in sets for c in (f"ours {s} length (tokens)", *([f"ours {s} pass@{kmax}"] if kmax else []))],
-            "n"]
+            f"SE {sets[0]}", f"method − KL, {sets[0]} (95% CI)", "n"]
     direction = ("Direction: paper: without KL, training is 13-22% faster and MATH accuracy higher at every size "
                  "(generations are shorter).")
     if {"on", "off"} <= set(kls):

@@ -457,6 +457,9 @@ def test_findings_section_says_which_sweeps_were_not_run(tmp_path):
     index = (tmp_path / "figures" / "README.md").read_text()
     assert index.index("## Findings") < index.index("## Finding 4:") < index.index("### Time to accuracy")
     assert (tmp_path / "figures" / "fig_time_to_accuracy.png").stat().st_size > 10_000
+    # the intervals finding 4's verdict rests on, drawn and linked from the Findings section
+    assert (tmp_path / "figures" / "fig_verdicts.png").stat().st_size > 10_000
+    assert index.index("(fig_verdicts.png)") < index.index("## Finding 4:")
 
 
 # -------------------------------------------------------------------------------------------------- notebooks
