@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis import tables as T
-from analysis.findings import findings_section, interval_frame, verdicts
+from analysis.findings import findings_section, interval_frame, results_section, verdicts
 from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames
 
 
@@ -112,6 +112,18 @@ def write_index(results: list[Result], out_dir: Path, source: str, missing: list
     return path
 
 
+BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+
+
+def replace_block(path: Path, text: str) -> None:
+    """Replace what lies between the BEGIN and END markers of `path` with `text` (ValueError without them)."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise ValueError(f"{path}: no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+
+
 def no_runs_message(source: str) -> str:
     sweeps = "\n".join(f"  make sweep SWEEP={f.sweep:<12} # {f.title}" for f in FINDINGS)
     return (f"no completed runs under {source}: nothing to plot. Run the sweeps first, e.g.\n{sweeps}\n"
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default=None, help="read runs from this W&B project (entity/project) "
                         "instead of --runs")
     parser.add_argument("--latest", action="store_true", help="only the newest multirun directory of each sweep")
+    parser.add_argument("--readme", type=Path, default=None, help=f"also replace the block between {BEGIN} and {END} "
+                        "in this Markdown file (the project README) with what the runs found")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # headless: files only
 
@@ -171,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except F.NoDataError:
         figure = ""
     index = write_index(results, out, source, missing, skipped, findings_section(runs, steps, found, figure))
+    if args.readme is not None:
+        replace_block(args.readme, results_section(runs, steps, found))
+        print(f"updated the reproduction results in {args.readme}")
     print(f"wrote {sum(len(r.written) for r in results) + 1} files to {out}/:")
     for r in results:
         print(f"  {r.finding.sweep} ({r.runs} runs): " + ", ".join(p.name for p in r.written))

@@ -79,6 +79,8 @@ def _run_record(config: dict[str, Any], summary: dict[str, Any], run_dir: str, s
     row["time_elapsed"] = summary.get("time/elapsed")
     row["steps_done"] = summary.get("steps")
     row["resumed"] = summary.get("resumed")
+    # the model's directory name (the tiny base's cache key, e.g. tiny-96de5a5d1541)
+    row["model_dir"] = summary.get("model_dir")
     row["eval_sets"] = _eval_sets(summary.get("final") or {})
     row["sweep_dir"] = sweep_dir
     row["finished_at"] = finished_at

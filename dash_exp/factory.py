@@ -31,6 +31,8 @@ class Components:
     sft_items: list | None
     # training prompts dropped as longer than max_prompt_tokens
     dropped_prompts: int = 0
+    # the directory (or hub id) the policy was loaded from: for the tiny model, its cache key
+    model_path: str = ""
 
     def close(self) -> None:
         """Stop the grader's workers and shut the sampler's engine down (a sweep runs its jobs in one process:
@@ -86,7 +88,7 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
         shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device)
     ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 else None
     sampler = build_sampler(cfg, policy, tokens, path, [p.prompt for p in task.train], world.parallel)
-    return Components(task, tokenizer, policy, ref, sampler, sft_items, dropped)
+    return Components(task, tokenizer, policy, ref, sampler, sft_items, dropped, path)
 
 
 def drop_long_prompts(problems: list[Any], tokens: TokenCache, max_tokens: int) -> list[Any]:

@@ -84,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
                           ref=parts.ref, sft_items=parts.sft_items, world=world)
-        summary = {"run": run_name(cfg), "run_dir": str(run_dir), "world_size": world.size, **trainer.fit(ckpt)}
+        summary = {"run": run_name(cfg), "run_dir": str(run_dir), "world_size": world.size,
+                   "model_dir": Path(parts.model_path).name, **trainer.fit(ckpt)}
     finally:
         parts.close()
     sink.close(summary["final"])
