@@ -95,8 +95,9 @@ def test_evaluate_cli_on_math500_and_gsm8k(tmp_path, cli_env):
         expected = {f"eval/{name}/{key}" for key in (
             "accuracy", "sampled_accuracy", "pass@1", "pass@2", "pass@4", "length_mean", "truncated_frac",
             "unparsed_frac", "timeouts", "sampled_length_mean", "sampled_truncated_frac", "sampled_unparsed_frac",
-            "sampled_timeouts")}
+            "sampled_timeouts", "problems")}
         assert expected == {key for key in metrics if key.startswith(f"eval/{name}/")}
+        assert metrics[f"eval/{name}/problems"] == 20  # what each accuracy's standard error is computed from
         check_metrics(metrics, name, n=4, max_new_tokens=32)
         # fractions of 20 problems (greedy) and 80 samples: exact multiples
         assert metrics[f"eval/{name}/accuracy"] * 20 == pytest.approx(round(metrics[f"eval/{name}/accuracy"] * 20))
