@@ -90,7 +90,8 @@ def _inconclusive(parts: dict[str, str]) -> str:
     open_parts = [name for name, v in parts.items() if v == "inconclusive"]
     if not open_parts:
         return ""
-    return f" Inconclusive ({', '.join(open_parts)}): the interval includes the threshold; {RESOLVE}."
+    return (f" Inconclusive ({', '.join(open_parts)}): not decided at 95% confidence (the interval includes the "
+            f"threshold, or the collapse counts are not significant); {RESOLVE}.")
 
 
 # ---------------------------------------------------------------------------------------------------- finding 1
