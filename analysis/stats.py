@@ -51,19 +51,22 @@ class Comparison:
 
     def short(self, digits: int = 1) -> str:
         """'+1.7 [-2.1, +5.3]' (a table cell); '–' without runs on both sides."""
-        if not math.isfinite(self.diff):
-            return "–"
-        ci = f" [{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if math.isfinite(self.low) else " [–]"
-        return f"{self.diff:+.{digits}f}{ci}"
+        return interval_text(self.diff, self.low, self.high, digits) if math.isfinite(self.diff) else "–"
 
     def text(self, unit: str = "", digits: int = 1) -> str:
         """'+1.7 [-2.1, +5.3] points (95% CI, paired by seed, n=3; P(improve) 0.67)'."""
         unit = f" {unit}" if unit else ""
         n = f"n={self.n_a}" if self.paired else f"n={self.n_a} vs {self.n_b}"
         design = "paired by seed" if self.paired else "unpaired"
-        ci = (f" [{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if math.isfinite(self.low) else " [no interval]")
-        return (f"{self.diff:+.{digits}f}{ci}{unit} ({100 * CONFIDENCE:g}% CI, {design}, {n}; "
+        ci = interval_text(self.diff, self.low, self.high, digits, "no interval")
+        return (f"{ci}{unit} ({100 * CONFIDENCE:g}% CI, {design}, {n}; "
                 f"P(improve) {self.p_improve:.2f})")
+
+
+def interval_text(diff: float, low: float, high: float, digits: int = 1, missing: str = "–") -> str:
+    """'+1.7 [-2.1, +5.3]'; '+1.7 [missing]' when there is no interval."""
+    ci = f"{low:+.{digits}f}, {high:+.{digits}f}" if math.isfinite(low) else missing
+    return f"{diff:+.{digits}f} [{ci}]"
 
 
 def _finite(values: Mapping[object, float]) -> dict[object, float]:

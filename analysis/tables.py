@@ -140,17 +140,21 @@ def _acc_columns(sets: list[str]) -> list[str]:
     return [c for s in sets for c in (f"ours {s} greedy", f"ours {s} sampled")]
 
 
-def _setup_note(runs: pd.DataFrame) -> str:
-    def join(col: str) -> str:
-        return ", ".join(sorted(map(str, runs[col].dropna().unique()))) if col in runs else "?"
+def joined(runs: pd.DataFrame, col: str) -> str:
+    """The distinct values of a column, sorted and comma-separated; '?' when there are none."""
+    values = sorted(map(str, runs[col].dropna().unique())) if col in runs else []
+    return ", ".join(values) or "?"
 
+
+def _setup_note(runs: pd.DataFrame) -> str:
     sets = eval_sets(runs)
-    size = join("task.eval_size")
+    size = joined(runs, "task.eval_size")
     steps = runs["steps_done"].dropna()
     steps_txt = (f"{int(steps.min())}" if steps.min() == steps.max() else f"{int(steps.min())}-{int(steps.max())}"
                  ) if len(steps) else "?"
-    seeds = join("seed")
-    ours = (f"**Ours:** model `{join('model')}`, task `{join('task')}`, evaluation set(s) {', '.join(sets)} "
+    seeds = joined(runs, "seed")
+    ours = (f"**Ours:** model `{joined(runs, 'model')}`, task `{joined(runs, 'task')}`, evaluation set(s) "
+            f"{', '.join(sets)} "
             f"({size} problems each; `null` = all), {steps_txt} training steps, seeds {seeds}; mean ± std over "
             f"seeds, accuracy in %.")
     paper_like = set(runs["model"].dropna().astype(str)) <= {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b"} and \
