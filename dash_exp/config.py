@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 ALGORITHMS = ("base", "sft", "grpo", "ppo", "dash")
-TASKS = ("arith", "math", "gsm8k")
+TASKS = ("arith", "math", "gsm8k", "pycode", "mbpp")
 PROMPT_FORMATS = ("raw", "instruct", "chat", "few_shot")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -125,7 +125,8 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    # task name: arith (procedural, embedded) | math (MATH train, MATH-500 + GSM8K eval) | gsm8k
+    # task name: arith (procedural, embedded) | math (MATH train, MATH-500 + GSM8K eval) | gsm8k | pycode (procedural
+    # code, embedded) | mbpp (MBPP+, the authors' split)
     name: str = MISSING
     # prompt format: raw (the paper: problem text only) | instruct (+ box-your-answer line) | chat | few_shot
     prompt_format: str = "raw"
@@ -158,8 +159,25 @@ class TaskConfig:
     max_terms: int = 4
     # arith: numbers are drawn from [0, max_value]
     max_value: int = 30
-    # arith: seed of the problem generator (fixed: the splits never change between runs)
+    # arith, pycode: seed of the problem generator (fixed: the splits never change between runs)
     seed: int = 0
+    # pycode: slopes are drawn from [1, max_slope] (intercepts from [0, max_value])
+    max_slope: int = 9
+    # pycode: the first given point is f(p) for p in [0, max_point]
+    max_point: int = 2
+    # mbpp: MBPP+: a hub dataset id (split test, 378 problems, selected by the authors' task ids), or a local
+    # directory holding train.jsonl and test.jsonl; conf/task/mbpp.yaml defaults to $DASH_EXP_DATA/mbppplus
+    mbpp: str = "evalplus/mbppplus"
+    # code: each program's wall-clock limit in seconds (mbpp: the floor of the calibrated limit)
+    time_limit_s: float = 3.0
+    # mbpp: limit = max(time_limit_s, this x the reference solution's own time in the sandbox), as EvalPlus
+    # calibrates (measured once per machine, cached); null = time_limit_s for every problem
+    time_limit_factor: float | None = 4.0
+    # mbpp: where the reference solutions' measured times are cached (conf/task/mbpp.yaml: model.cache_dir);
+    # null = measure them at every start
+    cache_dir: str | None = None
+    # the gradient filtering threshold of algorithm=dash (the paper: 0.1 for math, 0.01 for code)
+    filter_threshold: float = 0.1
 
 
 @dataclass
@@ -390,7 +408,11 @@ def validate(cfg: Config | DictConfig) -> None:
     if a.name == "sft" and a.sft_source == "traces" and not a.traces_path:
         raise ConfigError("algorithm.traces_path: required when algorithm.sft_source=traces "
                           "(make one with python -m dash_exp.traces)")
-    if cfg.task.name == "arith" and cfg.task.eval_size is not None and cfg.task.eval_size > cfg.task.n_test:
+    for key in ("task.max_slope", "task.time_limit_s"):
+        _positive(key, _get(cfg, key))
+    _positive("task.max_point", cfg.task.max_point, allow_zero=True)
+    _positive("task.time_limit_factor", cfg.task.time_limit_factor, allow_none=True)
+    if cfg.task.name in ("arith", "pycode") and cfg.task.eval_size is not None and cfg.task.eval_size > cfg.task.n_test:
         raise ConfigError(f"task.eval_size={cfg.task.eval_size}: expected <= task.n_test={cfg.task.n_test}")
     if cfg.task.min_terms < 2 or cfg.task.max_terms < cfg.task.min_terms:
         raise ConfigError(f"task.min_terms/max_terms={cfg.task.min_terms}/{cfg.task.max_terms}: "

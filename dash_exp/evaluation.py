@@ -54,6 +54,8 @@ def evaluate_set(sampler: Sampler, tokens: TokenCache, task: Any, name: str, pro
         metrics[prefix + "truncated_frac"] = sum(r.truncated for r in rollouts) / n
         metrics[prefix + "unparsed_frac"] = graded.unparsed / n
         metrics[prefix + "timeouts"] = graded.timeouts
+        for key, count in graded.counts.items():
+            metrics[prefix + f"{key}_frac"] = count / n
         if kind == "sampled":
             correct = [sum(graded.rewards[i * params.n: (i + 1) * params.n]) for i in range(len(problems))]
             k = 1

@@ -87,12 +87,18 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+# the tasks a tiny base can be warmed up on, and the task fields that shape their warm-up traces
+WARMUP_FIELDS = {"arith": ("min_terms", "max_terms", "max_value"), "pycode": ("max_slope", "max_value", "max_point")}
+
+
 def tiny_model_key(tiny_cfg: Any, task_cfg: Any) -> str:
     """Hash of everything that determines the tiny base model's weights."""
     task = _config_dict(task_cfg)
+    fields = WARMUP_FIELDS[task["name"]]
     payload = {
         "tiny": _config_dict(tiny_cfg),
-        "task": {k: task[k] for k in ("min_terms", "max_terms", "max_value")},
+        # the arithmetic base's key predates the code task: it names no task
+        "task": {k: task[k] for k in fields} | ({} if task["name"] == "arith" else {"name": task["name"]}),
         "recipe": TINY_RECIPE_VERSION,
         "torch": torch.__version__.split("+")[0],
     }
@@ -109,10 +115,11 @@ def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
         return resolve_random_model(QWEN2_5_ARCH[model_cfg.arch], model_cfg.cache_dir, "bfloat16")
     from dash_exp.config import TaskConfig
 
-    arith = task_cfg if task_cfg.name == "arith" else TaskConfig(name="arith")
-    path = Path(os.path.expanduser(model_cfg.cache_dir)) / f"tiny-{tiny_model_key(model_cfg.tiny, arith)}"
+    # the code task's base is warmed up on code; every other task's on arithmetic
+    warmup_task = task_cfg if task_cfg.name in WARMUP_FIELDS else TaskConfig(name="arith")
+    path = Path(os.path.expanduser(model_cfg.cache_dir)) / f"tiny-{tiny_model_key(model_cfg.tiny, warmup_task)}"
     if not (path / "config.json").exists():
-        build_base_model(model_cfg.tiny, arith, path)
+        build_base_model(model_cfg.tiny, warmup_task, path)
     return str(path)
 
 
@@ -136,7 +143,10 @@ def build_base_model(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
 
 
 def _warm_up(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
-    from dash_exp.tasks.arithmetic import warmup_examples
+    if task_cfg.name == "pycode":
+        from dash_exp.tasks.pycode import warmup_examples
+    else:
+        from dash_exp.tasks.arithmetic import warmup_examples
 
     torch.manual_seed(tiny_cfg.warmup_seed)
     tokenizer = build_char_tokenizer()

@@ -20,7 +20,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -69,8 +69,12 @@ class GradeResult:
     rewards: list[float]
     # items whose grading hit the time limit or crashed the worker (reward 0)
     timeouts: int
-    # items with no usable \boxed{} answer: none, unbalanced, empty or over MAX_ANSWER_CHARS (reward 0)
+    # items with no usable \boxed{} answer: none, unbalanced, empty or over MAX_ANSWER_CHARS (reward 0); for
+    # code, programs that do not compile
     unparsed: int
+    # outcome counts beyond these (code: no_code_block, syntax_error, timeout, runtime_error, wrong), logged as
+    # reward/<kind> in training and eval/<set>/<kind>_frac in evaluation
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 class Grader:

@@ -199,7 +199,8 @@ class Trainer:
             gathered = all_gather((rollouts, graded, gen_time), self.world)
             rollouts = [r for part, _, _ in gathered for r in part]
             graded = GradeResult([x for _, g, _ in gathered for x in g.rewards],
-                                 sum(g.timeouts for _, g, _ in gathered), sum(g.unparsed for _, g, _ in gathered))
+                                 sum(g.timeouts for _, g, _ in gathered), sum(g.unparsed for _, g, _ in gathered),
+                                 {k: sum(g.counts.get(k, 0) for _, g, _ in gathered) for k in graded.counts})
             gen_time = max(t for _, _, t in gathered)
         rewards = torch.tensor(graded.rewards)
         adv = group_advantages(rewards, cfg.group_size, cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
@@ -209,6 +210,7 @@ class Trainer:
         metrics = {
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
             "reward/timeouts": graded.timeouts, "reward/unparsed": graded.unparsed,
+            **{f"reward/{k}": v for k, v in graded.counts.items()},
             "adv/abs_mean": float(adv.abs().mean()), "filter/kept_frac": float(keep.float().mean()),
             "response/length_mean": sum(lengths) / len(lengths),
             "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),

@@ -13,13 +13,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem: the prompt as the model sees it, the reference answer, a reference solution."""
+    """One problem: the prompt as the model sees it, the reference answer, a reference solution (and, for code,
+    its hidden tests)."""
 
     prompt: str
     # the answer graded against (bare, as inside \boxed{})
     answer: str
-    # a reference solution (SFT-H trains on prompt + solution)
+    # a reference solution (SFT-H trains on prompt + solution; for code, the reference program)
     solution: str
+    # the hidden tests of a code problem (tasks.code.CodeTests); None for math
+    tests: Any = None
 
 
 class Task(Protocol):

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from dash_exp.tasks.base import GradedTask
+from dash_exp.tasks.code import CodeTask
 
 
-def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask:
+def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask | CodeTask:
     """The task named by cfg.name (the `task` config group); `tokenizer` serves prompt_format=chat."""
     if cfg.name == "arith":
         from dash_exp.tasks.arithmetic import make_splits
@@ -20,4 +21,13 @@ def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> Grad
 
         train, evals = make_math_task(cfg, tokenizer, need_train)
         return GradedTask(cfg.name, train, evals)
-    raise ValueError(f"task.name={cfg.name!r}: expected one of arith, math, gsm8k")
+    if cfg.name == "pycode":
+        from dash_exp.tasks.pycode import make_splits as code_splits
+
+        train, test = code_splits(cfg)
+        return CodeTask("pycode", train, {"pycode": test})
+    if cfg.name == "mbpp":
+        from dash_exp.tasks.mbpp import make_mbpp_task
+
+        return make_mbpp_task(cfg, need_train)
+    raise ValueError(f"task.name={cfg.name!r}: expected one of arith, math, gsm8k, pycode, mbpp")

@@ -1,0 +1,313 @@
+"""The sandbox's fork server: a standalone script (standard library only, never imports dash_exp or torch).
+
+`dash_exp.sandbox.Sandbox` starts it as its own interpreter with a scrubbed environment, inside new network,
+mount and PID namespaces where the OS allows. It imports the modules tests commonly need once, then serves
+jobs read from stdin: one fork per program, at most `workers` at a time, results written to stdout as they
+finish (the client puts them back in order).
+
+One program's life: fork -> (where allowed) a PID namespace of its own, so every process it starts dies with
+it -> a new session, a fresh working directory, stdin on /dev/null, stdout and stderr capped, resource limits,
+and (as root) the uid `nobody` -> exec the candidate's source -> evaluate the test inputs (trusted source) ->
+call the entry point on each -> send back the outputs as tagged JSON of plain data only. The expected outputs
+never enter this process: the client compares. A program that exits early, dies, forges output or overruns
+simply yields no valid result.
+
+Frames in both directions: 4-byte big-endian length, then a pickle (the client is trusted; replies carry the
+child's bytes unparsed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import pickle
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+
+# modules imported once here, so that each fork finds them loaded (the MBPP+ tests import numpy and math; every
+# module MBPP+'s solutions import is here). A program running as `nobody` imports others only where the
+# interpreter's files are world-readable (not under /root, say).
+PRELOAD = ("math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "operator",
+           "statistics", "fractions", "decimal", "copy", "random", "cmath", "array", "typing", "json", "numpy",
+           "datetime", "calendar", "textwrap", "unicodedata", "hashlib", "struct", "time", "socket", "dataclasses",
+           "enum", "abc", "numbers", "contextlib")
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+# nesting depth of a returned value that is still encoded
+MAX_DEPTH = 100
+NOBODY = 65534
+
+
+def _frame(obj: object) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return struct.pack(">I", len(data)) + data
+
+
+class Unencodable(Exception):
+    """A returned value that is not plain data (or nests too deep)."""
+
+
+def encode(x: object, depth: int = 0) -> object:
+    """Plain data as JSON with tags: exact built-in types, numpy arrays and scalars as their values; anything
+    else (a subclass too, e.g. one whose __eq__ always holds) as an opaque marker of its type name."""
+    if depth > MAX_DEPTH:
+        raise Unencodable("nested too deep")
+    t = type(x)
+    if x is None or t in (bool, int, str):
+        return x
+    if t is float:
+        return {"F": repr(x)} if not math.isfinite(x) else x
+    if t is list:
+        return [encode(v, depth + 1) for v in x]
+    if t is tuple:
+        return {"t": [encode(v, depth + 1) for v in x]}
+    if t in (set, frozenset):
+        return {"s" if t is set else "f": [encode(v, depth + 1) for v in x]}
+    if t.__module__ == "collections" and t.__name__ in ("OrderedDict", "defaultdict", "Counter") or t is dict:
+        return {"d": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(x)]}
+    if t is complex:
+        return {"c": [encode(x.real), encode(x.imag)]}
+    if t is bytes:
+        return {"b": x.hex()}
+    np = sys.modules.get("numpy")
+    if np is not None and t is np.ndarray and x.dtype.kind in "biufc":
+        return {"a": [x.dtype.str, list(x.shape), encode(x.ravel().tolist(), depth + 1)]}
+    if np is not None and isinstance(x, np.generic) and t.__module__ == "numpy" and x.dtype.kind in "biufc":
+        return {"n": [x.dtype.str, encode(x.item(), depth + 1)]}
+    return {"o": t.__name__}  # any other object: opaque (not None, equal only to itself), never its own __eq__
+
+
+def _limits(job: dict) -> None:
+    cpu = int(math.ceil(job["timeout"])) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    mem = int(job["memory_mb"]) << 20
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    size = int(job["file_mb"]) << 20
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (job["processes"], job["processes"]))
+
+
+def run_program(job: dict) -> dict:
+    """The candidate's source, then the entry point called on every input; what happened, as plain data."""
+    scope: dict = {"__name__": "__sandbox__", "__builtins__": __builtins__}
+    try:
+        code = compile(job["program"], "<program>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # ValueError: null bytes
+        return {"status": "syntax_error", "detail": type(exc).__name__}
+    try:
+        exec(code, scope)
+    except BaseException as exc:  # SystemExit included: an early exit passes nothing
+        return {"status": "error", "detail": f"{type(exc).__name__} at top level"}
+    fn = scope.get(job["entry"])
+    if not callable(fn):
+        return {"status": "no_entry", "detail": job["entry"]}
+    try:
+        inputs_scope: dict = {"__builtins__": __builtins__}
+        exec(job["inputs"], inputs_scope)
+        inputs = inputs_scope["inputs"]
+    except BaseException as exc:
+        return {"status": "error", "detail": f"{type(exc).__name__} in the inputs"}
+    outputs = []
+    for args in inputs:
+        try:
+            outputs.append({"v": encode(fn(*args))})
+        except Unencodable as exc:
+            outputs.append({"x": f"returned a value {exc}"})
+        except BaseException as exc:
+            outputs.append({"x": type(exc).__name__})
+    return {"status": "ok", "outputs": outputs}
+
+
+def _child(job: dict, wfd: int, workdir: str, as_nobody: bool, own_pid_ns: bool) -> None:
+    """In the forked child: never returns."""
+    status = 1
+    try:
+        os.setsid()
+        if own_pid_ns and _unshare_pid():
+            pid = os.fork()  # the grandchild is PID 1 of its namespace: everything it starts dies with it
+            if pid:
+                os.close(wfd)
+                _, code = os.waitpid(pid, 0)
+                os._exit(0 if code == 0 else 1)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.chdir(workdir)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        # stdout and stderr go to a file in the working directory, capped with every other file at file_mb
+        # (RLIMIT_FSIZE): a program that writes more is killed by SIGXFSZ
+        out = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        for fd in (1, 2):
+            os.dup2(out, fd)
+        os.closerange(3, wfd)
+        os.closerange(wfd + 1, 1 << 16)
+        _limits(job)
+        if as_nobody:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        result = run_program(job)
+        data = json.dumps(result).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(wfd, view):]
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _unshare_pid() -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWPID) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Server:
+    """Runs jobs from stdin, `workers` at a time, each under its deadline."""
+
+    def __init__(self, workers: int, root: str, as_nobody: bool, own_pid_ns: bool, max_output: int) -> None:
+        self.workers, self.root, self.as_nobody, self.own_pid_ns = workers, root, as_nobody, own_pid_ns
+        self.max_output = max_output
+        self.pending: list[dict] = []
+        # result fd -> [pid, job, deadline, start, chunks, size, workdir]
+        self.running: dict[int, list] = {}
+        self.inbuf = b""
+        # exit statuses of running programs' processes reaped early by `reap`
+        self.exited: dict[int, int] = {}
+
+    def reap(self) -> None:
+        """Collect every exited child: this server is PID 1 of its namespace, so each program's orphans (its PID
+        namespace's first process, once the program's own process is killed) end up as its children."""
+        tracked = {r[0] for r in self.running.values()}
+        while True:
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in tracked:
+                self.exited[pid] = code
+
+    def start(self, job: dict) -> None:
+        workdir = tempfile.mkdtemp(prefix="p", dir=self.root)
+        if self.as_nobody:
+            os.chown(workdir, NOBODY, NOBODY)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            _child(job, wfd, workdir, self.as_nobody, self.own_pid_ns)
+        os.close(wfd)
+        now = time.monotonic()
+        self.running[rfd] = [pid, job, now + job["timeout"], now, [], 0, workdir]
+
+    def finish(self, rfd: int, status: str | None) -> None:
+        pid, job, _, start, chunks, _, workdir = self.running.pop(rfd)
+        os.close(rfd)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # whatever it left running in its session
+        code = self.exited.pop(pid) if pid in self.exited else os.waitpid(pid, 0)[1]
+        seconds = time.monotonic() - start
+        shutil.rmtree(workdir, ignore_errors=True)
+        payload = b"".join(chunks)
+        if status is None:  # what it wrote decides (the client parses it), not how its process ended
+            status = "ok" if payload else "crashed"
+        reply = {"id": job["id"], "status": status, "payload": payload if status == "ok" else b"",
+                 "seconds": seconds, "exit": code}
+        sys.stdout.buffer.write(_frame(reply))
+        sys.stdout.buffer.flush()
+
+    def read_jobs(self) -> bool:
+        data = os.read(0, 1 << 20)
+        if not data:
+            return False
+        self.inbuf += data
+        while len(self.inbuf) >= 4:
+            (size,) = struct.unpack(">I", self.inbuf[:4])
+            if len(self.inbuf) < 4 + size:
+                break
+            self.pending.append(pickle.loads(self.inbuf[4: 4 + size]))
+            self.inbuf = self.inbuf[4 + size:]
+        return True
+
+    def serve(self) -> None:
+        open_input = True
+        while open_input or self.pending or self.running:
+            while self.pending and len(self.running) < self.workers:
+                self.start(self.pending.pop(0))
+            now = time.monotonic()
+            # wake at least twice a second to reap orphans
+            wait = min([r[2] for r in self.running.values()] + [now + 0.5]) - now
+            fds = list(self.running) + ([0] if open_input else [])
+            ready, _, _ = select.select(fds, [], [], max(0.0, wait))
+            for fd in ready:
+                if fd == 0:
+                    open_input = self.read_jobs()
+                    continue
+                chunk = os.read(fd, 1 << 20)
+                entry = self.running[fd]
+                if not chunk:
+                    self.finish(fd, None)
+                elif entry[5] + len(chunk) > self.max_output:
+                    self.finish(fd, "output_too_large")
+                else:
+                    entry[4].append(chunk)
+                    entry[5] += len(chunk)
+            now = time.monotonic()
+            for fd in [fd for fd, r in self.running.items() if r[2] <= now]:
+                self.finish(fd, "timeout")
+            self.reap()
+
+
+def main() -> None:
+    workers, max_output = int(sys.argv[1]), int(sys.argv[2])
+    sys.set_int_max_str_digits(0)  # a correct program may return a huge int
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            __import__(name)
+    as_nobody = os.geteuid() == 0 and _can_setuid()
+    own_pid_ns = os.environ.get("SANDBOX_PID_NS") == "1"
+    root = tempfile.mkdtemp(prefix="dash_exp_sandbox_")
+    os.chmod(root, 0o711)
+    info = {"ready": True, "nobody": as_nobody, "pid_ns": own_pid_ns and _probe_pid_ns(), "pid": os.getpid()}
+    sys.stdout.buffer.write(_frame(info))
+    sys.stdout.buffer.flush()
+    try:
+        Server(workers, root, as_nobody, info["pid_ns"], max_output).serve()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _can_setuid() -> bool:
+    """Whether a child can become `nobody` (not inside a user namespace that maps only one uid)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os._exit(0)
+        except OSError:
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def _probe_pid_ns() -> bool:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if _unshare_pid() else 1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+if __name__ == "__main__":
+    main()
