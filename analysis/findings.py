@@ -40,7 +40,8 @@ class Verdict:
     """One finding: the paper's claim, our verdict (yes / partly / no / inconclusive / not run), the verdict of
     each part of the claim, and the evidence."""
 
-    number: int
+    # the paper's numbering; the code rows are "1 (code)" and "4 (code)"
+    number: int | str
     claim: str
     verdict: str
     evidence: str
@@ -56,14 +57,15 @@ class Verdict:
                 + (f" ({parts})" if parts else "") + f". {self.evidence}")
 
 
-def _not_run(number: int, claim: str, sweep: str, missing: str = "") -> Verdict:
+def _not_run(number: int | str, claim: str, sweep: str, missing: str = "") -> Verdict:
     why = f"sweep `{sweep}` has no completed {missing} runs" if missing else f"no completed runs of sweep `{sweep}`"
     return Verdict(number, claim, f"not run (make sweep SWEEP={sweep})", why + ".")
 
 
-def _acc(runs: pd.DataFrame, label: str, eval_set: str, part: str = "final") -> dict[object, float]:
-    """{seed: accuracy (%)} of the runs of `label` at the initial or final evaluation."""
-    return by_seed(runs[runs["label"] == label], f"{part}/eval/{eval_set}/accuracy", 100.0)
+def _acc(runs: pd.DataFrame, label: str, eval_set: str, part: str = "final",
+         metric: str = "accuracy") -> dict[object, float]:
+    """{seed: accuracy (%)} of the runs of `label` at the initial or final evaluation (code: `metric` pass@1)."""
+    return by_seed(runs[runs["label"] == label], f"{part}/eval/{eval_set}/{metric}", 100.0)
 
 
 def _stat(values: dict[object, float] | list[float], digits: int = 1, se: float = math.nan) -> str:
@@ -72,8 +74,20 @@ def _stat(values: dict[object, float] | list[float], digits: int = 1, se: float 
     return f"{fmt(vals, digits=digits)} (n={len(vals)}{se_txt})"
 
 
-def _acc_stat(runs: pd.DataFrame, label: str, eval_set: str) -> str:
-    return _stat(_acc(runs, label, eval_set), se=mean_se(runs[runs["label"] == label], eval_set))
+def _acc_stat(runs: pd.DataFrame, label: str, eval_set: str, metric: str = "accuracy") -> str:
+    se = mean_se(runs[runs["label"] == label], eval_set) if metric == "accuracy" else math.nan
+    return _stat(_acc(runs, label, eval_set, metric=metric), se=se)
+
+
+def _measure(eval_set: str, metric: str) -> str:
+    """How a finding names its accuracy measure."""
+    if metric == "accuracy":
+        return f"Final greedy {eval_set} accuracy (%)"
+    return f"Final {eval_set} {metric} (%, unbiased, from each problem's samples)"
+
+
+# the code findings (sweep `code`, the embedded pycode task or MBPP+): pass@1 instead of greedy accuracy
+CODE_METRIC = "pass@1"
 
 
 def _std(values: dict[object, float] | list[float]) -> float:
@@ -95,30 +109,34 @@ def _inconclusive(parts: dict[str, str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- finding 1
-def finding1(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "sft_vs_rl") -> Verdict:
-    """DASH's final greedy accuracy above SFT-M's and above SFT-H's (one part each)."""
-    claim = "On-policy RL (DASH) ends above SFT on model traces (SFT-M) and on human-style solutions (SFT-H)."
+def finding1(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "sft_vs_rl", metric: str = "accuracy",
+             number: int | str = 1) -> Verdict:
+    """DASH's final greedy accuracy (code: pass@1) above SFT-M's and above SFT-H's (one part each)."""
+    claim = ("On-policy RL (DASH) ends above SFT on model traces (SFT-M) and on human-style solutions (SFT-H)."
+             if metric == "accuracy" else
+             f"On code, on-policy RL (DASH) ends above SFT on human-style solutions (SFT-H) in {metric}.")
     runs, _ = sweep_frames(runs, steps, sweep)
     sfts = [lb for lb in ("sft_m", "sft_h") if not runs.empty and lb in set(runs["label"])]
     if runs.empty or "dash" not in set(runs["label"]) or not sfts:
-        return _not_run(1, claim, sweep, "" if runs.empty else "DASH and SFT")
+        return _not_run(number, claim, sweep, "" if runs.empty else "DASH and SFT")
     s = eval_sets(runs[runs["label"] == "dash"])[0]
-    dash = _acc(runs, "dash", s)
-    base = _mean(_acc(runs, "base" if "base" in set(runs["label"]) else "dash", s, "initial").values())
-    comparisons = {f"DASH > {display(lb)}": compare(dash, _acc(runs, lb, s)) for lb in sfts}
+    dash = _acc(runs, "dash", s, metric=metric)
+    base = _mean(_acc(runs, "base" if "base" in set(runs["label"]) else "dash", s, "initial", metric).values())
+    comparisons = {f"DASH > {display(lb)}": compare(dash, _acc(runs, lb, s, metric=metric)) for lb in sfts}
     parts = {name: c.verdict() for name, c in comparisons.items()}
-    evidence = (f"Final greedy {s} accuracy (%): DASH {_acc_stat(runs, 'dash', s)}, "
-                + ", ".join(f"{display(lb)} {_acc_stat(runs, lb, s)}" for lb in sfts)
+    evidence = (f"{_measure(s, metric)}: DASH {_acc_stat(runs, 'dash', s, metric)}, "
+                + ", ".join(f"{display(lb)} {_acc_stat(runs, lb, s, metric)}" for lb in sfts)
                 + f"; base model {base:.1f}. "
                 + "; ".join(f"DASH − {display(lb)}: {comparisons[f'DASH > {display(lb)}'].text('points')}"
                             for lb in sfts) + ".")
     traces = runs.loc[runs["label"] == "sft_m", "algorithm.traces_path"] if "algorithm.traces_path" in runs else []
     for lb in (lb for lb in sfts if parts[f"DASH > {display(lb)}"] == "no"):
         source = f" by imitating correct traces from `{traces.iloc[0]}`" if lb == "sft_m" and len(traces) else ""
-        evidence += (f" Why not: {display(lb)} gains {_mean(_acc(runs, lb, s).values()) - base:+.1f} points over "
+        evidence += (f" Why not: {display(lb)} gains {_mean(_acc(runs, lb, s, metric=metric).values()) - base:+.1f} "
+                     "points over "
                      f"the base in {_steps_of(runs, lb)} steps{source}, DASH {_mean(dash.values()) - base:+.1f} in "
                      f"{_steps_of(runs, 'dash')} steps of RL on its own samples.")
-    return Verdict(1, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
+    return Verdict(number, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
                    dict.fromkeys(parts, "points"))
 
 
@@ -227,17 +245,19 @@ def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verd
 
 
 # ---------------------------------------------------------------------------------------------------- finding 4
-def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms") -> Verdict:
+def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms", metric: str = "accuracy",
+             number: int | str = 4) -> Verdict:
     """DASH vs GRPO. Time: less total training time (interval of GRPO - DASH above 0). Accuracy: DASH no more than
     EQUAL_POINTS below GRPO (interval of DASH - GRPO above -EQUAL_POINTS). Also the time each takes to first reach
     GRPO's final mean accuracy."""
-    claim = "DASH reaches GRPO's accuracy in less training time."
+    claim = ("DASH reaches GRPO's accuracy in less training time." if metric == "accuracy" else
+             f"On code, DASH reaches GRPO's {metric} in less training time.")
     runs, steps = sweep_frames(runs, steps, sweep)
     if runs.empty or not {"dash", "grpo"} <= set(runs["label"]):
-        return _not_run(4, claim, sweep, "" if runs.empty else "GRPO and DASH")
+        return _not_run(number, claim, sweep, "" if runs.empty else "GRPO and DASH")
     s = eval_sets(runs)[0]
     times = {lb: by_seed(runs[runs["label"] == lb], "time_elapsed") for lb in ("grpo", "dash")}
-    acc = {lb: _acc(runs, lb, s) for lb in ("grpo", "dash")}
+    acc = {lb: _acc(runs, lb, s, metric=metric) for lb in ("grpo", "dash")}
     div, unit = time_unit(max([*times["grpo"].values(), *times["dash"].values()]))
     comparisons = {"faster": compare({k: v / div for k, v in times["grpo"].items()},
                                      {k: v / div for k, v in times["dash"].items()}),
@@ -247,22 +267,24 @@ def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms")
     ratio = _mean(times["grpo"].values()) / _mean(times["dash"].values())
     speed = f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
     target = _mean(acc["grpo"].values()) / 100
-    reach = first_reach(eval_points(runs[runs["label"].isin(["grpo", "dash"])], steps, s), target)
-    reach_txt = ", ".join(f"{display(lb)} {_reached(reach[reach['label'] == lb], div, unit)}"
-                          for lb in ("dash", "grpo"))
+    reach_txt = ""
+    if metric == "accuracy":  # the periodic evaluations track greedy accuracy
+        reach = first_reach(eval_points(runs[runs["label"].isin(["grpo", "dash"])], steps, s), target)
+        reach_txt = " Time to first reach GRPO's final mean ({:.1f}%): {}.".format(100 * target, ", ".join(
+            f"{display(lb)} {_reached(reach[reach['label'] == lb], div, unit)}" for lb in ("dash", "grpo")))
     evidence = (f"Training time ({unit}): GRPO {_stat([t / div for t in times['grpo'].values()])}, DASH "
                 f"{_stat([t / div for t in times['dash'].values()])}: DASH {speed}, GRPO − DASH "
-                f"{comparisons['faster'].text(unit, digits=2)}. Final greedy {s} accuracy (%): "
-                f"GRPO {_acc_stat(runs, 'grpo', s)}, DASH {_acc_stat(runs, 'dash', s)}, DASH − GRPO "
+                f"{comparisons['faster'].text(unit, digits=2)}. {_measure(s, metric)}: "
+                f"GRPO {_acc_stat(runs, 'grpo', s, metric)}, DASH {_acc_stat(runs, 'dash', s, metric)}, DASH − GRPO "
                 f"{comparisons['equal accuracy'].text('points')} (equal when the whole interval lies above "
-                f"−{EQUAL_POINTS:g} points). Time to first reach GRPO's final mean ({100 * target:.1f}%): {reach_txt}.")
+                f"−{EQUAL_POINTS:g} points).{reach_txt}")
     if parts["faster"] == "no":
         evidence += (f" Why not (time): DASH's median step takes "
                      f"{_median_step(steps, 'dash'):.2f} s against GRPO's {_median_step(steps, 'grpo'):.2f} s.")
     if parts["equal accuracy"] == "no":
         evidence += (f" Why not (accuracy): DASH ends {comparisons['equal accuracy'].diff:+.1f} points from GRPO, "
                      f"credibly more than {EQUAL_POINTS:g} points below.")
-    return Verdict(4, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
+    return Verdict(number, claim, combine(parts), evidence + _inconclusive(parts), parts, comparisons,
                    {"faster": unit, "equal accuracy": "points"}, {"equal accuracy": -EQUAL_POINTS})
 
 
@@ -279,11 +301,18 @@ def _median_step(steps: pd.DataFrame, label: str) -> float:
 
 # ------------------------------------------------------------------------------------------------------ section
 FINDING_FUNCS = (finding1, finding2, finding3, finding4)
+# the paper's code rows (Tables 2 and 4), from the `code` sweep
+CODE_SWEEP = "code"
 
 
 def verdicts(runs: pd.DataFrame, steps: pd.DataFrame) -> list[Verdict]:
-    """Every finding's verdict, in the paper's order."""
-    return [func(runs, steps) for func in FINDING_FUNCS]
+    """Every finding's verdict, in the paper's order; then the code rows of findings 1 and 4 where the `code`
+    sweep ran."""
+    found = [func(runs, steps) for func in FINDING_FUNCS]
+    if not runs.empty and CODE_SWEEP in set(runs["sweep"]):
+        found += [finding1(runs, steps, CODE_SWEEP, CODE_METRIC, "1 (code)"),
+                  finding4(runs, steps, CODE_SWEEP, CODE_METRIC, "4 (code)")]
+    return found
 
 
 def interval_frame(found: list[Verdict]) -> pd.DataFrame:

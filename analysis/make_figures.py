@@ -46,6 +46,8 @@ FINDINGS = (
             "runtime, but are less stable (Table 5, Fig 4)", ("fig4",), ("table5",)),
     Finding("kl", "Finding 3: no KL penalty: shorter generations, higher accuracy (Table 6, Figs 5, 6)",
             ("fig5", "fig6"), ("table6",)),
+    Finding("code", "Findings 1 and 4 on code: RL vs SFT-H, and DASH vs GRPO vs No-GF, in pass@1 / pass@8 "
+            "(Tables 2, 4)", (), ("table2", "table4")),
     Finding("batch_sizes", "The bottleneck: generation scales with the batch, backprop saturates",
             ("fig_batch_sizes",), ("table_batch_sizes",)),
 )

@@ -51,6 +51,17 @@ PAPER_TABLE6 = {
     "on": {"0.5B": (6.6, 27.2, 31.1), "1.5B": (12.8, 54.0, 58.8), "3B": (22.6, 64.6, 64.6)},
     "off": {"0.5B": (5.7, 31.4, 34.0), "1.5B": (10.3, 56.8, 62.1), "3B": (17.6, 66.4, 60.0)},
 }
+# Table 2 (code, MBPP+): pass@1 / pass@8 (%) for Qwen2.5 0.5B and 1.5B
+PAPER_TABLE2 = {
+    "base": {"0.5B": (2.6, 22.8), "1.5B": (7.1, 60.5)},
+    "sft_h": {"0.5B": (8.77, 29.0), "1.5B": (19.3, 42.1)},
+    "dash": {"0.5B": (11.4, 40.4), "1.5B": (23.7, 63.2)},
+}
+# Table 4 (code, 0.5B): training time (min), pass@1, pass@8
+PAPER_TABLE4 = {"grpo": (35.3, 11.4, 49.1), "no_gf": (16.3, 10.5, 43.9), "dash": (16.5, 11.4, 40.4)}
+PAPER_CODE_SETUP = ("Qwen2.5 base models trained on the MBPP+ training split (264 problems; 32 prompts x 4 samples "
+                    "per step), pass@1 (first sample) and pass@8 (any of 8) at temperature 0.9 on the 114 test "
+                    "problems")
 PAPER_SETUP = ("Qwen2.5 base models trained on MATH (3 epochs, 64 prompts x 4 samples per step, 2048 new tokens), "
                "greedy accuracy (%) on MATH-500 (MATH) and GSM8K test")
 
@@ -157,13 +168,19 @@ def _setup_note(runs: pd.DataFrame) -> str:
             f"{', '.join(sets)} "
             f"({size} problems each; `null` = all), {steps_txt} training steps, seeds {seeds}; mean ± std over "
             f"seeds, accuracy in %.")
+    code = is_code(runs)
     paper_like = set(runs["model"].dropna().astype(str)) <= {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b"} and \
-        set(runs["task"].dropna().astype(str)) <= {"math"}
+        set(runs["task"].dropna().astype(str)) <= ({"mbpp"} if code else {"math"})
     caution = ("Same model family and task as the paper; values are comparable only as far as the training "
                "budget matches." if paper_like else
                "Different model, task and budget from the paper: compare directions (which method is better or "
                "faster), not values.")
-    return f"- {ours}\n- **Paper:** {PAPER_SETUP}.\n- {caution}"
+    return f"- {ours}\n- **Paper:** {PAPER_CODE_SETUP if code else PAPER_SETUP}.\n- {caution}"
+
+
+def is_code(runs: pd.DataFrame) -> bool:
+    """Whether the runs are of a code task (pass rates rather than accuracies)."""
+    return bool(len(runs)) and set(runs["task"].dropna().astype(str)) <= {"pycode", "mbpp"}
 
 
 def _ranking(pairs: list[tuple[str, float]]) -> str:
@@ -275,6 +292,83 @@ def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
                       f"{sets[0]} {100 * _mean(_values(g, col)):.1f} -> {100 * _mean(_values(d, col)):.1f}.")
     note = "Time: training wall-clock of the run (sum of step times; evaluation excluded)."
     return "\n\n".join(["## Table 3: GRPO vs No-GF vs DASH (finding 4)", _setup_note(runs),
+                        markdown(rows, cols), direction, note]) + _skipped_note(runs)
+
+
+# ---------------------------------------------------------------------------------------------- Tables 2 and 4
+def _pass_cells(sel: pd.DataFrame, eval_set: str, part: str = "final") -> dict[str, str]:
+    """Ours: pass@1 and pass@8 (unbiased, from 8 samples per problem) and the greedy pass rate, in %."""
+    return {f"ours {k}": fmt(_values(sel, f"{part}/eval/{eval_set}/{key}"), 100)
+            for k, key in (("pass@1", "pass@1"), ("pass@8", "pass@8"), ("greedy", "accuracy"))}
+
+
+def _pass_versus(a: pd.DataFrame, b: pd.DataFrame, eval_set: str, k: int) -> str:
+    col = f"final/eval/{eval_set}/pass@{k}"
+    return compare(by_seed(a, col, 100.0), by_seed(b, col, 100.0)).short()
+
+
+PASS_COLUMNS = ["ours pass@1", "ours pass@8", "ours greedy"]
+
+
+def table2(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "code") -> str:
+    """Table 2 (code): Base, SFT-H, DASH; pass@1 and pass@8. Ours for Base is the initial evaluation."""
+    runs = _select(runs, steps, sweep, "table2")
+    main = eval_sets(runs)[0]
+    labels = ordered_labels(runs, ("base", "sft_h", "dash"), always=("base",))
+    dash = runs[runs["label"] == "dash"]
+    rows = []
+    for label in labels:
+        sel = runs[runs["label"] == label]
+        base = label == "base"
+        row = {"method": display(label), **_pass_cells(sel if len(sel) else runs, main, "initial" if base else "final"),
+               "n": len(sel)}
+        for size in ("0.5B", "1.5B"):
+            p1, p8 = PAPER_TABLE2.get(label, {}).get(size, ("–", "–"))
+            row[f"paper {size} pass@1"], row[f"paper {size} pass@8"] = p1, p8
+        for k in (1, 8):
+            row[f"DASH − method, pass@{k} (95% CI)"] = "" if label in ("dash", "base") else \
+                _pass_versus(dash, sel, main, k)
+        rows.append(row)
+    cols = ["method", "paper 0.5B pass@1", "paper 0.5B pass@8", "paper 1.5B pass@1", "paper 1.5B pass@8",
+            *PASS_COLUMNS, "DASH − method, pass@1 (95% CI)", "DASH − method, pass@8 (95% CI)", "n"]
+    direction = ("Direction: paper (0.5B): DASH 11.4 > SFT-H 8.77 > Base 2.6 pass@1; DASH 40.4 > SFT-H 29.0 > "
+                 "Base 22.8 pass@8 (at 1.5B SFT-H's pass@8, 42.1, falls below Base's 60.5).")
+    note = (f"Ours: `{main}` held-out set; pass@k is the unbiased estimator (Chen et al. 2021) from "
+            "`eval_samples` samples per problem (the paper reports the first sample and any of 8); greedy is the "
+            "pass rate of one greedy program.")
+    return "\n\n".join(["## Table 2: RL vs SFT on code (finding 1, code)", _setup_note(runs), markdown(rows, cols),
+                        direction, note]) + _skipped_note(runs)
+
+
+def table4(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "code") -> str:
+    """Table 4 (code): GRPO, No-GF, DASH; training time, pass@1, pass@8."""
+    runs = _select(runs, steps, sweep, "table4")
+    main = eval_sets(runs)[0]
+    labels = ordered_labels(runs, ("grpo", "no_gf", "dash"))
+    div, unit = time_unit(float(runs["time_elapsed"].max()))
+    grpo = runs[runs["label"] == "grpo"]
+    grpo_time = _mean(grpo["time_elapsed"])
+    rows = []
+    for label in labels:
+        sel = runs[runs["label"] == label]
+        t = _mean(sel["time_elapsed"])
+        paper = PAPER_TABLE4.get(label, ("–", "–", "–"))
+        rows.append({"method": display(label), "paper time (min)": paper[0], "paper pass@1": paper[1],
+                     "paper pass@8": paper[2], f"ours time ({unit})": fmt(sel["time_elapsed"] / div, digits=2),
+                     "ours speed-up vs GRPO": f"{grpo_time / t:.2f}x" if math.isfinite(grpo_time) and t > 0 else "–",
+                     f"GRPO − method, time ({unit}, 95% CI)": "" if label == "grpo" else compare(
+                         by_seed(grpo, "time_elapsed", 1 / div), by_seed(sel, "time_elapsed", 1 / div)).short(2),
+                     **_pass_cells(sel, main),
+                     "method − GRPO, pass@1 (95% CI)": "" if label == "grpo" else _pass_versus(sel, grpo, main, 1),
+                     "method − GRPO, pass@8 (95% CI)": "" if label == "grpo" else _pass_versus(sel, grpo, main, 8),
+                     "n": len(sel)})
+    cols = ["method", "paper time (min)", "paper pass@1", "paper pass@8", f"ours time ({unit})",
+            "ours speed-up vs GRPO", f"GRPO − method, time ({unit}, 95% CI)", *PASS_COLUMNS,
+            "method − GRPO, pass@1 (95% CI)", "method − GRPO, pass@8 (95% CI)", "n"]
+    direction = ("Direction: paper: DASH trains 2.1x faster than GRPO (35.3 -> 16.5 min) at the same pass@1 (11.4) "
+                 "and a lower pass@8 (49.1 -> 40.4).")
+    note = "Time: training wall-clock of the run (sum of step times; evaluation excluded)."
+    return "\n\n".join(["## Table 4: GRPO vs No-GF vs DASH on code (finding 4, code)", _setup_note(runs),
                         markdown(rows, cols), direction, note]) + _skipped_note(runs)
 
 
@@ -458,6 +552,6 @@ def table_batch_sizes(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str | None
     return "\n\n".join(parts) + _skipped_note(runs)
 
 
-TABLE_FUNCS = {"table1": table1, "table3": table3, "table3_time_to_accuracy": table3_time_to_accuracy,
-               "table5": table5, "table6": table6,
+TABLE_FUNCS = {"table1": table1, "table2": table2, "table3": table3,
+               "table3_time_to_accuracy": table3_time_to_accuracy, "table4": table4, "table5": table5, "table6": table6,
                "table_batch_sizes": table_batch_sizes}

@@ -298,7 +298,7 @@ def test_make_finding_reports_what_a_partial_sweep_cannot_make(frames, tmp_path)
 
 # ------------------------------------------------------------------------ hand-built runs: known crossings, verdicts
 def write_run(root: Path, sweep: str, label: str, seed: int, evals: dict[int, float], step_s: float = 1.0,
-              kl: str = "off", lengths: tuple[float, float] = (30.0, 30.0)) -> Path:
+              kl: str = "off", lengths: tuple[float, float] = (30.0, 30.0), task: str = "arith") -> Path:
     """A run dir as the trainer writes it (4 prompts x 2 samples per step): training rows at steps 1..last key of
     `evals` taking `step_s` seconds each, response length going linearly from lengths[0] to lengths[1]; held-out
     greedy accuracy `evals[step]` (step 0: the initial row, the last: the final row, others merged into the
@@ -310,8 +310,11 @@ def write_run(root: Path, sweep: str, label: str, seed: int, evals: dict[int, fl
     run.mkdir(parents=True)
 
     def ev(step: int) -> dict:
-        return {"eval/arith/accuracy": evals[step], "eval/arith/sampled_accuracy": evals[step] / 2,
-                "eval/arith/length_mean": lengths[step > 0]}
+        out = {f"eval/{task}/accuracy": evals[step], f"eval/{task}/sampled_accuracy": evals[step] / 2,
+               f"eval/{task}/length_mean": lengths[step > 0]}
+        if task != "arith":  # a code task: pass@1 below the greedy pass rate, pass@8 above it
+            out |= {f"eval/{task}/pass@1": 0.8 * evals[step], f"eval/{task}/pass@8": min(1.0, 1.5 * evals[step])}
+        return out
 
     rows = [{"step": 0, **ev(0)}]
     for s in range(1, last + 1):
@@ -321,7 +324,7 @@ def write_run(root: Path, sweep: str, label: str, seed: int, evals: dict[int, fl
                      **(ev(s) if s in evals and s < last else {})})
     rows.append({"step": last, **ev(last)})
     config = {"sweep_name": sweep, "algorithm": {"name": label, "label": label}, "kl": {"name": kl}, "seed": seed,
-              "model": {"name": "tiny"}, "task": {"name": "arith", "eval_size": 100}, "prompts_per_step": 4,
+              "model": {"name": "tiny"}, "task": {"name": task, "eval_size": 100}, "prompts_per_step": 4,
               "group_size": 2}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -441,6 +444,26 @@ def test_finding4_verdict_follows_time_and_accuracy(tmp_path):
     assert "DASH 10.0 s (reached 1/2)" in yes.evidence and "GRPO 30.0 s (reached 1/2)" in yes.evidence
     assert verdict(4.0, 0.5, "b").verdict == "partly"
     assert verdict(4.0, 0.3, "c").verdict == "no"
+
+
+def test_code_tables_and_findings_use_pass_at_k_beside_the_papers_numbers(tmp_path):
+    finals = {"base": 0.2, "sft_h": 0.3, "grpo": 0.5, "no_gf": 0.5, "dash": 0.5}
+    for label, final in finals.items():
+        for seed in (0, 1):
+            write_run(tmp_path, "code", label, seed, {0: 0.2, 10: final + seed / 100}, task="pycode",
+                      step_s=3.0 if label == "grpo" else 1.0)
+    runs, steps = load_runs(tmp_path)
+    table2 = T.table2(runs, steps)
+    # Base: the initial evaluation; pass@1 = 0.8 x 20%, pass@8 = 1.5 x 20%
+    assert "| Base | 2.6 | 22.8 | 7.1 | 60.5 | 16.0 ± 0.0 | 30.0 ± 0.0 | 20.0 ± 0.0 |" in table2
+    assert "| SFT-H | 8.77 | 29.0 | 19.3 | 42.1 | 24.4 ± 0.6 |" in table2 and "+16.0 [+16.0, +16.0]" in table2
+    table4 = T.table4(runs, steps)
+    assert "| GRPO | 35.3 | 11.4 | 49.1 |" in table4 and "| DASH | 16.5 | 11.4 | 40.4 |" in table4
+    assert "3.00x" in table4
+    code = {v.number: v for v in FD.verdicts(runs, steps)}
+    assert code["1 (code)"].parts == {"DASH > SFT-H": "yes"} and "pass@1 (%" in code["1 (code)"].evidence
+    assert code["4 (code)"].parts == {"faster": "yes", "equal accuracy": "yes"}
+    assert code[1].verdict.startswith("not run")  # the math sweeps did not run
 
 
 def test_findings_section_says_which_sweeps_were_not_run(tmp_path):
