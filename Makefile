@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-vllm run test lint clean sweep figures reproduce traces bench bench-env
+.PHONY: install install-vllm run test lint clean sweep figures reproduce bases traces bench bench-env
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -127,9 +127,18 @@ traces: traces/sft_m.jsonl
 # SEEDS: seeds per configuration of the four findings' sweeps (0..SEEDS-1; batch_sizes measures throughput and runs
 # once); each verdict's interval narrows with more: make reproduce SEEDS=5
 SEEDS ?= 3
-REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl
+REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl code
 REPRODUCE_ARGS := hydra/launcher=local_parallel threads=1 logger=none
-reproduce: traces/sft_m.jsonl
+# the three tiny models at once, one core each: the SFT-M teacher (and its traces) beside the arithmetic base and
+# then the code task's base (each built once per machine and cached; evaluating a base is what builds it)
+BASE_ARGS := algorithm=base logger=none threads=1
+bases: | $(STAMP)
+	@set -e; $(MAKE) traces/sft_m.jsonl & teacher=$$!; \
+	$(BIN)/python -m dash_exp.run $(BASE_ARGS) run_dir=runs/base-arith; \
+	$(BIN)/python -m dash_exp.run $(BASE_ARGS) task=pycode run_dir=runs/base-pycode; \
+	wait $$teacher
+
+reproduce: bases
 	@set -e; for sweep in $(REPRODUCE_SWEEPS); do \
 		$(BIN)/python -m dash_exp.run +sweep=$$sweep $(REPRODUCE_ARGS) 'seed=range(0,$(SEEDS))'; \
 	done

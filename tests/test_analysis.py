@@ -32,6 +32,8 @@ SWEEP_ARGS = {
     # ppo_mini needs a step batch divisible by its 32 mini-batches; the time budget is not reached in 3 steps
     "pg_vs_ppo": ["steps=3", "time_budget_s=60", "prompts_per_step=8", SEEDS],
     "batch_sizes": ["steps=3", "inference_batch=8,16", "train_microbatch=1,4"],
+    # the code task's base at a short warm-up (its own cache key: about a minute to build)
+    "code": ["steps=2", SEEDS, "model.tiny.warmup_steps=50", "max_new_tokens=64"],
 }
 NOTEBOOKS = REPO / "analysis" / "notebooks"
 
@@ -70,7 +72,7 @@ def test_load_runs_one_row_per_run_with_config_and_summary(sweeps, frames):
     runs, steps = frames
     assert runs.attrs["skipped"] == []
     assert runs.groupby("sweep").size().to_dict() == {"sft_vs_rl": 8, "algorithms": 6, "kl": 4, "pg_vs_ppo": 6,
-                                                      "batch_sizes": 4}
+                                                      "batch_sizes": 4, "code": 10}
     algos = sweep_frames(runs, steps, "algorithms")[0]
     assert set(algos["label"]) == {"grpo", "no_gf", "dash"} and set(algos["seed"]) == {0, 1}
     # inference_batch: null resolves to the whole step batch (4 prompts x 4 samples); GRPO samples per micro-batch
@@ -80,7 +82,9 @@ def test_load_runs_one_row_per_run_with_config_and_summary(sweeps, frames):
     for col in ("final/eval/arith/accuracy", "initial/eval/arith/sampled_accuracy", "time_elapsed", "run_dir",
                 "algorithm.label", "kl.beta", "task.name"):
         assert runs[col].notna().all(), col
-    assert (runs["eval_sets"] == ("arith",)).all()
+    assert (runs["eval_sets"] == runs["sweep"].map(lambda s: ("pycode",) if s == "code" else ("arith",))).all()
+    code = runs[runs["sweep"] == "code"]
+    assert code["final/eval/pycode/pass@8"].notna().all() and (code["task.name"] == "pycode").all()
     # the traces file reached SFT-M
     sft_m = runs[runs["label"] == "sft_m"]
     assert len(sft_m) == 2 and (sft_m["algorithm.sft_source"] == "traces").all()
@@ -255,7 +259,10 @@ def test_tables_put_the_papers_numbers_beside_ours(frames):
     assert "| PPO Mini | 29.8 | 31.6 | 36.0 | 8.1 |" in t5 and "time budget of 60 s" in t5
     t6 = T.table6(runs, steps)
     assert "| No-KL | 5.7 | 31.4 | 34.0 |" in t6 and "pass@16" in t6
-    for table in (t1, t3, t5, t6):
+    t2, t4 = T.table2(runs, steps), T.table4(runs, steps)
+    assert "| Base | 2.6 | 22.8 | 7.1 | 60.5 |" in t2 and "| DASH | 11.4 | 40.4 | 23.7 | 63.2 |" in t2
+    assert "| No-GF | 16.3 | 10.5 | 43.9 |" in t4 and "task `pycode`" in t4
+    for table in (t1, t2, t3, t4, t5, t6):
         rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
         header, body = rows[0], rows[2:]
         ours = [i for i, c in enumerate(header) if c.startswith("ours")]
@@ -284,7 +291,8 @@ def test_make_figures_cli_writes_every_figure_table_and_the_index(sweeps, tmp_pa
     assert "Sweeps without runs" not in index and "not made" not in index
     # the Findings section comes first and has a verdict for every finding (all sweeps ran)
     assert index.index("## Findings") < index.index("## Finding 1:")
-    assert index.count("Reproduced: **") == 4 and "not run" not in index
+    # the four findings, then the code rows of findings 1 and 4
+    assert index.count("Reproduced: **") == 6 and "not run" not in index
 
 
 @pytest.mark.slow
