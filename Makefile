@@ -122,9 +122,10 @@ traces/sft_m.jsonl: conf/model/tiny-teacher.yaml dash_exp/tasks/arithmetic.py | 
 
 traces: traces/sft_m.jsonl
 
-# all tiny sweeps, each two jobs at a time (hydra/launcher=local_parallel: joblib, one thread per job on 2 cores),
-# the SFT-M teacher's own held-out accuracy (evaluation only, a `teacher` row of Table 1), then the figures.
-# SEEDS: seeds per configuration of the four findings' sweeps (0..SEEDS-1; batch_sizes measures throughput and runs
+# the tiny models (bases), then all tiny sweeps (the four math findings, then the code sweep of Tables 2 and 4),
+# each two jobs at a time (hydra/launcher=local_parallel: joblib, one thread per job on 2 cores), the SFT-M teacher's
+# own held-out accuracy (evaluation only, a `teacher` row of Table 1), then the figures.
+# SEEDS: seeds per configuration of the findings' sweeps (0..SEEDS-1; batch_sizes measures throughput and runs
 # once); each verdict's interval narrows with more: make reproduce SEEDS=5
 SEEDS ?= 3
 REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl code

@@ -314,7 +314,9 @@ def table2(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     """Table 2 (code): Base, SFT-H, DASH; pass@1 and pass@8. Ours for Base is the initial evaluation."""
     runs = _select(runs, steps, sweep, "table2")
     main = eval_sets(runs)[0]
-    labels = ordered_labels(runs, ("base", "sft_h", "dash"), always=("base",))
+    # the sweep's other methods (GRPO, No-GF) belong to Table 4
+    labels = [lb for lb in ordered_labels(runs, ("base", "sft_h", "dash"), always=("base",))
+              if lb in ("base", "sft_h", "dash")]
     dash = runs[runs["label"] == "dash"]
     rows = []
     for label in labels:
@@ -344,6 +346,9 @@ def table4(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     """Table 4 (code): GRPO, No-GF, DASH; training time, pass@1, pass@8."""
     runs = _select(runs, steps, sweep, "table4")
     main = eval_sets(runs)[0]
+    runs = runs[runs["label"].isin(["grpo", "no_gf", "dash"])]  # Base and SFT-H belong to Table 2
+    if runs.empty:
+        raise NoDataError("table4: no completed GRPO, No-GF or DASH runs of sweep " + repr(sweep))
     labels = ordered_labels(runs, ("grpo", "no_gf", "dash"))
     div, unit = time_unit(float(runs["time_elapsed"].max()))
     grpo = runs[runs["label"] == "grpo"]

@@ -72,6 +72,10 @@ INTRO = {
                  "but is less stable (Mini collapses at 1.5B).",
     "kl": "DASH with and without the KL penalty (k3, beta 0.04). The paper: without KL, generations are shorter, "
           "training is faster and accuracy (and pass@k) higher.",
+    "code": "The paper's code results on the embedded code task: base model vs SFT-H vs DASH (Table 2), and GRPO vs "
+            "No-GF vs DASH on the same samples (Table 4), in pass@1 and pass@8 from 8 samples per held-out problem. "
+            "The paper (MBPP+): DASH beats SFT-H and the base model; DASH trains 2.1x faster than GRPO at the same "
+            "pass@1.",
     "batch_sizes": "Why DASH samples preemptively: generation throughput keeps rising with the inference batch far "
                    "beyond the micro-batch where backprop throughput saturates.",
 }
