@@ -29,9 +29,13 @@ SERVER = Path(__file__).with_name("server.py")
 # the child's environment: nothing of the parent's (no API keys, tokens, W&B or HF credentials)
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent",
              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-# inside the namespaces: private /tmp and /dev/shm (what a program writes there vanishes with the server)
-_PRIVATE_TMP = ('mount -t tmpfs -o mode=1777 tmpfs /tmp && { mount -t tmpfs -o mode=1777 tmpfs /dev/shm '
-                '2>/dev/null; true; } && exec "$@"')
+# inside the namespaces: a private /dev/shm holds the programs' working directories (it vanishes with the server),
+# and the world-writable directories of the host (/tmp, /var/tmp, /run/lock) are read-only, so that a program can
+# write only in its own directory; the host's files under them (an interpreter installed in /tmp, say) stay readable
+_PRIVATE_TMP = ('mount -t tmpfs -o mode=1777 tmpfs /dev/shm && for d in /tmp /var/tmp /run/lock; do '
+                'if [ -d "$d" ]; then mount --bind "$d" "$d" && mount -o remount,bind,ro "$d"; fi; done && exec "$@"')
+# where the server makes the working directories inside the namespaces
+_PRIVATE_ROOT = "/dev/shm"
 _NAMESPACES = ["--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
 ISOLATIONS = {
     "root": ["unshare", *_NAMESPACES, "sh", "-c", _PRIVATE_TMP, "sh"],
@@ -167,6 +171,8 @@ class Sandbox:
         if not self.isolation:
             self.isolation = available_isolation() if self.requested == "auto" else self.requested
         env = dict(CLEAN_ENV, SANDBOX_PID_NS="1" if self.isolation != "none" else "0")
+        if self.isolation != "none":
+            env["TMPDIR"] = _PRIVATE_ROOT
         cmd = [*ISOLATIONS[self.isolation], sys.executable, "-E", "-s", str(SERVER), str(self.workers),
                str(self.max_output)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -187,7 +193,7 @@ class Sandbox:
             return
         parts = ["network, mount and PID namespaces" + (" (unprivileged user namespace)"
                                                          if self.isolation == "user" else ""),
-                 "private /tmp", "uid nobody" if info.get("nobody") else "same uid as the trainer",
+                 "private /dev/shm, read-only /tmp", "uid nobody" if info.get("nobody") else "same uid as the trainer",
                  "a PID namespace per program" if info.get("pid_ns") else "process-group kill"]
         log.info("sandbox isolation: %s", ", ".join(parts))
 
