@@ -159,14 +159,15 @@ def joined(runs: pd.DataFrame, col: str) -> str:
 
 def _setup_note(runs: pd.DataFrame) -> str:
     sets = eval_sets(runs)
-    size = joined(runs, "task.eval_size")
+    sizes = runs["task.eval_size"] if "task.eval_size" in runs else pd.Series(dtype=float)
+    size = ", ".join(sorted({"all" if pd.isna(v) else str(int(v)) for v in sizes})) or "?"
     steps = runs["steps_done"].dropna()
     steps_txt = (f"{int(steps.min())}" if steps.min() == steps.max() else f"{int(steps.min())}-{int(steps.max())}"
                  ) if len(steps) else "?"
     seeds = joined(runs, "seed")
     ours = (f"**Ours:** model `{joined(runs, 'model')}`, task `{joined(runs, 'task')}`, evaluation set(s) "
             f"{', '.join(sets)} "
-            f"({size} problems each; `null` = all), {steps_txt} training steps, seeds {seeds}; mean ± std over "
+            f"({size} problems each), {steps_txt} training steps, seeds {seeds}; mean ± std over "
             f"seeds, accuracy in %.")
     code = is_code(runs)
     paper_like = set(runs["model"].dropna().astype(str)) <= {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b"} and \
