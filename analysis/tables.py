@@ -258,6 +258,16 @@ def table1(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
 
 
 # -------------------------------------------------------------------------------------------------------- Table 3
+def _time_cells(runs: pd.DataFrame, label: str, div: float, unit: str) -> dict[str, str]:
+    """Training time of `label`'s runs, its speed-up over GRPO's and GRPO − method with its interval."""
+    sel, grpo = runs[runs["label"] == label], runs[runs["label"] == "grpo"]
+    t, grpo_time = _mean(sel["time_elapsed"]), _mean(grpo["time_elapsed"])
+    return {f"ours time ({unit})": fmt(sel["time_elapsed"] / div, digits=2),
+            "ours speed-up vs GRPO": f"{grpo_time / t:.2f}x" if math.isfinite(grpo_time) and t > 0 else "–",
+            f"GRPO − method, time ({unit}, 95% CI)": "" if label == "grpo" else compare(
+                by_seed(grpo, "time_elapsed", 1 / div), by_seed(sel, "time_elapsed", 1 / div)).short(2)}
+
+
 def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | None = "algorithms") -> str:
     """Table 3 (finding 4): GRPO, No-GF, DASH; training time and accuracy."""
     runs = _select(runs, steps, sweep, "table3")
@@ -268,14 +278,9 @@ def table3(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     rows = []
     for label in labels:
         sel = runs[runs["label"] == label]
-        t = _mean(sel["time_elapsed"])
         paper = PAPER_TABLE3.get(label, ("–", "–", "–"))
         rows.append({"method": display(label), "paper time (h)": paper[0], "paper MATH": paper[1],
-                     "paper GSM8K": paper[2], f"ours time ({unit})": fmt(sel["time_elapsed"] / div, digits=2),
-                     "ours speed-up vs GRPO": f"{grpo_time / t:.2f}x" if math.isfinite(grpo_time) and t > 0 else "–",
-                     f"GRPO − method, time ({unit}, 95% CI)": "" if label == "grpo" else compare(
-                         by_seed(runs[runs["label"] == "grpo"], "time_elapsed", 1 / div),
-                         by_seed(sel, "time_elapsed", 1 / div)).short(2),
+                     "paper GSM8K": paper[2], **_time_cells(runs, label, div, unit),
                      **_ours_accuracy(sel, sets), f"SE {sets[0]}": _se_cell(sel, sets[0]),
                      f"method − GRPO, {sets[0]} (95% CI)": "" if label == "grpo" else
                      versus(sel, runs[runs["label"] == "grpo"], sets[0]), "n": len(sel)})
@@ -353,17 +358,12 @@ def table4(runs: pd.DataFrame, steps: pd.DataFrame | None = None, sweep: str | N
     labels = ordered_labels(runs, ("grpo", "no_gf", "dash"))
     div, unit = time_unit(float(runs["time_elapsed"].max()))
     grpo = runs[runs["label"] == "grpo"]
-    grpo_time = _mean(grpo["time_elapsed"])
     rows = []
     for label in labels:
         sel = runs[runs["label"] == label]
-        t = _mean(sel["time_elapsed"])
         paper = PAPER_TABLE4.get(label, ("–", "–", "–"))
         rows.append({"method": display(label), "paper time (min)": paper[0], "paper pass@1": paper[1],
-                     "paper pass@8": paper[2], f"ours time ({unit})": fmt(sel["time_elapsed"] / div, digits=2),
-                     "ours speed-up vs GRPO": f"{grpo_time / t:.2f}x" if math.isfinite(grpo_time) and t > 0 else "–",
-                     f"GRPO − method, time ({unit}, 95% CI)": "" if label == "grpo" else compare(
-                         by_seed(grpo, "time_elapsed", 1 / div), by_seed(sel, "time_elapsed", 1 / div)).short(2),
+                     "paper pass@8": paper[2], **_time_cells(runs, label, div, unit),
                      **_pass_cells(sel, main),
                      "method − GRPO, pass@1 (95% CI)": "" if label == "grpo" else _pass_versus(sel, grpo, main, 1),
                      "method − GRPO, pass@8 (95% CI)": "" if label == "grpo" else _pass_versus(sel, grpo, main, 8),

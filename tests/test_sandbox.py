@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dash_exp.sandbox import CallFailed, Job, Opaque, Sandbox, available_isolation
+from dash_exp.sandbox import CallFailed, Execution, Job, Opaque, Sandbox, available_isolation
 from dash_exp.tasks.base import Problem
 from dash_exp.tasks.code import CodeGrader, CodeTests, extract_program
 
@@ -50,6 +50,15 @@ def grader():
     g = CodeGrader(Sandbox(workers=2))
     yield g
     g.close()
+
+
+def run_once(program: str) -> Execution:
+    """`f(0)` of one program in a server of its own (started now: it sees the environment as it is now)."""
+    sandbox = Sandbox(workers=1)
+    try:
+        return sandbox.run([Job(program, "f", "inputs = [[0]]")])[0]
+    finally:
+        sandbox.close()
 
 
 def grade(grader: CodeGrader, programs: list[str]):
@@ -129,12 +138,7 @@ def test_the_program_cannot_write_outside_its_directory_nor_read_the_parents_sec
                "        wrote = 'wrote'\n    except OSError as exc:\n        wrote = type(exc).__name__\n"
                "    open('inside.txt', 'w').write('ok')\n"
                "    return wrote, os.environ.get('DASH_EXP_TEST_SECRET'), open('inside.txt').read()\n")
-    sandbox = Sandbox(workers=1)
-    try:
-        run, = sandbox.run([Job(program, "f", "inputs = [[0]]")])
-    finally:
-        sandbox.close()
-    wrote, secret, inside = run.outputs[0]
+    wrote, secret, inside = run_once(program).outputs[0]
     assert secret is None, "the parent's environment reached the program"
     assert inside == "ok", "the program can use its own working directory"
     if ISOLATION == "none":
@@ -154,11 +158,9 @@ def test_the_program_cannot_open_a_network_connection():
     program = ("import socket\ndef f(x):\n    s = socket.socket()\n    s.settimeout(2)\n    try:\n"
                f"        s.connect(('127.0.0.1', {port}))\n        return 'connected'\n"
                "    except OSError as exc:\n        return type(exc).__name__\n")
-    sandbox = Sandbox(workers=1)
     try:
-        run, = sandbox.run([Job(program, "f", "inputs = [[0]]")])
+        run = run_once(program)
     finally:
-        sandbox.close()
         listener.close()
     assert run.status == "ok" and run.outputs[0] != "connected", run
 
