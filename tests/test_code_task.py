@@ -90,20 +90,21 @@ def test_reference_times_are_measured_once_and_cached(grader, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_FULL, reason="needs the full MBPP+ split ($DASH_EXP_DATA/mbppplus or ../shared/data)")
-def test_all_378_mbpp_references_pass_under_the_default_limits(tmp_path):
-    """Every reference solution, graded under task=mbpp's calibrated limits; the exceptions are listed above."""
+def test_every_mbpp_reference_passes_under_the_default_limits(tmp_path):
+    """Every reference solution (all 378 where the full split is present, else the fixtures), graded under
+    task=mbpp's calibrated limits; the exceptions are listed above with their reasons."""
     from dash_exp.config import compose_config
 
-    cfg = compose_config(["task=mbpp", f"task.mbpp={FULL}", f"task.cache_dir={tmp_path}", "run_dir=x"]).task
+    source = FULL if HAS_FULL else FIXTURES
+    cfg = compose_config(["task=mbpp", f"task.mbpp={source}", f"task.cache_dir={tmp_path}", "run_dir=x"]).task
     task = make_mbpp_task(cfg, need_train=True)
     try:
         problems = task.train + task.test
-        assert len(problems) == 378
+        assert len(problems) == (378 if HAS_FULL else 10)
         result = task.score([p.solution for p in problems], problems)
-        ids = [r["task_id"] for r in rows("train", FULL) + rows("test", FULL)]
+        ids = [r["task_id"] for r in rows("train", source) + rows("test", source)]
         failed = {i for i, r in zip(ids, result.rewards, strict=True) if r != 1.0}
-        assert failed == set(KNOWN_FAILURES), result.counts
+        assert failed == set(KNOWN_FAILURES) & set(ids), result.counts
     finally:
         task.close()
 
