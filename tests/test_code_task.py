@@ -84,9 +84,9 @@ def test_time_limits_are_calibrated_from_the_reference_with_a_floor():
 def test_reference_times_are_measured_once_and_cached(grader, tmp_path):
     problems = [mbpp_problem(r) for r in rows("test")]
     cache = tmp_path / "seconds.json"
-    first = reference_seconds(problems, grader.sandbox, cache)
+    first = reference_seconds(problems, grader, cache)
     assert all(0 < s < 30 for s in first) and len(json.loads(cache.read_text())) == len(problems)
-    assert reference_seconds(problems, grader.sandbox, cache) == first  # read back, not re-measured
+    assert reference_seconds(problems, grader, cache) == first  # read back, not re-measured
 
 
 @pytest.mark.slow

@@ -63,12 +63,12 @@ def run(overrides: list[str], repeats: int, steps: int = 10) -> dict[str, Any]:
     try:
         sandbox.run([Job("x = 1\n", "x", "inputs = []")])  # start the server outside the timing
         start = time.perf_counter()
-        runs = sandbox.run([Job(p.solution, p.tests.entry, p.tests.inputs, p.tests.timeout_s) for p in problems])
+        runs = sandbox.run([p.tests.job(p.solution) for p in problems])
         wall = time.perf_counter() - start
         passed = sum(grader.outcome(r, p.tests) == "pass" for r, p in zip(runs, problems, strict=True))
         fast = [i for i, r in enumerate(runs) if r.seconds < 1.0]
         start = time.perf_counter()
-        sandbox.run([Job(problems[i].solution, problems[i].tests.entry, problems[i].tests.inputs, 120.0) for i in fast])
+        sandbox.run([problems[i].tests.job(problems[i].solution) for i in fast])
         fast_wall = time.perf_counter() - start
         sample = fast[:: max(1, len(fast) // SAMPLE)][:SAMPLE]
         alone, boxed = [], []
@@ -78,7 +78,7 @@ def run(overrides: list[str], repeats: int, steps: int = 10) -> dict[str, Any]:
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                sandbox.run([Job(p.solution, p.tests.entry, p.tests.inputs, p.tests.timeout_s)])
+                sandbox.run([p.tests.job(p.solution)])
                 times.append(time.perf_counter() - t)
             boxed.append(min(times))
     finally:

@@ -41,6 +41,10 @@ class CodeTests:
     # wall-clock limit for the whole program (seconds)
     timeout_s: float = 3.0
 
+    def job(self, program: str, timeout_s: float | None = None) -> Job:
+        """The sandbox job that runs `program` on these tests (under this problem's limit unless given)."""
+        return Job(program, self.entry, self.inputs, self.timeout_s if timeout_s is None else timeout_s)
+
 
 def extract_program(response: str) -> tuple[str, bool]:
     """(program, whether it came from a fenced block)."""
@@ -63,8 +67,7 @@ class CodeGrader:
         if len(responses) != len(problems):
             raise ValueError(f"{len(responses)} responses but {len(problems)} problems")
         programs = [extract_program(r) for r in responses]
-        jobs = [Job(prog, p.tests.entry, p.tests.inputs, p.tests.timeout_s)
-                for (prog, _), p in zip(programs, problems, strict=True)]
+        jobs = [p.tests.job(prog) for (prog, _), p in zip(programs, problems, strict=True)]
         counts = dict.fromkeys(OUTCOMES, 0)
         counts["no_code_block"] = sum(not fenced for _, fenced in programs)
         rewards = []
@@ -119,18 +122,16 @@ class CodeTask:
         self.grader.close()
 
 
-def reference_seconds(problems: Sequence[Problem], sandbox: Sandbox, cache: Path | None,
+def reference_seconds(problems: Sequence[Problem], grader: CodeGrader, cache: Path | None,
                       limit_s: float = 120.0) -> list[float]:
-    """Seconds each problem's reference solution takes in the sandbox (`inf` if it fails or overruns
+    """Seconds each problem's reference solution takes in the grader's sandbox (`inf` if it fails or overruns
     `limit_s`), cached in `cache` (a JSON file keyed by the hash of each problem's program and tests)."""
     keys = [hashlib.sha256(json.dumps([p.solution, p.tests.inputs, p.tests.check]).encode()).hexdigest()[:16]
             for p in problems]
     known: dict[str, float] = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     todo = [i for i, k in enumerate(keys) if k not in known]
     if todo:
-        grader = CodeGrader(sandbox)
-        runs = sandbox.run([Job(problems[i].solution, problems[i].tests.entry, problems[i].tests.inputs, limit_s)
-                            for i in todo])
+        runs = grader.sandbox.run([problems[i].tests.job(problems[i].solution, limit_s) for i in todo])
         for i, run in zip(todo, runs, strict=True):
             passed = grader.outcome(run, problems[i].tests) == "pass"
             known[keys[i]] = run.seconds if passed else float("inf")

@@ -126,7 +126,7 @@ def make_mbpp_task(cfg: Any, need_train: bool) -> CodeTask:
     grader = CodeGrader()
     if cfg.time_limit_factor is not None:
         cache = Path(cfg.cache_dir).expanduser() / "mbpp-reference-seconds.json" if cfg.cache_dir else None
-        seconds = reference_seconds(problems, grader.sandbox, cache)
+        seconds = reference_seconds(problems, grader, cache)
         limits = time_limits(seconds, cfg.time_limit_s, cfg.time_limit_factor)
         problems = [replace(p, tests=replace(p.tests, timeout_s=t)) for p, t in zip(problems, limits, strict=True)]
     train = problems[: len(problems) - len(test_rows)]
