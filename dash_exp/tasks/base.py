@@ -39,14 +39,15 @@ class Task(Protocol):
 
 
 class GradedTask:
-    """Scoring shared by every task: the last \\boxed{} answer graded by math-verify with hard timeouts."""
+    """Splits and scoring shared by every task: by default the last \\boxed{} answer graded by math-verify with hard
+    timeouts; a subclass scores with its own `grader` (tasks.code: programs run in the sandbox)."""
 
     def __init__(self, name: str, train: list[Problem], evals: dict[str, list[Problem]],
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, grader: Any = None) -> None:
         from dash_exp.reward import Grader
 
         self.name, self.train, self.evals = name, train, evals
-        self.grader = Grader(timeout_s=timeout_s)
+        self.grader = grader if grader is not None else Grader(timeout_s=timeout_s)
 
     @property
     def test(self) -> list[Problem]:

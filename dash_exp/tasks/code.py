@@ -21,7 +21,7 @@ from typing import Any
 
 from dash_exp.reward import GradeResult
 from dash_exp.sandbox import CallFailed, Execution, Job, Sandbox
-from dash_exp.tasks.base import Problem
+from dash_exp.tasks.base import GradedTask, Problem
 
 _FENCED = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
 _ANY_FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
@@ -103,23 +103,15 @@ class CodeGrader:
         self.sandbox.close()
 
 
-class CodeTask:
-    """A task whose rewards come from executing programs (the Task protocol of tasks.base)."""
+class CodeTask(GradedTask):
+    """A task whose rewards come from executing programs: each problem's program against its hidden tests."""
 
     def __init__(self, name: str, train: list[Problem], evals: dict[str, list[Problem]],
                  grader: CodeGrader | None = None) -> None:
-        self.name, self.train, self.evals = name, train, evals
-        self.grader = grader or CodeGrader()
-
-    @property
-    def test(self) -> list[Problem]:
-        return next(iter(self.evals.values()))
+        super().__init__(name, train, evals, grader=grader or CodeGrader())
 
     def score(self, responses: Sequence[str], problems: Sequence[Problem]) -> GradeResult:
         return self.grader.grade(responses, problems)
-
-    def close(self) -> None:
-        self.grader.close()
 
 
 def reference_seconds(problems: Sequence[Problem], grader: CodeGrader, cache: Path | None,

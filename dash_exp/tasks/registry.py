@@ -9,7 +9,7 @@ from dash_exp.tasks.base import GradedTask
 from dash_exp.tasks.code import CodeTask
 
 
-def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask | CodeTask:
+def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask:
     """The task named by cfg.name (the `task` config group); `tokenizer` serves prompt_format=chat."""
     if cfg.name == "arith":
         from dash_exp.tasks.arithmetic import make_splits
