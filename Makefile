@@ -118,7 +118,7 @@ figures: $(STAMP)
 # (conf/model/tiny-teacher.yaml, built and cached once, ~5 min on 2 cores) on the student's training prompts;
 # remade when the teacher's preset or the task's generator changes
 traces/sft_m.jsonl: conf/model/tiny-teacher.yaml dash_exp/tasks/arithmetic.py | $(STAMP)
-	$(BIN)/python -m dash_exp.traces --out $@ --samples 8 --per-prompt 1 model=tiny-teacher
+	$(BIN)/python -m dash_exp.traces --out $@ --samples 4 --per-prompt 1 model=tiny-teacher
 
 traces: traces/sft_m.jsonl
 
