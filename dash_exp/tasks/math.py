@@ -9,6 +9,7 @@ Each source (`task.math500`, `task.gsm8k`, `task.train_path`) is a hub dataset i
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from collections.abc import Callable
@@ -28,11 +29,12 @@ class DataError(ValueError):
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Every line of a JSONL file as a dict with string `fields`; errors name path:line."""
+    """Every line of a JSONL file (gzipped if it ends in .gz) as a dict with string `fields`; errors name
+    path:line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -73,12 +75,12 @@ def load_rows(source: str, fields: tuple[str, ...], split: str = "train", key: s
               hub_config: str | None = None) -> list[dict[str, Any]]:
     """Rows of one split, from a local file, a local directory or a hub dataset id (via `datasets`).
 
-    A .jsonl / .parquet file is read as is; a directory holding `<split>.jsonl` (or .parquet) reads that file;
-    any other directory or hub id goes through `datasets.load_dataset` (its usual cache). `key` names the config
-    field in errors, which are one line and say what was expected.
+    A .jsonl (or .jsonl.gz) / .parquet file is read as is; a directory holding `<split>.jsonl` (or .parquet)
+    reads that file; any other directory or hub id goes through `datasets.load_dataset` (its usual cache). `key`
+    names the config field in errors, which are one line and say what was expected.
     """
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or path.suffixes[-2:] == [".jsonl", ".gz"]:
         return read_jsonl(path, fields)
     if path.is_dir() and (path / f"{split}.jsonl").is_file():
         return read_jsonl(path / f"{split}.jsonl", fields)

@@ -20,6 +20,7 @@ from typing import Any
 
 from dash_exp.tasks.base import Problem
 from dash_exp.tasks.code import CodeGrader, CodeTask, CodeTests, reference_seconds
+from dash_exp.tasks.humaneval import load_humaneval
 from dash_exp.tasks.math import DataError, load_rows
 
 SPLIT_FILE = Path(__file__).with_name("mbpp_split.json")
@@ -118,16 +119,21 @@ def time_limits(reference_s: list[float], floor_s: float, factor: float | None) 
 
 
 def make_mbpp_task(cfg: Any, need_train: bool) -> CodeTask:
-    """task=mbpp: the authors' 264 / 114 split; each problem's time limit calibrated from its reference solution
-    (measured once per machine, cached in task.cache_dir)."""
+    """task=mbpp: the authors' 264 / 114 split, evaluated on the MBPP+ test split and (task.humaneval) on HumanEval;
+    each problem's time limit calibrated from its reference solution (measured once per machine, cached in
+    task.cache_dir)."""
     train_rows, test_rows = load_mbpp(cfg.mbpp)
-    rows = (train_rows if need_train else []) + test_rows
-    problems = [mbpp_problem(r, cfg.time_limit_s) for r in rows]
+    sets = {"train": [mbpp_problem(r, cfg.time_limit_s) for r in train_rows] if need_train else [],
+            "mbpp": [mbpp_problem(r, cfg.time_limit_s) for r in test_rows]}
+    if cfg.humaneval:
+        sets["humaneval"] = load_humaneval(cfg.humaneval, cfg.time_limit_s)
     grader = CodeGrader()
     if cfg.time_limit_factor is not None:
         cache = Path(cfg.cache_dir).expanduser() / "mbpp-reference-seconds.json" if cfg.cache_dir else None
-        seconds = reference_seconds(problems, grader, cache)
-        limits = time_limits(seconds, cfg.time_limit_s, cfg.time_limit_factor)
-        problems = [replace(p, tests=replace(p.tests, timeout_s=t)) for p, t in zip(problems, limits, strict=True)]
-    train = problems[: len(problems) - len(test_rows)]
-    return CodeTask("mbpp", train, {"mbpp": problems[len(train):]}, grader)
+        problems = [p for s in sets.values() for p in s]
+        seconds = iter(reference_seconds(problems, grader, cache))
+        sets = {name: [replace(p, tests=replace(p.tests, timeout_s=t)) for p, t in
+                       zip(s, time_limits([next(seconds) for _ in s], cfg.time_limit_s, cfg.time_limit_factor),
+                           strict=True)] for name, s in sets.items()}
+    train = sets.pop("train")
+    return CodeTask("mbpp", train, sets, grader)
