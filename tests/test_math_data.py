@@ -384,7 +384,7 @@ def test_math_prompt_formats(train_files, math500_rows):
     with pytest.raises(DataError, match="few_shot needs 9 training exemplars, found 4"):
         build_task(math_cfg(train_files["jsonl"], prompt_format="few_shot", few_shot=9))
     with pytest.raises(ValueError, match="no chat template"):
-        PromptFormatter("chat", tokenizer=None)
+        build_task(math_cfg(train_files["jsonl"], prompt_format="chat"), tokenizer=None)
     with pytest.raises(ValueError, match="task.prompt_format='nope'"):
         PromptFormatter("nope")
 

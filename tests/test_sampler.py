@@ -154,3 +154,33 @@ def test_top_k_and_top_p_truncation_by_hand():
     assert truncation_mask(logits, top_k=2, top_p=1.0).tolist() == [[False, False, True, True]]
     # nucleus 0.7: 0.5 alone < 0.7, 0.5 + 0.3 covers it -> keep the first two
     assert truncation_mask(logits, top_k=0, top_p=0.7).tolist() == [[False, False, True, True]]
+
+
+def test_the_preallocated_kv_cache_holds_what_dynamic_cache_holds_without_reallocating():
+    """Prompt rows repeated per sample, decode steps written in place (the buffer never moves), rows dropped: the
+    keys and values seen by attention equal DynamicCache's at every step."""
+    from transformers.cache_utils import DynamicCache
+
+    from dash_exp.rollout.kv_cache import preallocate
+
+    torch.manual_seed(0)
+    prompt_k, prompt_v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    theirs, ours = DynamicCache(), DynamicCache()
+    for cache in (theirs, ours):
+        cache.update(prompt_k, prompt_v, 0)
+    theirs.batch_repeat_interleave(3)
+    preallocate(ours, capacity=9, repeats=3)
+    buffer = ours.layers[0].key_buffer.data_ptr()
+    for step in range(4):
+        k, v = torch.randn(6 if step < 2 else 4, 3, 1, 4), torch.randn(6 if step < 2 else 4, 3, 1, 4)
+        got, want = ours.update(k, v, 0), theirs.update(k, v, 0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        assert ours.get_seq_length() == theirs.get_seq_length() == 6 + step
+        if step == 1:  # two of the six rows finish
+            keep = torch.tensor([0, 2, 3, 5])
+            ours.reorder_cache(keep)
+            theirs.reorder_cache(keep)
+            buffer = ours.layers[0].key_buffer.data_ptr()
+        assert ours.layers[0].key_buffer.data_ptr() == buffer
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        ours.update(torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4), 0)

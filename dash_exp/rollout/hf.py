@@ -9,6 +9,9 @@ softmax's up to float32 resolution (u has 24 random bits; the CDF is a float32 c
 the sampling needs one [B, vocab] float32 tensor (the unnormalised probabilities, turned into their CDF in place)
 beside the step's logits (divided by the temperature in place); top-k adds a [B, vocab] bool mask, top-p a sort.
 
+The KV cache is allocated once per call, for the prompt and every new token (`rollout.kv_cache`): a decode step
+writes in place instead of re-allocating and copying the whole cache as DynamicCache's concatenation does.
+
 No device sync per decode step: which rows have stopped at EOS is looked at every `CHECK_EVERY` steps (one read);
 rows that stopped in between decode on harmlessly (everything after the first EOS is cut in `_rollouts`).
 """
@@ -22,6 +25,7 @@ import torch
 
 from dash_exp.batching import compute_autocast
 from dash_exp.rollout.base import Rollout, SamplingParams
+from dash_exp.rollout.kv_cache import preallocate
 
 _M32 = 0xFFFFFFFF
 # decode steps between two looks at which rows have stopped (each look is one device read)
@@ -174,9 +178,11 @@ class HFSampler:
             # the prompt is read once per group; its KV cache and next-token logits are then shared by the n samples
             out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                         use_cache=True, logits_to_keep=1)
-            cache, logits = out.past_key_values, out.logits[:, -1].repeat_interleave(params.n, dim=0)
-            cache.batch_repeat_interleave(params.n)
-            attention = attention.repeat_interleave(params.n, dim=0)
+            logits = out.logits[:, -1].repeat_interleave(params.n, dim=0)
+            cache = preallocate(out.past_key_values, width + width_out, params.n)
+            # the padding mask of every position to come, allocated once: step t attends to its first width + t + 1
+            attention = torch.cat([attention.repeat_interleave(params.n, dim=0),
+                                   attention.new_ones((len(rows), width_out))], dim=1)
             next_pos = positions[:, -1:].repeat_interleave(params.n, dim=0) + 1
             for t in range(width_out):
                 token, logp = self._pick(logits, params, keys, t)
@@ -194,8 +200,8 @@ class HFSampler:
                         active, token, keys, finished = active[alive], token[alive], keys[alive], finished[alive]
                         attention, next_pos = attention[alive], next_pos[alive]
                         cache.reorder_cache(alive)
-                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-                mask = attention[:, None, None, :].bool() if mask_4d else attention
+                mask = attention[:, : width + t + 1]
+                mask = mask[:, None, None, :].bool() if mask_4d else mask
                 logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                                past_key_values=cache, use_cache=True).logits[:, -1]
                 next_pos = next_pos + 1

@@ -139,25 +139,21 @@ def gsm8k_problem(row: dict[str, Any]) -> tuple[str, str, str]:
 
 
 class PromptFormatter:
-    """Turns a question into the prompt string: raw (the paper), instruct, chat (tokenizer template), few_shot."""
+    """Turns a question into the prompt string: raw (the paper), instruct, few_shot; chat prompts are the raw
+    question here, put into the chat template by `tasks.registry.build_task`."""
 
-    def __init__(self, fmt: str, tokenizer: Any = None, exemplars: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, fmt: str, exemplars: list[tuple[str, str]] | None = None) -> None:
         if fmt not in PROMPT_FORMATS:
             raise ValueError(f"task.prompt_format={fmt!r}: expected one of {', '.join(PROMPT_FORMATS)}")
-        if fmt == "chat" and getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("task.prompt_format=chat: the model's tokenizer has no chat template")
-        self.fmt, self.tokenizer = fmt, tokenizer
+        self.fmt = fmt
         self.prefix = "".join(f"Problem: {q}\nSolution: {s}\n\n" for q, s in exemplars or [])
 
     def __call__(self, question: str) -> str:
-        if self.fmt == "raw":
-            return question
         if self.fmt == "instruct":
             return f"{question}\n{INSTRUCTION}\n"
         if self.fmt == "few_shot":
             return f"{self.prefix}Problem: {question}\nSolution:"
-        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return question
 
 
 def to_problems(rows: list[dict[str, Any]], parse: Callable[[dict[str, Any]], tuple[str, str, str]],
@@ -173,7 +169,7 @@ MATH_FIELDS = ("problem", "solution")
 GSM8K_FIELDS = ("question", "answer")
 
 
-def make_math_task(cfg: Any, tokenizer: Any, need_train: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
+def make_math_task(cfg: Any, need_train: bool) -> tuple[list[Problem], dict[str, list[Problem]]]:
     """(train, eval sets) of task=math or task=gsm8k, each split from its source (hub id or local path)."""
     math500_rows = load_rows(cfg.math500, MATH_FIELDS, "test", "task.math500")
     gsm8k_test_rows = load_rows(cfg.gsm8k, GSM8K_FIELDS, "test", "task.gsm8k", cfg.gsm8k_config)
@@ -188,7 +184,7 @@ def make_math_task(cfg: Any, tokenizer: Any, need_train: bool) -> tuple[list[Pro
     exemplars = [(q, s) for q, _, s in (parse(r) for r in train_rows[: cfg.few_shot])]
     if cfg.prompt_format == "few_shot" and len(exemplars) < cfg.few_shot:
         raise DataError(f"task.prompt_format=few_shot needs {cfg.few_shot} training exemplars, found {len(exemplars)}")
-    prompt = PromptFormatter(cfg.prompt_format, tokenizer, exemplars)
+    prompt = PromptFormatter(cfg.prompt_format, exemplars)
     evals = {"math500": to_problems(math500_rows, math_problem, prompt),
              "gsm8k": to_problems(gsm8k_test_rows, gsm8k_problem, prompt)}
     if cfg.name == "gsm8k":

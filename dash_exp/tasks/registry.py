@@ -3,14 +3,46 @@ implementations)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from dash_exp.tasks.base import GradedTask
+from dash_exp.tasks.base import GradedTask, Problem
 from dash_exp.tasks.code import CodeTask
+from dash_exp.tasks.math import INSTRUCTION
+
+# the answer-format instruction a chat prompt carries in its user turn: the format each task's grader reads
+CODE_INSTRUCTION = "Write the complete Python function in a ```python code block."
+INSTRUCTIONS = {"arith": INSTRUCTION, "math": INSTRUCTION, "gsm8k": INSTRUCTION, "pycode": CODE_INSTRUCTION,
+                "mbpp": CODE_INSTRUCTION}
 
 
 def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask:
-    """The task named by cfg.name (the `task` config group); `tokenizer` serves prompt_format=chat."""
+    """The task named by cfg.name (the `task` config group), its prompts in task.prompt_format (chat: through
+    `tokenizer`'s chat template)."""
+    task = _build(cfg, need_train)
+    if cfg.prompt_format == "chat":
+        chat = ChatPrompts(tokenizer, INSTRUCTIONS[cfg.name])
+        task.train = [chat(p) for p in task.train]
+        task.evals = {name: [chat(p) for p in problems] for name, problems in task.evals.items()}
+    return task
+
+
+class ChatPrompts:
+    """A problem's prompt as the one user turn of the model's chat template, followed by the task's answer-format
+    instruction (an instruct model given the bare question answers in prose the grader cannot read)."""
+
+    def __init__(self, tokenizer: Any, instruction: str) -> None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("task.prompt_format=chat: the model's tokenizer has no chat template")
+        self.tokenizer, self.instruction = tokenizer, instruction
+
+    def __call__(self, problem: Problem) -> Problem:
+        turn = {"role": "user", "content": f"{problem.prompt.rstrip()}\n\n{self.instruction}"}
+        return replace(problem, prompt=self.tokenizer.apply_chat_template([turn], tokenize=False,
+                                                                          add_generation_prompt=True))
+
+
+def _build(cfg: Any, need_train: bool) -> GradedTask:
     if cfg.name == "arith":
         from dash_exp.tasks.arithmetic import make_splits
 
@@ -19,7 +51,7 @@ def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> Grad
     if cfg.name in ("math", "gsm8k"):
         from dash_exp.tasks.math import make_math_task
 
-        train, evals = make_math_task(cfg, tokenizer, need_train)
+        train, evals = make_math_task(cfg, need_train)
         return GradedTask(cfg.name, train, evals)
     if cfg.name == "pycode":
         from dash_exp.tasks.pycode import make_splits as code_splits
