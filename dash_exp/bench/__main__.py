@@ -1,10 +1,12 @@
-"""python -m dash_exp.bench [all|train|backprop|rollout|profile|gpu|sandbox] [options] [hydra overrides]
+"""python -m dash_exp.bench [all|train|backprop|rollout|profile|gpu|sandbox|generation] [options] [overrides]
 
 `all` (the default, `make bench`) runs each benchmark in its own process (threads, RNG and engines do not
 leak between them), writes out/<name>.json, then prints the Performance table and writes out/table.md.
 The TRL comparison runs in its own environment (make bench-env): .venv-trl/bin/python -m dash_exp.bench.trl_grpo
 `gpu` (not part of `all`) is the prepared check for one GPU (dash_exp/bench/gpu.py); `gpu --cpu` its test size.
 `sandbox` (not part of `all`: it needs MBPP+) measures the execution sandbox (dash_exp/bench/sandbox.py).
+`generation` (not part of `all`: it needs a real model) measures both backends' tokens/s at batch 16 and 128
+against the FLOP floor (dash_exp/bench/generation.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 # the TRL environment `make bench-env` creates beside .venv, in the repository root
 TRL_PYTHON = Path(__file__).resolve().parents[2] / ".venv-trl" / "bin" / "python"
-BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu", "sandbox")
+BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu", "sandbox", "generation")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +66,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         from dash_exp.bench import gpu
 
         return gpu.run(args.overrides, args.steps or 3, args.cpu)
+    if args.bench == "generation":
+        from dash_exp.bench import generation
+
+        return generation.run(args.overrides, args.repeats)
     if args.bench == "sandbox":
         from dash_exp.bench import sandbox
 
