@@ -18,7 +18,7 @@ def test_every_algorithm_kl_combination_composes(algorithm, kl):
     assert cfg.kl.beta == (0.04 if kl == "on" else 0.0)
 
 
-def test_rollout_auto_is_vllm_with_cuda_else_hf():
+def test_rollout_auto_is_vllm_with_cuda_and_on_cpu_for_large_models():
     import torch
 
     from dash_exp.rollout.registry import resolved_rollout
@@ -26,6 +26,10 @@ def test_rollout_auto_is_vllm_with_cuda_else_hf():
     assert compose_config(["run_dir=x"]).rollout.name == "auto"
     assert resolved_rollout("auto") == ("vllm" if torch.cuda.is_available() else "hf")
     assert resolved_rollout("hf") == "hf" and resolved_rollout("vllm") == "vllm"
+    # on CPU by model size: the tiny model (about 1M parameters) samples faster with HF, SmolLM2-135M with vLLM
+    if not torch.cuda.is_available():
+        assert resolved_rollout("auto", 1_000_000) == "hf" and resolved_rollout("auto", 134_515_008) == "vllm"
+        assert resolved_rollout("hf", 134_515_008) == "hf"
 
 
 def test_presets_follow_the_paper():
