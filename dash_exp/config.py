@@ -139,6 +139,8 @@ class TaskConfig:
     prompt_format: str = "raw"
     # solved training exemplars prepended for prompt_format=few_shot
     few_shot: int = 4
+    # prompt_format=chat: solved training problems shown as earlier user / assistant turns (taken out of training)
+    chat_shots: int = 0
     # held-out problems per evaluation set; null = the whole set
     eval_size: int | None = 200
     # math/gsm8k: MATH-500 (evaluation, split test): a hub dataset id, or a local .jsonl/.parquet file or a
@@ -376,6 +378,7 @@ def validate(cfg: Config | DictConfig) -> None:
         _one_of("model.arch", cfg.model.arch, ARCHS)
     _positive("model.tiny.warmup_threads", cfg.model.tiny.warmup_threads)
     _positive("task.few_shot", cfg.task.few_shot, allow_zero=True)
+    _positive("task.chat_shots", cfg.task.chat_shots, allow_zero=True)
     _positive("epochs", cfg.epochs, allow_none=True)
     _positive("time_budget_s", cfg.time_budget_s, allow_none=True)
     _positive("grad_clip", cfg.grad_clip, allow_none=True)

@@ -75,6 +75,13 @@ def test_every_task_puts_its_answer_instruction_inside_the_chat_user_turn(parts,
         assert code.train[0].prompt.split("<|im_end|>")[-2].endswith(CODE_INSTRUCTION)
     finally:
         code.close()
+    # task.chat_shots: solved training problems as earlier turns, taken out of the training split
+    plain = build_task(real_cfg(tmp_path, "task.prompt_format=raw").task)
+    shot = build_task(real_cfg(tmp_path, "task.chat_shots=1").task, parts.tokenizer)
+    first = plain.train[0]
+    assert shot.train[0].prompt.count("<|im_start|>user") == 2 and len(shot.train) == len(plain.train) - 1
+    assert f"{first.prompt.rstrip()}\n\n{INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n{first.solution}<|im_end|>" \
+        in shot.evals["arith"][0].prompt
     # task.prompt_format on the command line still wins over the model's chat default
     assert build_task(real_cfg(tmp_path, "task.prompt_format=raw").task).train[0].prompt.endswith("=?\n")
 

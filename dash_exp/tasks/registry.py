@@ -19,26 +19,36 @@ INSTRUCTIONS = {"arith": INSTRUCTION, "math": INSTRUCTION, "gsm8k": INSTRUCTION,
 def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> GradedTask:
     """The task named by cfg.name (the `task` config group), its prompts in task.prompt_format (chat: through
     `tokenizer`'s chat template)."""
-    task = _build(cfg, need_train)
+    task = _build(cfg, need_train or cfg.prompt_format == "chat" and cfg.chat_shots > 0)
     if cfg.prompt_format == "chat":
-        chat = ChatPrompts(tokenizer, INSTRUCTIONS[cfg.name])
+        # the exemplars come from the training split, which then no longer holds them
+        shots, task.train = task.train[: cfg.chat_shots], task.train[cfg.chat_shots:] if need_train else []
+        if len(shots) < cfg.chat_shots:
+            raise ValueError(f"task.chat_shots={cfg.chat_shots}: the training split holds only {len(shots)} problems")
+        chat = ChatPrompts(tokenizer, INSTRUCTIONS[cfg.name], shots)
         task.train = [chat(p) for p in task.train]
         task.evals = {name: [chat(p) for p in problems] for name, problems in task.evals.items()}
     return task
 
 
 class ChatPrompts:
-    """A problem's prompt as the one user turn of the model's chat template, followed by the task's answer-format
-    instruction (an instruct model given the bare question answers in prose the grader cannot read)."""
+    """A problem's prompt as the last user turn of the model's chat template, followed by the task's answer-format
+    instruction (an instruct model given the bare question answers in prose the grader cannot read); solved
+    `exemplars` come first as earlier user / assistant turns (a small model then writes the answer format)."""
 
-    def __init__(self, tokenizer: Any, instruction: str) -> None:
+    def __init__(self, tokenizer: Any, instruction: str, exemplars: list[Problem] | None = None) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("task.prompt_format=chat: the model's tokenizer has no chat template")
         self.tokenizer, self.instruction = tokenizer, instruction
+        self.shots = [turn for e in exemplars or [] for turn in (self._user(e), {"role": "assistant",
+                                                                                "content": e.solution})]
+
+    def _user(self, problem: Problem) -> dict[str, str]:
+        return {"role": "user", "content": f"{problem.prompt.rstrip()}\n\n{self.instruction}"}
 
     def __call__(self, problem: Problem) -> Problem:
-        turn = {"role": "user", "content": f"{problem.prompt.rstrip()}\n\n{self.instruction}"}
-        return replace(problem, prompt=self.tokenizer.apply_chat_template([turn], tokenize=False,
+        turns = [*self.shots, self._user(problem)]
+        return replace(problem, prompt=self.tokenizer.apply_chat_template(turns, tokenize=False,
                                                                           add_generation_prompt=True))
 
 
