@@ -37,11 +37,10 @@ def resolved_rollout(name: str, n_params: int | None = None) -> str:
 def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_path: str,
                   prompts: Sequence[str] = (), data_parallel: bool = False) -> Sampler:
     """The backend named by cfg.rollout.name (auto: `resolved_rollout` by device and model size); `tokens` is the
-    run's tokenizer
-    cache. `prompts` (the training prompts) size vLLM's KV cache on GPU: one step batch of the longest prompt plus
-    max_new_tokens. `data_parallel`: the policy is sharded over ranks, and each rank gets its own engine holding the
-    whole model (HF: an unsharded copy in the compute dtype; vLLM: an engine per rank on torch.distributed's external
-    launcher), refreshed from the policy's full tensors at every sync."""
+    run's tokenizer cache. `prompts` (the training prompts) size vLLM's KV cache on GPU: one step batch of the
+    longest prompt plus max_new_tokens. `data_parallel`: the policy is sharded over ranks, and each rank gets its
+    own engine holding the whole model (HF: an unsharded copy in the compute dtype; vLLM: an engine per rank on
+    torch.distributed's external launcher), refreshed from the policy's full tensors at every sync."""
     from dash_exp.batching import COMPUTE_DTYPES
 
     name = resolved_rollout(cfg.rollout.name, sum(p.numel() for p in policy.parameters()))
