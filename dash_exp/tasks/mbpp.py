@@ -131,9 +131,8 @@ def make_mbpp_task(cfg: Any, need_train: bool) -> CodeTask:
     if cfg.time_limit_factor is not None:
         cache = Path(cfg.cache_dir).expanduser() / "mbpp-reference-seconds.json" if cfg.cache_dir else None
         problems = [p for s in sets.values() for p in s]
-        seconds = iter(reference_seconds(problems, grader, cache))
-        sets = {name: [replace(p, tests=replace(p.tests, timeout_s=t)) for p, t in
-                       zip(s, time_limits([next(seconds) for _ in s], cfg.time_limit_s, cfg.time_limit_factor),
-                           strict=True)] for name, s in sets.items()}
+        limits = iter(time_limits(reference_seconds(problems, grader, cache), cfg.time_limit_s, cfg.time_limit_factor))
+        sets = {name: [replace(p, tests=replace(p.tests, timeout_s=next(limits))) for p in s]
+                for name, s in sets.items()}
     train = sets.pop("train")
     return CodeTask("mbpp", train, sets, grader)
