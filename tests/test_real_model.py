@@ -80,7 +80,9 @@ def test_every_task_puts_its_answer_instruction_inside_the_chat_user_turn(parts,
     shot = build_task(real_cfg(tmp_path, "task.chat_shots=1").task, parts.tokenizer)
     first = plain.train[0]
     assert shot.train[0].prompt.count("<|im_start|>user") == 2 and len(shot.train) == len(plain.train) - 1
-    assert f"{first.prompt.rstrip()}\n\n{INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n{first.solution}<|im_end|>" \
+    # the exemplar's assistant turn is its worked solution (the steps, then the box), not the terse reference
+    assert first.worked.endswith(first.solution) and "\n" in first.worked
+    assert f"{first.prompt.rstrip()}\n\n{INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n{first.worked}<|im_end|>" \
         in shot.evals["arith"][0].prompt
     # task.prompt_format on the command line still wins over the model's chat default
     assert build_task(real_cfg(tmp_path, "task.prompt_format=raw").task).train[0].prompt.endswith("=?\n")

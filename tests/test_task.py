@@ -77,6 +77,14 @@ def test_splits_are_fixed_by_seed_sized_and_disjoint():
     assert len(small_train) == 5 and small_test == []
 
 
+def test_splits_larger_than_the_chain_space_raise_a_clear_error():
+    # 2-term chains of numbers up to 3: 16 sums and 10 differences, 26 distinct prompts
+    train, test = make_splits(cfg(min_terms=2, max_terms=2, max_value=3, n_train=20, n_test=6))
+    assert len({p.prompt for p in train + test}) == 26
+    with pytest.raises(ValueError, match=r"task.n_train \+ task.n_test = 27: only 26 distinct chains of 2-2 numbers"):
+        make_splits(cfg(min_terms=2, max_terms=2, max_value=3, n_train=21, n_test=6))
+
+
 def test_problems_answer_the_prompt_chain_within_config_bounds():
     train, test = make_splits(cfg(max_value=20))
     for p in train + test:
@@ -85,6 +93,7 @@ def test_problems_answer_the_prompt_chain_within_config_bounds():
         assert all(0 <= n <= 20 for n in numbers)
         assert p.answer == str(true_value(p.prompt))
         assert p.solution == f"\\boxed{{{p.answer}}}"
+        assert p.worked == cot_trace(numbers, ops)  # the worked solution a chat exemplar shows
         # the running value never goes negative
         value = numbers[0]
         for op, b in zip(ops, numbers[1:], strict=True):

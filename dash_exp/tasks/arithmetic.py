@@ -9,6 +9,7 @@ Reference: ``\\boxed{44}``                     (terse "human" solution used by S
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Any
 
 from dash_exp.tasks.base import Problem
@@ -61,17 +62,26 @@ def cot_trace(numbers: list[int], ops: list[str], rng: random.Random | None = No
 def make_problem(rng: random.Random, cfg: Any) -> tuple[Problem, list[int], list[str]]:
     numbers, ops = _chain(rng, rng.randint(cfg.min_terms, cfg.max_terms), cfg.max_value)
     answer = str(chain_value(numbers, ops))
-    problem = Problem(prompt=prompt_of(numbers, ops), answer=answer, solution=f"\\boxed{{{answer}}}")
+    problem = Problem(prompt=prompt_of(numbers, ops), answer=answer, solution=f"\\boxed{{{answer}}}",
+                      worked=cot_trace(numbers, ops))
     return problem, numbers, ops
 
 
 def make_splits(cfg: Any) -> tuple[list[Problem], list[Problem]]:
     """Fixed train and held-out test splits (disjoint prompts) from cfg.seed."""
     rng = random.Random(f"arith:{cfg.seed}")
+    # the bounds read once (an OmegaConf node resolves every attribute access: 100x slower per draw)
+    bounds = SimpleNamespace(min_terms=cfg.min_terms, max_terms=cfg.max_terms, max_value=cfg.max_value)
     seen: set[str] = set()
     problems: list[Problem] = []
-    while len(problems) < cfg.n_train + cfg.n_test:
-        problem, _, _ = make_problem(rng, cfg)
+    wanted, draws = cfg.n_train + cfg.n_test, 0
+    while len(problems) < wanted:
+        if draws == 100 * wanted:
+            raise ValueError(f"task.n_train + task.n_test = {wanted}: only {len(problems)} distinct chains of "
+                             f"{cfg.min_terms}-{cfg.max_terms} numbers up to {cfg.max_value} were drawn; ask for "
+                             "fewer problems or raise task.max_terms / task.max_value")
+        draws += 1
+        problem, _, _ = make_problem(rng, bounds)
         if problem.prompt not in seen:
             seen.add(problem.prompt)
             problems.append(problem)

@@ -23,6 +23,8 @@ class Problem:
     solution: str
     # the hidden tests of a code problem (tasks.code.CodeTests); None for math
     tests: Any = None
+    # a step-by-step solution shown when the problem is a chat exemplar (task.chat_shots); "" = `solution`
+    worked: str = ""
 
 
 class Task(Protocol):

@@ -34,14 +34,15 @@ def build_task(cfg: Any, tokenizer: Any = None, need_train: bool = True) -> Grad
 class ChatPrompts:
     """A problem's prompt as the last user turn of the model's chat template, followed by the task's answer-format
     instruction (an instruct model given the bare question answers in prose the grader cannot read); solved
-    `exemplars` come first as earlier user / assistant turns (a small model then writes the answer format)."""
+    `exemplars` come first as earlier user / assistant turns, with their worked solutions where the task has them (a
+    small model then writes the answer format)."""
 
     def __init__(self, tokenizer: Any, instruction: str, exemplars: list[Problem] | None = None) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("task.prompt_format=chat: the model's tokenizer has no chat template")
         self.tokenizer, self.instruction = tokenizer, instruction
         self.shots = [turn for e in exemplars or [] for turn in (self._user(e), {"role": "assistant",
-                                                                                "content": e.solution})]
+                                                                                "content": e.worked or e.solution})]
 
     def _user(self, problem: Problem) -> dict[str, str]:
         return {"role": "user", "content": f"{problem.prompt.rstrip()}\n\n{self.instruction}"}
