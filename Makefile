@@ -55,10 +55,11 @@ $(TRL_STAMP): $(STAMP)
 
 bench-env: $(TRL_STAMP)
 
-# every benchmark side by side (train, backprop, rollout hf + vllm, TRL), then the Performance table;
-# <= 15 min on 2 cores. make bench ARGS="--repeats 5" or ARGS="train --steps 150"
-bench: $(VLLM_STAMP) $(TRL_STAMP)
-	$(BIN)/python -m dash_exp.bench $(ARGS)
+# every benchmark side by side (train, backprop, rollout hf + vllm, TRL; then the real model, SmolLM2-135M-Instruct:
+# generation, DASH vs GRPO, weight sync, DASH vs TRL), then the Performance table. make bench ARGS="--repeats 5" or
+# ARGS="train --steps 150"
+bench: $(VLLM_STAMP) $(TRL_STAMP) $(WHEEL_DATA_STAMP)
+	$(BIN)/python -m dash_exp.bench --real $(ARGS)
 
 # the prepared GPU check (dash_exp/bench/gpu.py): GRPO and DASH on the random Qwen2.5-0.5B proxy, ~6 min on one GPU;
 # make bench-gpu ARGS="--cpu" runs its test size on the CPU. On a GPU machine without network: scripts/gpu_check.sh

@@ -210,6 +210,9 @@ class RolloutConfig:
     kv_cache_gb: float | None = None
     # vllm: eager mode (no CUDA graphs); null = eager on CPU only
     enforce_eager: bool | None = None
+    # vllm: the engine's dtype (float32 | bfloat16; sync casts the fp32 masters to it); null = model.dtype.
+    # Training log-probs keep model.dtype
+    dtype: str | None = None
 
 
 @dataclass
@@ -358,6 +361,8 @@ def validate(cfg: Config | DictConfig) -> None:
     _one_of("task.prompt_format", cfg.task.prompt_format, PROMPT_FORMATS)
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     _one_of("rollout.name", cfg.rollout.name, ROLLOUTS)
+    if cfg.rollout.dtype is not None:
+        _one_of("rollout.dtype", cfg.rollout.dtype, DTYPES)
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _one_of("resume", cfg.resume, RESUME)

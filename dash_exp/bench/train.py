@@ -42,6 +42,8 @@ class Side:
             "total_s": sum(r["time/step"] for r in self.rows),
             "inference_s": sum(r["time/inference"] for r in self.rows),
             "update_s": sum(r["time/update"] for r in self.rows),
+            # the sampler's weight sync after each optimizer step (vLLM: reload_weights; HF: none unless data parallel)
+            "sync_s": sum(r["time/sync"] for r in self.rows),
             "other_s": sum(r["time/step"] - r["time/inference"] - r["time/update"] for r in self.rows),
             "step_s": [r["time/step"] for r in self.rows],
             "accuracy": final[f"eval/{task}/accuracy"],
@@ -59,15 +61,17 @@ def _side(algorithm: str, seed: int, steps: int, run_dir: Path, overrides: list[
     return Side(bench_trainer(cfg, parts, f"bench-{algorithm}"))
 
 
-def side_by_side(seed: int, steps: int, out: Path, overrides: list[str]) -> tuple[dict[str, Any], list[dict]]:
-    """GRPO and DASH for `steps` steps, interleaved; their summaries, then the filter probe's batches."""
+def side_by_side(seed: int, steps: int, out: Path, overrides: list[str], filter_batches: int = 4
+                 ) -> tuple[dict[str, Any], list[dict]]:
+    """GRPO and DASH for `steps` steps, interleaved; their summaries, then the filter probe's `filter_batches`
+    batches."""
     sides = {a: _side(a, seed, steps, out / f"{a}-seed{seed}", overrides) for a in ALGORITHMS}
     try:
         for step in range(1, steps + 1):
             for algorithm in ALGORITHMS if step % 2 else reversed(ALGORITHMS):
                 sides[algorithm].step(step)
         summaries = {a: side.summary() for a, side in sides.items()}
-        batches = filter_alone(sides["dash"].trainer)
+        batches = filter_alone(sides["dash"].trainer, filter_batches)
     finally:
         for side in sides.values():
             side.close()
@@ -94,12 +98,14 @@ def _update_times(trainer: Any, samples: list[Any], keep: list[bool], repeats: i
     return {f"{name}_update_s": median([t for t, _ in r]) for name, r in runs.items()}
 
 
-def run(overrides: list[str], repeats: int = 3, steps: int = 60, out: Path = Path("runs/bench")) -> dict[str, Any]:
-    """GRPO and DASH side by side, one pair per seed; medians over seeds, and the median of per-seed ratios."""
+def run(overrides: list[str], repeats: int = 3, steps: int = 60, out: Path = Path("runs/bench"),
+        filter_batches: int = 4) -> dict[str, Any]:
+    """GRPO and DASH side by side, one pair per seed; medians over seeds, and the median of per-seed ratios; the
+    filter probe (`filter_batches` late step batches per seed, 0 = none) after each pair."""
     per_seed: dict[str, list[dict[str, Any]]] = {a: [] for a in ALGORITHMS}
     batches: list[dict[str, float]] = []
     for seed in range(repeats):
-        summaries, late = side_by_side(seed, steps, out, overrides)
+        summaries, late = side_by_side(seed, steps, out, overrides, filter_batches)
         for algorithm, summary in summaries.items():
             per_seed[algorithm].append(summary)
         batches += late
@@ -108,6 +114,8 @@ def run(overrides: list[str], repeats: int = 3, steps: int = 60, out: Path = Pat
         result[algorithm] = {key: median([r[key] for r in runs]) for key in runs[0] if key != "step_s"}
     result["ratio"] = {key: median([d[key] / g[key] for d, g in zip(per_seed["dash"], per_seed["grpo"], strict=True)])
                        for key in ("total_s", "inference_s", "update_s")}
+    if not batches:
+        return result
     # pooled over every late batch of every seed: mean update time per step batch with and without the filter
     dash, no_gf = (sum(b[f"{name}_update_s"] for b in batches) / len(batches) for name in ("dash", "no_gf"))
     result["filter"] = {"batches": len(batches), "first_step": min(b["step"] for b in batches),

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 VLLM_CPU_MIN_PARAMS = 20_000_000
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported (found without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def resolved_rollout(name: str, n_params: int | None = None) -> str:
     """auto -> vllm when CUDA is available; on CPU vllm for a model of at least VLLM_CPU_MIN_PARAMS parameters when
     vLLM is installed, else hf."""
@@ -28,10 +35,8 @@ def resolved_rollout(name: str, n_params: int | None = None) -> str:
         return name
     if torch.cuda.is_available():
         return "vllm"
-    import importlib.util
-
     big = n_params is not None and n_params >= VLLM_CPU_MIN_PARAMS
-    return "vllm" if big and importlib.util.find_spec("vllm") is not None else "hf"
+    return "vllm" if big and vllm_installed() else "hf"
 
 
 def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_path: str,
@@ -55,19 +60,19 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_p
                             compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], own_copy=data_parallel)
         sampler.sync(policy)
         return sampler
-    from dash_exp.rollout.vllm import VLLMSampler, vllm_available
-
-    if not vllm_available():
+    if not vllm_installed():
         raise RuntimeError(f"rollout={cfg.rollout.name} needs vLLM, which is not installed: run `make install-vllm` "
                            "(or choose rollout=hf)")
+    from dash_exp.rollout.vllm import VLLMSampler, kv_cache_gb_for
+
     step_kv_gb = None
     if torch.cuda.is_available() and prompts:
         from dash_exp.config import step_batch
-        from dash_exp.rollout.vllm import kv_cache_gb_for
 
         longest = max(len(tokens(p)) for p in prompts)
         step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
                                      COMPUTE_DTYPES[cfg.model.dtype])
-    sampler = VLLMSampler(model_path, cfg.rollout, cfg.model.dtype, cfg.seed, step_kv_gb, data_parallel)
+    dtype = cfg.rollout.dtype or cfg.model.dtype
+    sampler = VLLMSampler(model_path, cfg.rollout, dtype, cfg.seed, step_kv_gb, data_parallel)
     sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
     return sampler

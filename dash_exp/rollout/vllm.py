@@ -27,14 +27,6 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 
 
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class _ProcessState:
     """What building an in-process vLLM engine on CPU changes globally: torch.set_num_threads (made a
     no-op), the thread count, and the global RNGs (seeded). Captured before, put back after."""
