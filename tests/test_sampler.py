@@ -184,3 +184,24 @@ def test_the_preallocated_kv_cache_holds_what_dynamic_cache_holds_without_reallo
         assert ours.layers[0].key_buffer.data_ptr() == buffer
     with pytest.raises(RuntimeError, match="KV cache full"):
         ours.update(torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4), 0)
+
+
+def test_preallocated_kv_cache_drops_rows_in_place_as_dynamic_cache_does():
+    from transformers.cache_utils import DynamicLayer
+
+    from dash_exp.rollout.kv_cache import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    ours = PreallocatedLayer(keys, values, capacity=9, repeats=3)  # 2 prompts x 3 samples
+    theirs = DynamicLayer()
+    theirs.update(keys.repeat_interleave(3, dim=0), values.repeat_interleave(3, dim=0))
+    storage = ours.key_buffer.untyped_storage().data_ptr()
+    for rows in (None, torch.tensor([0, 2, 3, 5]), torch.tensor([1, 3])):
+        if rows is not None:
+            ours.batch_select_indices(rows)
+            theirs.batch_select_indices(rows)
+        step = torch.randn(len(theirs.keys), 3, 1, 4, generator=g), torch.randn(len(theirs.keys), 3, 1, 4, generator=g)
+        for got, want in zip(ours.update(*step), theirs.update(*step), strict=True):
+            assert torch.equal(got, want)
+    assert ours.get_seq_length() == 8 and ours.key_buffer.untyped_storage().data_ptr() == storage  # never reallocated
