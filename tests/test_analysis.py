@@ -534,3 +534,18 @@ def test_notebook_executes_headless_and_shows_figures_and_tables(sweep, sweeps, 
               or "| inference_batch |" in o.get("data", {}).get("text/markdown", "")]
     finding = next(f for f in FINDINGS if f.sweep == sweep)
     assert len(images) == len(finding.figures) and len(tables) == len(finding.tables)
+
+
+@pytest.mark.slow
+def test_table_learning_shows_each_seeds_before_and_after_and_the_cli_prints_it(frames, sweeps, capsys):
+    runs, steps = frames
+    off = runs[(runs["sweep"] == "kl") & (runs["kl"] == "off")]
+    md = T.table_learning(off, steps, "kl")
+    for _, run in off.iterrows():
+        before, after = (100 * run[f"{part}/eval/arith/accuracy"] for part in ("initial", "final"))
+        assert f"| greedy | {run['seed']} | {before:.1f} | {after:.1f} | {after - before:+.1f} |" in md
+    assert "| greedy | mean ± std |" in md and "| sampled | mean ± std |" in md and "(95% CI)" in md
+    # python -m analysis.tables: the table of a sweep's runs; a sweep without runs exits 1
+    assert T.main(["table_learning", "--runs", str(sweeps / "kl"), "--sweep", "kl"]) == 0
+    assert "## Held-out accuracy before and after training: sweep kl" in capsys.readouterr().out
+    assert T.main(["table_learning", "--runs", str(sweeps / "kl")]) == 1

@@ -88,6 +88,19 @@ def test_every_task_puts_its_answer_instruction_inside_the_chat_user_turn(parts,
     assert build_task(real_cfg(tmp_path, "task.prompt_format=raw").task).train[0].prompt.endswith("=?\n")
 
 
+def test_the_learning_sweep_composes_its_headroom_task(parts):
+    # make learn-smollm2: 2-term chains (1,000 train + 200 held out of 1,457 distinct), three worked exemplar turns
+    cfg = compose_config(["+sweep=smollm2", *MODEL[1:]])
+    assert (cfg.model.name, cfg.algorithm.name, cfg.kl.name, cfg.steps, cfg.lr) == ("smollm2-135m", "dash", "off", 20,
+                                                                                    1e-5)
+    task = build_task(cfg.task, parts.tokenizer)
+    assert len(task.train) == 1000 - 3 and len(task.test) == 200
+    prompt = task.test[0].prompt
+    assert prompt.count("<|im_start|>user") == 4 and prompt.count("<|im_start|>assistant\n") == 4
+    questions = [p.prompt.split("<|im_start|>user\n")[-1].split("=?")[0] for p in task.test]
+    assert all(q.count("+") + q.count("-") == 1 for q in questions), questions[:3]
+
+
 def test_greedy_generation_stops_at_im_end_and_equals_transformers_generate(parts):
     """The sampler's preallocated KV cache, its row dropping and left padding with pad == eos give exactly the
     tokens of transformers' own generate (DynamicCache) on a batch of prompts of different lengths."""
@@ -140,7 +153,9 @@ def test_micro_batched_gradients_equal_one_big_batch_on_the_real_model(parts):
         grads.append(torch.cat([p.grad.flatten() for p in parts.policy.parameters() if p.grad is not None]))
     parts.policy.zero_grad(set_to_none=True)
     assert grads[0].abs().max() > 0
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7 * grads[0].abs().max().item())
+    # equal up to fp32 rounding over 30 layers of differently shaped (padded) batches: measured relative errors
+    # 4e-6 and 5e-5 on two sets of prompts (a wrong normalizer or a dropped sample would be off by 1e-1 or more)
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 2e-4
 
 
 def test_vllm_log_probs_match_the_policy_on_the_real_model(tmp_path):

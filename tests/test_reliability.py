@@ -1,6 +1,7 @@
 """Failure handling: non-finite steps are skipped, counted, and stop the run with the last good weights."""
 
 import json
+import mmap
 
 import pytest
 import torch
@@ -119,10 +120,11 @@ def test_peak_memory_window_resets_between_runs():
 
     reset_peak_memory()
     base = peak_memory_mb()["mem/peak_mb"]
-    blob = bytearray(300 * 2**20)  # touch 300 MiB
+    # touch 300 MiB of fresh pages (an anonymous map: a heap allocation may reuse pages already resident)
+    blob = mmap.mmap(-1, 300 * 2**20)
     blob[::4096] = b"x" * len(blob[::4096])
     high = peak_memory_mb()["mem/peak_mb"]
-    del blob
+    blob.close()
     reset_peak_memory()
     assert high - base > 250
     assert peak_memory_mb()["mem/peak_mb"] < high - 250, "the peak did not reset: runs of a multirun would share it"

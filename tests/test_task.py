@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from dash_exp.config import TaskConfig
+from dash_exp.config import ConfigError, TaskConfig
 from dash_exp.tasks.arithmetic import chain_value, cot_trace, make_problem, make_splits, prompt_of
 from dash_exp.tasks.base import ProblemStream
 from dash_exp.tasks.registry import build_task
@@ -81,7 +81,7 @@ def test_splits_larger_than_the_chain_space_raise_a_clear_error():
     # 2-term chains of numbers up to 3: 16 sums and 10 differences, 26 distinct prompts
     train, test = make_splits(cfg(min_terms=2, max_terms=2, max_value=3, n_train=20, n_test=6))
     assert len({p.prompt for p in train + test}) == 26
-    with pytest.raises(ValueError, match=r"task.n_train \+ task.n_test = 27: only 26 distinct chains of 2-2 numbers"):
+    with pytest.raises(ConfigError, match=r"task.n_train \+ task.n_test = 27: only 26 distinct chains of 2-2 numbers"):
         make_splits(cfg(min_terms=2, max_terms=2, max_value=3, n_train=21, n_test=6))
 
 

@@ -12,6 +12,7 @@ import random
 from types import SimpleNamespace
 from typing import Any
 
+from dash_exp.config import ConfigError
 from dash_exp.tasks.base import Problem
 
 
@@ -77,7 +78,7 @@ def make_splits(cfg: Any) -> tuple[list[Problem], list[Problem]]:
     wanted, draws = cfg.n_train + cfg.n_test, 0
     while len(problems) < wanted:
         if draws == 100 * wanted:
-            raise ValueError(f"task.n_train + task.n_test = {wanted}: only {len(problems)} distinct chains of "
+            raise ConfigError(f"task.n_train + task.n_test = {wanted}: only {len(problems)} distinct chains of "
                              f"{cfg.min_terms}-{cfg.max_terms} numbers up to {cfg.max_value} were drawn; ask for "
                              "fewer problems or raise task.max_terms / task.max_value")
         draws += 1
