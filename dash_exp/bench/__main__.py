@@ -38,7 +38,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="gpu: the test-size flavour on the CPU (seconds)")
     parser.add_argument("--trl-steps", type=int, default=10, help="trl: timed optimizer steps (after 1 warm-up)")
     parser.add_argument("--real", action="store_true",
-                        help="all: also the real-model rows (SmolLM2-135M-Instruct, the smollm2 recipe; ~15 min more)")
+                        help="all: also the real-model rows (SmolLM2-135M-Instruct, the smollm2 recipe; ~19 min more)")
     parser.add_argument("--filter-batches", type=int, default=4,
                         help="train: late step batches of the gradient-filtering probe per seed (0 = no probe)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="results directory")
