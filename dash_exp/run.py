@@ -53,7 +53,7 @@ def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run, end to end; returns the summary also written to run_dir/summary.json."""
     from dash_exp.checkpoint import read_meta
-    from dash_exp.distributed import all_gather, check_world, init, world_from_env
+    from dash_exp.distributed import all_gather, barrier, check_world, init, world_from_env
     from dash_exp.tracking import MetricSink, NullSink
     from dash_exp.trainer import Trainer
 
@@ -92,6 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if world.main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         report(summary, next(iter(parts.task.evals)))
+    barrier(world)  # ranks leave the process group together (a rank tearing gloo down early can abort)
     return summary
 
 
