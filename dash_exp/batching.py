@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +23,11 @@ class TrainSample:
     response_ids: list[int]
     # group-relative advantage (RL); unused by SFT
     advantage: float = 0.0
-    # log-probs of response tokens under the pre-update policy (PPO), else None
+    # log-probs of response tokens under the pre-update policy (PPO) or, for a sample of older weights
+    # (overlapped rollout), under the behaviour policy as the sampler recorded them; None = the current policy's
     old_logprobs: torch.Tensor | None = None
+    # truncation cap on this sample's importance ratio where its advantage is negative (inf = none)
+    ratio_cap: float = math.inf
     # log-probs of response tokens under the frozen reference policy (cached once computed)
     ref_logprobs: torch.Tensor | None = None
 

@@ -213,6 +213,15 @@ class RolloutConfig:
     # vllm: the engine's dtype (float32 | bfloat16; sync casts the fp32 masters to it); null = model.dtype.
     # Training log-probs keep model.dtype
     dtype: str | None = None
+    # overlapped rollout: the last this many ranks of a torchrun launch generate (each with its own sampler) while
+    # the others train; 0 = every rank samples and trains in turn (the synchronous loop)
+    generator_ranks: int = 0
+    # staleness bound k with generator ranks: step t's samples come from weights at most k optimizer steps older
+    # than the ones step t updates (0 = generators wait for every new version: no overlap, the synchronous samples)
+    overlap: int = 0
+    # truncation cap on the importance ratio pi_theta / pi_behaviour of samples from older weights (dual-clip PPO:
+    # where A < 0 the ratio counts at most this much); null = no cap
+    ratio_cap: float | None = 3.0
 
 
 @dataclass
@@ -398,6 +407,16 @@ def validate(cfg: Config | DictConfig) -> None:
     _positive("rollout.max_model_len", r.max_model_len, allow_none=True)
     if not 0 < r.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: expected a number in (0, 1]")
+    _positive("rollout.generator_ranks", r.generator_ranks, allow_zero=True)
+    _positive("rollout.overlap", r.overlap, allow_zero=True)
+    if r.overlap and not r.generator_ranks:
+        raise ConfigError(f"rollout.overlap={r.overlap}: needs rollout.generator_ranks >= 1 (generation overlaps "
+                          "training only on ranks of its own)")
+    if r.generator_ranks and a.name in ("base", "sft"):
+        raise ConfigError(f"rollout.generator_ranks={r.generator_ranks}: algorithm={a.name} samples nothing to "
+                          "train on; expected 0")
+    if r.ratio_cap is not None and r.ratio_cap <= 1:
+        raise ConfigError(f"rollout.ratio_cap={r.ratio_cap}: expected a number > 1 (or null: no cap)")
     if r.max_model_len is not None and r.max_model_len <= cfg.max_new_tokens:
         raise ConfigError(f"rollout.max_model_len={r.max_model_len}: expected > max_new_tokens={cfg.max_new_tokens}")
     for key in ("top_p", "eval_top_p"):

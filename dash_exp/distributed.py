@@ -7,6 +7,10 @@ by tokens (`deal`), every rank runs the same number of forward/backward passes (
 zero-weight passes, so FSDP's collectives always pair up), each rank's loss is divided by the GLOBAL normalizer,
 and FSDP sums the gradients (divide factor 1), so the update equals the one-process update. World size 1 is the
 plain code path: no process group, no sharding.
+
+With overlapped rollout (rollout.generator_ranks > 0) the launch is split into roles (`split_roles`): the first
+ranks train (their own `World`, whose collectives run on the trainers' group only) and the last ranks generate;
+`Link` holds the point-to-point channels between trainer rank 0 and the generators (dash_exp.overlap).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # the process group of this world's collectives; None = the default group (every rank of the launch)
+    group: Any = None
 
     @property
     def parallel(self) -> bool:
@@ -61,14 +67,24 @@ def world_from_env() -> World:
 
 
 def check_world(cfg: Any, world: World) -> None:
-    """Reject what data parallelism cannot run, in one line, before any model loads."""
+    """Reject what data parallelism (and the split into trainer and generator ranks) cannot run, in one line,
+    before any model loads."""
     from dash_exp.config import ConfigError
 
+    generators = cfg.rollout.generator_ranks
+    if generators:
+        if world.size <= generators:
+            raise ConfigError(f"rollout.generator_ranks={generators}: expected fewer than the launch's {world.size} "
+                              f"process(es), the rest train (torchrun --nproc-per-node {generators + 1} or more)")
+        if cfg.prompts_per_step % generators:
+            raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: expected a multiple of "
+                              f"rollout.generator_ranks={generators} (each generator samples an equal share)")
     if not world.parallel:
         return
-    if cfg.prompts_per_step % world.size:
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: expected a multiple of the world size "
-                          f"{world.size} (each rank samples whole groups of an equal share of the prompts)")
+    trainers = world.size - generators
+    if cfg.prompts_per_step % trainers:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: expected a multiple of the {trainers} "
+                          "training ranks (each rank samples whole groups of an equal share of the prompts)")
     if cfg.tune == "auto":
         raise ConfigError(f"tune=auto: probes one process's memory; with {world.size} ranks set train_microbatch "
                           "and inference_batch (or tune once with one process and reuse its numbers)")
@@ -95,14 +111,55 @@ def leave() -> None:
         torch.distributed.destroy_process_group()
 
 
-def shard(policy: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """FSDP2: every decoder layer and the root sharded over all ranks, fp32 parameters gathered in the compute
-    dtype, gradients reduced in fp32 and SUMMED (divide factor 1: the loss is already divided by the global
-    normalizer)."""
-    from torch.distributed.device_mesh import init_device_mesh
+@dataclass(frozen=True)
+class Link:
+    """Point-to-point channels between trainer rank 0 (global rank 0) and the generator ranks, one process group
+    each: `weights` (NCCL on GPU, gloo on CPU) carries new weights out, `samples` (gloo: pickled objects) carries
+    step batches in."""
+
+    # the generators' global ranks, in order
+    generators: tuple[int, ...]
+    weights: Any
+    samples: Any
+
+
+@dataclass(frozen=True)
+class Roles:
+    """This process's role in a split launch: `world` is the trainers' world (for a trainer) or the generators'
+    (rank = index among them, for a generator)."""
+
+    world: World
+    link: Link | None
+    generator: bool = False
+
+
+def split_roles(world: World, generator_ranks: int) -> Roles:
+    """The first world.size - generator_ranks ranks train, the rest generate; every rank of the launch calls this
+    (it creates the trainers' group and the link's groups, which are collectives). No split: the world as is."""
+    if not generator_ranks:
+        return Roles(world, None)
+    dist = torch.distributed
+    trainers = world.size - generator_ranks
+    generators = tuple(range(trainers, world.size))
+    trainer_group = dist.new_group(list(range(trainers)))
+    link = Link(generators, dist.new_group([0, *generators]), dist.new_group([0, *generators], backend="gloo"))
+    if world.rank < trainers:
+        return Roles(World(world.rank, trainers, world.local_rank, trainer_group), link)
+    return Roles(World(world.rank - trainers, generator_ranks, world.local_rank), link, generator=True)
+
+
+def shard(policy: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device,
+          world: World | None = None) -> torch.nn.Module:
+    """FSDP2: every decoder layer and the root sharded over the world's ranks (all ranks of the launch, or the
+    trainers' group of a split launch), fp32 parameters gathered in the compute dtype, gradients reduced in fp32
+    and SUMMED (divide factor 1: the loss is already divided by the global normalizer)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if world is not None and world.group is not None:
+        mesh = DeviceMesh.from_group(world.group, device.type)
+    else:
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     reduce_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 (fp64 for a float64 test policy)
     policy_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     for layer in policy.get_decoder().layers:
@@ -134,7 +191,7 @@ def full_weights(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[
 
 def barrier(world: World) -> None:
     if world.parallel:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=world.group)
 
 
 def all_gather(obj: Any, world: World) -> list[Any]:
@@ -142,7 +199,7 @@ def all_gather(obj: Any, world: World) -> list[Any]:
     if not world.parallel:
         return [obj]
     out: list[Any] = [None] * world.size
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=world.group)
     return out
 
 

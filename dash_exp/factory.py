@@ -51,9 +51,11 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any = None) -> Components:
-    """Task, tokenizer, policy, reference (only when kl.beta > 0) and sampler for a validated config; in a
-    data-parallel `world`, the policy sharded with FSDP2 over the ranks."""
+def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any = None,
+          need_ref: bool = True) -> Components:
+    """Task, tokenizer, policy, reference (only when kl.beta > 0 and `need_ref`) and sampler for a validated
+    config; in a data-parallel `world`, the policy sharded with FSDP2 over the ranks. A generator rank of an
+    overlapped run builds with world SINGLE and no reference: its policy is the copy its sampler generates from."""
     from dash_exp.batching import TokenCache
     from dash_exp.models import build_reference, load_policy, load_tokenizer, resolve_model_path
     from dash_exp.rollout.registry import build_sampler
@@ -85,8 +87,8 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
         from dash_exp.batching import COMPUTE_DTYPES
         from dash_exp.distributed import shard
 
-        shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device)
-    ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 else None
+        shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device, world)
+    ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 and need_ref else None
     sampler = build_sampler(cfg, policy, tokens, path, [p.prompt for p in task.train], world.parallel)
     return Components(task, tokenizer, policy, ref, sampler, sft_items, dropped, path)
 

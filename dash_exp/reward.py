@@ -77,6 +77,14 @@ class GradeResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def merge_graded(parts: Sequence[GradeResult]) -> GradeResult:
+    """Several GradeResults as one, in order (rewards concatenated, counts summed)."""
+    kinds = {k: None for part in parts for k in part.counts}
+    return GradeResult([r for part in parts for r in part.rewards], sum(part.timeouts for part in parts),
+                       sum(part.unparsed for part in parts),
+                       {k: sum(part.counts.get(k, 0) for part in parts) for k in kinds})
+
+
 class Grader:
     """Grades responses against reference answers with math-verify; never hangs, never raises on bad input.
 

@@ -53,18 +53,25 @@ def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run, end to end; returns the summary also written to run_dir/summary.json."""
     from dash_exp.checkpoint import read_meta
-    from dash_exp.distributed import all_gather, barrier, check_world, init, world_from_env
+    from dash_exp.distributed import all_gather, barrier, check_world, init, split_roles, world_from_env
     from dash_exp.tracking import MetricSink, NullSink
     from dash_exp.trainer import Trainer
 
     # torchrun (or SLURM) may start several ranks: rank 0 alone writes the run dir and logs
-    world = world_from_env()
-    check_world(cfg, world)
-    device = init(world)
+    launch = world_from_env()
+    check_world(cfg, launch)
+    device = init(launch)
     # each rank's Hydra picked its own time-stamped output dir: rank 0's is the run's
-    run_dir = Path(all_gather(str(cfg.run_dir), world)[0])
+    run_dir = Path(all_gather(str(cfg.run_dir), launch)[0])
     cfg.run_dir = str(run_dir)
     seed_everything(cfg.seed, resolved_threads(cfg))
+    # overlapped rollout: the last rollout.generator_ranks ranks generate, the others train in their own world
+    roles = split_roles(launch, cfg.rollout.generator_ranks)
+    if roles.generator:
+        generate_only(cfg, roles, device)
+        barrier(launch)
+        return {}
+    world = roles.world
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -81,9 +88,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         sink.log(0, tuned.metrics())
     if cfg.max_prompt_tokens is not None and ckpt is None:
         sink.log(0, {"data/train_prompts": len(parts.task.train), "data/dropped_prompts": parts.dropped_prompts})
+    generators = None
+    if roles.link is not None:
+        from dash_exp.batching import COMPUTE_DTYPES
+        from dash_exp.overlap import GeneratorLink
+
+        generators = GeneratorLink(roles.link, world, COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype], device)
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
-                          ref=parts.ref, sft_items=parts.sft_items, world=world)
+                          ref=parts.ref, sft_items=parts.sft_items, world=world, generators=generators)
         summary = {"run": run_name(cfg), "run_dir": str(run_dir), "world_size": world.size,
                    "model_dir": Path(parts.model_path).name, **trainer.fit(ckpt)}
     finally:
@@ -92,8 +105,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if world.main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         report(summary, next(iter(parts.task.evals)))
-    barrier(world)  # ranks leave the process group together (a rank tearing gloo down early can abort)
+    barrier(launch)  # ranks leave the process group together (a rank tearing gloo down early can abort)
     return summary
+
+
+def generate_only(cfg: DictConfig, roles: Any, device: Any) -> None:
+    """A generator rank of an overlapped run: build its sampler, then generate what the trainers ask for."""
+    from dash_exp.batching import COMPUTE_DTYPES, TokenCache
+    from dash_exp.overlap import generate
+
+    parts = build(cfg, device=device, need_ref=False)
+    try:
+        generate(cfg, roles.world, roles.link, parts.task, TokenCache(parts.tokenizer), parts.policy, parts.sampler,
+                 COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype], device)
+    finally:
+        parts.close()
 
 
 def auto_tune(cfg: DictConfig, parts: Components, run_dir: Path, reuse: bool) -> Any:

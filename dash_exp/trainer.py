@@ -2,7 +2,8 @@
 
 One RL step: prompts -> sampler calls of `inference_batch` samples -> rewards -> group advantages ->
 gradient filtering -> ppo_epochs x ppo_minibatches optimizer steps, each micro-batched -> sampler sync.
-GRPO and DASH differ only in config (sampler call size, filter threshold).
+GRPO and DASH differ only in config (sampler call size, filter threshold). With generator ranks
+(dash_exp.overlap) the step's graded rollouts come from them instead, and the sync publishes the new weights.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from dash_exp.checkpoint import (
 from dash_exp.config import resolved_inference_batch, step_batch
 from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, full_tensor
 from dash_exp.evaluation import evaluate, generate_in_chunks
-from dash_exp.reward import GradeResult
-from dash_exp.rollout.base import Sampler, SamplingParams
+from dash_exp.overlap import GeneratorLink
+from dash_exp.reward import GradeResult, merge_graded
+from dash_exp.rollout.base import Rollout, Sampler, SamplingParams
 from dash_exp.rollout.hf import mix32
 from dash_exp.tasks.base import Problem, ProblemStream
 from dash_exp.tracking import MetricSink, Timers, peak_memory_mb, reset_peak_memory
@@ -65,9 +67,12 @@ class Trainer:
 
     def __init__(self, cfg: Any, policy: torch.nn.Module, tokenizer: Any, sampler: Sampler, task: Any,
                  sink: MetricSink, run_dir: Path, ref: torch.nn.Module | None = None,
-                 sft_items: list[Problem] | None = None, world: World = SINGLE) -> None:
+                 sft_items: list[Problem] | None = None, world: World = SINGLE,
+                 generators: GeneratorLink | None = None) -> None:
         self.cfg, self.policy, self.sampler, self.task, self.sink = cfg, policy, sampler, task, sink
         self.ref, self.run_dir, self.world = ref, run_dir, world
+        # overlapped rollout: the generator ranks sample; the trainers' own sampler only evaluates
+        self.generators = generators
         self.tokens = TokenCache(tokenizer)
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.is_sft = cfg.algorithm.name == "sft"
@@ -117,6 +122,8 @@ class Trainer:
         """Train to the last step (from `resume_from` if given), evaluate, checkpoint; return the summary."""
         if resume_from is not None:
             self.resume(resume_from)
+        if self.generators is not None:  # they sample step 1 while the trainers evaluate
+            self.generators.start(self.step, self.steps, self.stream.state_dict(), self.policy)
         if not self.initial_eval:
             self.initial_eval = self.evaluate()
             self.sink.log(0, self.initial_eval)
@@ -131,6 +138,7 @@ class Trainer:
                 # the weights are the last good ones (skipped steps change nothing): keep them for inspection
                 self.step = step - 1
                 self.save()
+                self.stop_generators()
                 raise
             self.elapsed += metrics["time/step"]
             metrics["time/elapsed"] = self.elapsed
@@ -147,13 +155,20 @@ class Trainer:
             if self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s:
                 break
         bar.close()
+        self.stop_generators()
         final = self.evaluate()
         self.sink.log(self.step, final)
         self.save()
         return {"steps": self.step, "resumed": resume_from is not None, "time/elapsed": self.elapsed,
                 "initial": self.initial_eval, "final": final, "last_step": last}
 
+    def stop_generators(self) -> None:
+        if self.generators is not None:
+            self.generators.stop()
+
     def evaluate(self) -> dict[str, float]:
+        if self.generators is not None:  # the trainers' sampler is not synced at every step
+            self.sampler.sync(self.policy)
         sampled = SamplingParams.from_config(self.cfg, self.cfg.eval_samples, evaluation=True)
         start = time.perf_counter()
         metrics = evaluate(self.sampler, self.tokens, self.task, sampled, self.cfg.seed,
@@ -171,11 +186,35 @@ class Trainer:
         return metrics
 
     def rl_step(self, step: int) -> dict[str, float]:
-        samples, keep, metrics = self.collect(step)
+        samples, keep, metrics = self.collect(step) if self.generators is None else self.receive(step)
         metrics.update(self.update(samples, keep, step))
         with self.timers("sync"):
-            self.sampler.sync(self.policy)
+            if self.generators is None:
+                self.sampler.sync(self.policy)
+            elif step < self.steps:
+                self.generators.publish(self.policy, step)
         return metrics
+
+    def receive(self, step: int) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
+        """The generators' graded rollouts of step `step`, scored as `collect` scores its own; samples of older
+        weights carry their behaviour log-probs and the ratio cap (the off-policy correction in the loss)."""
+        self.stream.next(self.cfg.prompts_per_step)  # the generators draw the same prompts: kept for checkpoints
+        with self.timers("trainer_idle"):
+            batches = self.generators.receive(step)
+        rollouts = [r for b in batches for r in b.rollouts]
+        gen_time = max(b.gen_time for b in batches)
+        samples, keep, metrics = self.score(rollouts, merge_graded([b.graded for b in batches]), gen_time)
+        staleness = [step - 1 - b.version for b in batches for _ in b.rollouts]
+        device = next(self.policy.parameters()).device
+        cap = self.cfg.rollout.ratio_cap if self.cfg.rollout.ratio_cap is not None else math.inf
+        for sample, rollout, lag in zip(samples, rollouts, staleness, strict=True):
+            if lag > 0:
+                sample.old_logprobs = torch.tensor(rollout.logprobs, dtype=torch.float32, device=device)
+                sample.ratio_cap = cap
+        metrics.update({"async/staleness_mean": sum(staleness) / len(staleness),
+                        "async/staleness_max": max(staleness), "time/inference": gen_time,
+                        "time/generator_idle": max(b.idle_time for b in batches)})
+        return samples, keep, metrics
 
     def collect(self, step: int) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
         """Sample, grade and score one step batch: (samples with advantages, gradient-filter mask, metrics)."""
@@ -198,10 +237,14 @@ class Trainer:
         if self.world.parallel:
             gathered = all_gather((rollouts, graded, gen_time), self.world)
             rollouts = [r for part, _, _ in gathered for r in part]
-            graded = GradeResult([x for _, g, _ in gathered for x in g.rewards],
-                                 sum(g.timeouts for _, g, _ in gathered), sum(g.unparsed for _, g, _ in gathered),
-                                 {k: sum(g.counts.get(k, 0) for _, g, _ in gathered) for k in graded.counts})
+            graded = merge_graded([g for _, g, _ in gathered])
             gen_time = max(t for _, _, t in gathered)
+        return self.score(rollouts, graded, gen_time)
+
+    def score(self, rollouts: list[Rollout], graded: GradeResult,
+              gen_time: float) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
+        """The step batch's advantages, gradient-filter mask and metrics, from its graded rollouts."""
+        cfg = self.cfg
         rewards = torch.tensor(graded.rewards)
         adv = group_advantages(rewards, cfg.group_size, cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
         keep = gradient_filter(adv, cfg.filter_threshold)
@@ -232,8 +275,8 @@ class Trainer:
         with self.timers("update"):
             start = time.perf_counter()
             off_policy = a.ppo_epochs * a.ppo_minibatches > 1
-            if off_policy:
-                self.old_logprobs([s for s, k in zip(samples, keep, strict=True) if k])
+            if off_policy:  # samples of older weights keep their behaviour log-probs
+                self.old_logprobs([s for s, k in zip(samples, keep, strict=True) if k and s.old_logprobs is None])
             # running sums of the optimizer steps' statistics, as host floats (each step's are read once, together
             # with its gradient norm, in optimizer_step: the update's only device reads)
             total = {**dict.fromkeys(SUMS, 0.0), "tokens": 0, "forward_samples": 0}
@@ -271,6 +314,8 @@ class Trainer:
         n_opt = max(optimizer_steps, 1)
         parallel = {"dist/kept_per_rank_min": min(kept_per_rank), "dist/kept_per_rank_max": max(kept_per_rank),
                     "dist/token_balance": min(balance)} if kept_per_rank else {}
+        if self.generators is not None:
+            parallel["async/capped_frac"] = total["capped"] / tokens
         return {
             **parallel,
             "loss/total": total["loss"] / n_opt, "loss/pg": total["pg"] / n_opt, "loss/kl": total["kl_loss"] / n_opt,

@@ -5,6 +5,10 @@ ref = log pi_ref (frozen start policy), A_i the sample's advantage, ratio = exp(
 
   policy gradient / PPO-clip:  l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
       (on-policy: old = logp.detach(), so ratio == 1 and the gradient is -A * grad logp)
+  off-policy correction (overlapped rollout, samples from older weights): old = the behaviour policy's log-probs
+      as the sampler recorded them (never recomputed), and where A < 0 the ratio is truncated at `cap`:
+      l = -cap * A once ratio > cap (dual-clip PPO, Ye et al. 2020, arXiv 1912.09729; verl's clip_ratio_c), so a
+      stale sample's weight is bounded on both sides (A > 0: by the clip at 1 + eps_high)
   KL penalty (Schulman's estimators of KL(pi_theta || pi_ref), with log_r = ref - logp):
       k1 = -log_r      k2 = log_r^2 / 2      k3 = exp(log_r) - 1 - log_r
   SFT: l = -logp  (on reference/trace tokens; with kl=on the same beta * k term pulls toward pi_ref)
@@ -20,6 +24,7 @@ filtering of zero-gradient samples leaves the gradient unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -38,16 +43,20 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO-clip per-token loss and the mask of tokens where clipping is active.
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float,
+    cap: torch.Tensor | float = math.inf,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO-clip per-token loss (ratio truncated at `cap` where A < 0), the mask of tokens where the clip is active
+    and the mask of tokens where the cap is.
 
-    advantages broadcast against logp (shape [B, 1] for per-sample advantages).
+    advantages and cap broadcast against logp (shape [B, 1] for per-sample values; cap inf = no cap).
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
-    return -torch.minimum(unclipped, clipped), clipped < unclipped
+    capped = (advantages < 0) & (ratio > cap)
+    loss = torch.where(capped, -cap * advantages, -torch.minimum(unclipped, clipped))
+    return loss, clipped < unclipped, capped
 
 
 def sft_loss(logp: torch.Tensor) -> torch.Tensor:

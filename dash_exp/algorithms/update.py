@@ -30,7 +30,7 @@ class LossSpec:
 
 
 # the float sums of UpdateStats, in the order of UpdateStats.sums
-SUMS = ("loss", "pg", "kl_loss", "kl_sum", "clipped", "approx_kl_sum")
+SUMS = ("loss", "pg", "kl_loss", "kl_sum", "clipped", "approx_kl_sum", "capped")
 
 
 def _sum(index: int, doc: str) -> property:
@@ -57,6 +57,7 @@ class UpdateStats:
     kl_sum = _sum(3, "per-token KL estimate, summed over response tokens")
     clipped = _sum(4, "response tokens whose PPO ratio was clipped")
     approx_kl_sum = _sum(5, "per-token approximate KL to the pre-update policy, summed over response tokens")
+    capped = _sum(6, "response tokens whose importance ratio was truncated at the cap (samples of older weights)")
 
     def read(self, *extra: torch.Tensor) -> list[float]:
         """The float sums (SUMS order) followed by the values of the 0-dim tensors `extra`, in ONE device read
@@ -101,16 +102,17 @@ def accumulate_gradients(
         stats.forward_samples += len(micro)
         stats.tokens += sum(len(s.response_ids) for s in micro)
         zero = logp.new_zeros(())
-        clipped_sum = approx_kl = kl_loss = kl_sum = zero
+        clipped_sum = capped_sum = approx_kl = kl_loss = kl_sum = zero
         if spec.kind == "sft":
             loss = aggregate_sum(sft_loss(logp), mask, spec.aggregation) / norm
         else:
-            has_old = micro[0].old_logprobs is not None
-            old = pad_right([s.old_logprobs for s in micro], logp.shape[1]) if has_old else logp.detach()
+            old = behaviour_logprobs(micro, logp)
             adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
-            pg_tokens, clipped = policy_loss(logp, old, adv, spec.clip_low, spec.clip_high)
+            cap = torch.tensor([s.ratio_cap for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
+            pg_tokens, clipped, capped = policy_loss(logp, old, adv, spec.clip_low, spec.clip_high, cap)
             loss = aggregate_sum(pg_tokens, mask, spec.aggregation) / norm
             clipped_sum = (clipped * mask).sum()
+            capped_sum = (capped * mask).sum()
             log_ratio = (logp - old).detach()
             approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum()
         pg = loss.detach()
@@ -125,8 +127,18 @@ def accumulate_gradients(
         loss.backward()
         with torch.no_grad():
             # in float64, from 0.0, in micro-batch order: the sums the Python floats once gave, bit for bit
-            stats.sums += torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl]).double()
+            stats.sums += torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl, capped_sum]).double()
     return stats
+
+
+def behaviour_logprobs(micro: Sequence[TrainSample], logp: torch.Tensor) -> torch.Tensor:
+    """The ratio's denominator per sample: its `old_logprobs` where set (PPO's pre-update policy, or the sampler's
+    log-probs of a sample from older weights), else the current log-probs detached (ratio exactly 1)."""
+    if all(s.old_logprobs is None for s in micro):
+        return logp.detach()
+    current = logp.detach()
+    rows = [s.old_logprobs if s.old_logprobs is not None else row for s, row in zip(micro, current, strict=True)]
+    return pad_right(rows, logp.shape[1])
 
 
 def idle_pass(policy: torch.nn.Module, pad_id: int, spec: LossSpec, backward: bool) -> None:
