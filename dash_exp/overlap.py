@@ -80,8 +80,8 @@ class GeneratorLink:
 
     def __init__(self, link: Link, world: World, dtype: torch.dtype, device: torch.device) -> None:
         self.link, self.world, self.dtype = link, world, dtype
-        # weights travel on the device (NCCL) or on the CPU (gloo)
-        self.device = device if torch.distributed.get_backend(link.weights) == "nccl" else torch.device("cpu")
+        # weights travel on the device: NCCL's on a GPU, gloo's on the CPU (the default group's backend)
+        self.device = device
         self.stopped = False
 
     def start(self, step: int, steps: int, stream: dict[str, Any], policy: torch.nn.Module) -> None:
@@ -138,7 +138,7 @@ class WeightInbox:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, link: Link, device: torch.device) -> None:
         self.model, self.dtype, self.link = model, dtype, link
-        self.device = device if torch.distributed.get_backend(link.weights) == "nccl" else torch.device("cpu")
+        self.device = device
         self.numel = sum(t.numel() for t in model.state_dict().values())
         self.cond = threading.Condition()
         self.newest: tuple[int, torch.Tensor] | None = None

@@ -55,7 +55,8 @@ def test_ppo_clip_both_sides_by_hand():
     # ratios 1.5, 1.5, 0.5, 0.5 with advantages +1, -1, +1, -1; eps_low 0.2, eps_high 0.3
     logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5])).requires_grad_()
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    loss, clipped = policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
+    loss, clipped, capped = policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
+    assert not capped.any()  # no cap by default
     # A>0, r>1+eh: min(1.5, 1.3) = 1.3 (clipped) ; A<0, r=1.5: min(-1.5, -1.3) = -1.5 (unclipped)
     # A>0, r=.5: min(.5, .8) = .5 (unclipped)   ; A<0, r<1-el: min(-.5, -.8) = -.8 (clipped)
     assert torch.allclose(loss, torch.tensor([-1.3, 1.5, -0.5, 0.8]))
@@ -67,10 +68,29 @@ def test_ppo_clip_both_sides_by_hand():
 
 def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
     logp = torch.tensor([-1.0, -2.0]).requires_grad_()
-    loss, clipped = policy_loss(logp, logp.detach(), torch.tensor([2.0, -3.0]), 0.2, 0.2)
+    loss, clipped, capped = policy_loss(logp, logp.detach(), torch.tensor([2.0, -3.0]), 0.2, 0.2, cap=3.0)
     loss.sum().backward()
-    assert torch.allclose(loss, torch.tensor([-2.0, 3.0])) and not clipped.any()
+    assert torch.allclose(loss, torch.tensor([-2.0, 3.0])) and not clipped.any() and not capped.any()
     assert torch.allclose(logp.grad, torch.tensor([-2.0, 3.0]))
+
+
+def test_stale_samples_ratio_against_behaviour_logprobs_is_clipped_and_capped_by_hand():
+    # behaviour log-probs (the sampler's, from older weights) against current ones: ratios 5, 5, 2, 0.5, 1
+    behaviour = torch.log(torch.tensor([0.1, 0.1, 0.2, 0.4, 0.3]))
+    logp = torch.log(torch.tensor([0.5, 0.5, 0.4, 0.2, 0.3])).requires_grad_()
+    adv = torch.tensor([-2.0, 2.0, -2.0, -2.0, 1.0])
+    cap = torch.tensor([3.0, 3.0, 3.0, 3.0, float("inf")])
+    loss, clipped, capped = policy_loss(logp, behaviour, adv, 0.2, 0.2, cap)
+    # r=5, A<0: PPO alone gives -min(-10, -2.4) = 10; the cap at 3: -3 * -2 = 6, constant
+    # r=5, A>0: clipped at 1.2 -> -2.4 (the cap acts only where A < 0)
+    # r=2, A<0: under the cap: -min(-4, -2.4) = 4, gradient -r A = 4
+    # r=0.5, A<0: below 1 - eps: -(0.8 * -2) = 1.6, clipped, no gradient
+    # r=1 (no cap: inf): -1 * 1 = -1, gradient -1
+    assert torch.allclose(loss, torch.tensor([6.0, -2.4, 4.0, 1.6, -1.0]))
+    assert capped.tolist() == [True, False, False, False, False]
+    assert clipped.tolist() == [False, True, False, True, False]
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([0.0, 0.0, 4.0, 0.0, -1.0]))
 
 
 def test_sft_loss_is_negative_logprob():
