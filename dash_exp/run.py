@@ -94,6 +94,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from dash_exp.overlap import GeneratorLink
 
         generators = GeneratorLink(roles.link, world, COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype], device)
+        if world.main:
+            print(f"overlapped rollout: trainer ranks 0-{world.size - 1}, generator ranks {roles.link.generators[0]}-"
+                  f"{roles.link.generators[-1]}, staleness bound {cfg.rollout.overlap}", flush=True)
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
                           ref=parts.ref, sft_items=parts.sft_items, world=world, generators=generators)
@@ -192,9 +195,10 @@ def main(cfg: DictConfig) -> None:
             print(f"{'data' if isinstance(exc, DataError) else 'config'} error: {exc}", file=sys.stderr)
             sys.exit(2)
         record_failure(Path(cfg.run_dir), exc)
+        from dash_exp.overlap import GeneratorError
         from dash_exp.trainer import NonFiniteError
 
-        if isinstance(exc, NonFiniteError):
+        if isinstance(exc, NonFiniteError | GeneratorError):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         raise

@@ -300,7 +300,7 @@ class Trainer:
                         kept_per_rank += [len(share) for share in shares]
                         rank_tokens = [sum(kept[i].length for i in share) for share in shares]
                         balance.append(min(rank_tokens) / max(rank_tokens))
-                        torch.distributed.all_reduce(stats.sums, group=self.world.group)  # the step's sums over all ranks
+                        torch.distributed.all_reduce(stats.sums, group=self.world.group)  # summed over ranks
                         stats.tokens = sum(len(s.response_ids) for s in kept)
                         stats.forward_samples = len(kept)
                     grad_norm = self.optimizer_step(stats)

@@ -202,6 +202,6 @@ def test_overlap_without_generator_ranks_is_a_one_line_config_error(tmp_path, cl
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("config error: rollout.overlap=1: needs rollout.generator_ranks >= 1 (generation "
                                    "overlaps training only on ranks of its own)")
-    alone = run([sys.executable, "-m", "dash_exp.run", *SMALL, "rollout.generator_ranks=1", f"hydra.run.dir={tmp_path}"],
-                cli_env, timeout=60)
+    alone = run([sys.executable, "-m", "dash_exp.run", *SMALL, "rollout.generator_ranks=1",
+                 f"hydra.run.dir={tmp_path}"], cli_env, timeout=60)
     assert alone.returncode == 2 and "rollout.generator_ranks=1: expected fewer than the launch's 1" in alone.stderr

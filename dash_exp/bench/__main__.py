@@ -4,6 +4,8 @@
 leak between them), writes out/<name>.json, then prints the Performance table and writes out/table.md.
 The TRL comparison runs in its own environment (make bench-env): .venv-trl/bin/python -m dash_exp.bench.trl_grpo
 `gpu` (not part of `all`) is the prepared check for one GPU (dash_exp/bench/gpu.py); `gpu --cpu` its test size.
+`overlap` (not part of `all`: about 25 min) trains whole runs in four layouts, synchronous, data parallel and
+overlapped rollout (dash_exp/bench/overlap.py), --repeats seeds each, and prints their table.
 `sandbox` (not part of `all`: it needs MBPP+) measures the execution sandbox (dash_exp/bench/sandbox.py).
 `generation` measures both backends' tokens/s at batch 16 and 128 against the FLOP floor on a real model
 (dash_exp/bench/generation.py); `all --real` (make bench) runs it, DASH vs GRPO and DASH vs TRL on
@@ -17,12 +19,13 @@ import json
 import os
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 # the TRL environment `make bench-env` creates beside .venv, in the repository root
 TRL_PYTHON = Path(__file__).resolve().parents[2] / ".venv-trl" / "bin" / "python"
-BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu", "sandbox", "generation")
+BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu", "sandbox", "generation", "overlap")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +80,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         backends = (args.backend,) if args.backend else ("hf", "vllm")
         return generation.run(args.overrides, args.repeats, backends=backends)
+    if args.bench == "overlap":
+        from dash_exp.bench import overlap
+
+        return overlap.run(args.overrides, args.repeats, args.out / "overlap_runs")
     if args.bench == "sandbox":
         from dash_exp.bench import sandbox
 
@@ -173,9 +180,8 @@ def main(argv: list[str] | None = None) -> None:
              "generation": f"generation_{args.backend}" if args.backend else "generation"}
     name = names.get(args.bench, args.bench)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    if args.bench == "gpu":
-        from dash_exp.bench.gpu import table
-
+    if args.bench in ("gpu", "overlap"):
+        table = import_module(f"dash_exp.bench.{args.bench}").table
         print(f"{table(result)}\n\nresult: {args.out / f'{name}.json'}")
         return
     print(json.dumps({k: v for k, v in result.items() if "per_seed" not in k}, indent=1))
