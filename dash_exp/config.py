@@ -415,6 +415,9 @@ def validate(cfg: Config | DictConfig) -> None:
     if r.generator_ranks and a.name in ("base", "sft"):
         raise ConfigError(f"rollout.generator_ranks={r.generator_ranks}: algorithm={a.name} samples nothing to "
                           "train on; expected 0")
+    if r.generator_ranks and r.tensor_parallel_size > 1:
+        raise ConfigError(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: generator ranks run one engine on "
+                          "one device each; expected 1 (add generator ranks instead)")
     if r.ratio_cap is not None and r.ratio_cap <= 1:
         raise ConfigError(f"rollout.ratio_cap={r.ratio_cap}: expected a number > 1 (or null: no cap)")
     if r.max_model_len is not None and r.max_model_len <= cfg.max_new_tokens:

@@ -82,10 +82,9 @@ def check_world(cfg: Any, world: World) -> None:
     if not world.parallel:
         return
     trainers = world.size - generators
-    if cfg.prompts_per_step % trainers:
-        ranks = f"the {trainers} training ranks" if generators else f"the world size {trainers}"
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: expected a multiple of {ranks} (each rank "
-                          "samples whole groups of an equal share of the prompts)")
+    if not generators and cfg.prompts_per_step % trainers:  # (trainers beside generators sample nothing)
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step}: expected a multiple of the world size "
+                          f"{trainers} (each rank samples whole groups of an equal share of the prompts)")
     if cfg.tune == "auto":
         raise ConfigError(f"tune=auto: probes one process's memory; with {world.size} ranks set train_microbatch "
                           "and inference_batch (or tune once with one process and reuse its numbers)")

@@ -52,10 +52,14 @@ def seed_everything(seed: int, threads: int) -> None:
 
 
 def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any = None,
-          need_ref: bool = True) -> Components:
-    """Task, tokenizer, policy, reference (only when kl.beta > 0 and `need_ref`) and sampler for a validated
-    config; in a data-parallel `world`, the policy sharded with FSDP2 over the ranks. A generator rank of an
-    overlapped run builds with world SINGLE and no reference: its policy is the copy its sampler generates from."""
+          role: str | None = None) -> Components:
+    """Task, tokenizer, policy, reference (only when kl.beta > 0) and sampler for a validated config; in a
+    data-parallel `world`, the policy sharded with FSDP2 over the ranks.
+
+    `role` in a launch split for overlapped rollout: "trainer" builds the HF sampler whatever rollout.name says
+    (the trainers' sampler only evaluates: no second engine on their devices); "generator" builds no reference,
+    its policy is the copy its sampler generates from, and a vLLM engine gets a worker process of its own (its
+    torch.distributed world is not the launch's)."""
     from dash_exp.batching import TokenCache
     from dash_exp.models import build_reference, load_policy, load_tokenizer, resolve_model_path
     from dash_exp.rollout.registry import build_sampler
@@ -88,8 +92,9 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
         from dash_exp.distributed import shard
 
         shard(policy, COMPUTE_DTYPES[cfg.model.dtype], device, world)
-    ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 and need_ref else None
-    sampler = build_sampler(cfg, policy, tokens, path, [p.prompt for p in task.train], world.parallel)
+    ref = build_reference(path, cfg.model.dtype, device) if cfg.kl.beta > 0 and role != "generator" else None
+    sampler = build_sampler(cfg, policy, tokens, path, [p.prompt for p in task.train], world.parallel,
+                            backend="hf" if role == "trainer" else None, own_worker=role == "generator")
     return Components(task, tokenizer, policy, ref, sampler, sft_items, dropped, path)
 
 

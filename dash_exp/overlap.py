@@ -14,7 +14,8 @@ synchronous samples). A sample from an older version is corrected in the loss ag
 with the ratio truncated at rollout.ratio_cap (algorithms.losses).
 
 Channels (trainer rank 0 <-> each generator, torch.distributed point to point, one process group each):
-  weights  a header [version, stop] then the flat weights in the sampler's dtype (NCCL on GPU, gloo on CPU)
+  weights  a header [version, stop] then every tensor in state-dict order, in the sampler's dtype (NCCL on GPU,
+           gloo on CPU)
   samples  pickled objects (gloo): the start message out; StepBatch objects in, None ending a generator's stream
 A generator's receiver thread takes every version as it arrives and its sender thread sends batches as they are
 made, so a trainer never waits on a busy generator, and a generator waits only for a version the trainers will
@@ -111,13 +112,17 @@ class GeneratorLink:
         return batch
 
     def publish(self, policy: torch.nn.Module, version: int) -> None:
-        """Send the policy's weights as `version` to every generator (a collective over the trainers when the
-        policy is sharded; rank 0 sends). Blocks only until each generator's receiver thread takes them."""
-        flat = torch.cat([t.reshape(-1) for _, t in full_weights(policy, self.dtype)]).to(self.device)
+        """Send the policy's weights as `version` to every generator, one whole tensor at a time (gathered: a
+        collective over the trainers when the policy is sharded; rank 0 sends). Blocks only until each generator's
+        receiver thread takes them."""
         if self.world.main:
             for g in self.link.generators:
                 torch.distributed.send(_header(version, False, self.device), g, group=self.link.weights)
-                torch.distributed.send(flat, g, group=self.link.weights)
+        for _, tensor in full_weights(policy, self.dtype):
+            if self.world.main:
+                tensor = tensor.to(self.device).contiguous()
+                for g in self.link.generators:
+                    torch.distributed.send(tensor, g, group=self.link.weights)
 
     def stop(self) -> None:
         """Stop the generators and read what each still sends, up to its end-of-stream None (idempotent)."""
@@ -139,7 +144,7 @@ class WeightInbox:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, link: Link, device: torch.device) -> None:
         self.model, self.dtype, self.link = model, dtype, link
         self.device = device
-        self.numel = sum(t.numel() for t in model.state_dict().values())
+        self.numels = [t.numel() for t in model.state_dict().values()]
         self.cond = threading.Condition()
         self.newest: tuple[int, torch.Tensor] | None = None
         self.loaded = -1
@@ -157,9 +162,10 @@ class WeightInbox:
                 torch.distributed.recv(header, 0, group=self.link.weights)
                 version, stop = header.tolist()
                 flat = None
-                if not stop:
-                    flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-                    torch.distributed.recv(flat, 0, group=self.link.weights)
+                if not stop:  # the tensors in state-dict order, into one buffer (the model keeps generating)
+                    flat = torch.empty(sum(self.numels), dtype=self.dtype, device=self.device)
+                    for part in flat.split(self.numels):
+                        torch.distributed.recv(part, 0, group=self.link.weights)
                 with self.cond:
                     if flat is not None:
                         self.newest = (version, flat)

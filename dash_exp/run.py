@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    parts = build(cfg, world=world, device=device)
+    parts = build(cfg, world=world, device=device, role="trainer" if roles.link is not None else None)
     ckpt = all_gather(prepare_run_dir(run_dir, cfg.resume) if world.main else None, world)[0]
     tuned = auto_tune(cfg, parts, run_dir, reuse=ckpt is not None) if cfg.tune == "auto" else None
     if tuned is not None:
@@ -117,10 +117,11 @@ def generate_only(cfg: DictConfig, roles: Any, device: Any) -> None:
     from dash_exp.batching import COMPUTE_DTYPES, TokenCache
     from dash_exp.overlap import generate
 
-    parts = build(cfg, device=device, need_ref=False)
-    try:
-        generate(cfg, roles.world, roles.link, parts.task, TokenCache(parts.tokenizer), parts.policy, parts.sampler,
-                 COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype], device)
+    parts = build(cfg, device=device, role="generator")
+    dtype = COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype]
+    try:  # the policy copy holds what the trainers send: weights in the sampler's dtype
+        generate(cfg, roles.world, roles.link, parts.task, TokenCache(parts.tokenizer), parts.policy.to(dtype),
+                 parts.sampler, dtype, device)
     finally:
         parts.close()
 

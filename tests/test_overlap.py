@@ -23,6 +23,7 @@ from conftest import REPO, TEST_OVERRIDES
 
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample, response_logprobs
+from dash_exp.bench.overlap import summarize_run
 from dash_exp.factory import build
 
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
@@ -118,6 +119,11 @@ def test_overlap_one_samples_from_the_current_or_the_previous_version(tmp_path, 
     stale = [r for r in rows if r["async/staleness_max"] == 1]
     assert any(r["ppo/approx_kl"] > 0 for r in stale)  # their ratio is against the behaviour log-probs, not 1
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    # what `python -m dash_exp.bench overlap` reads off such a run
+    numbers = summarize_run(run_dir)
+    assert 0 < numbers["trainer_idle_share"] < 1 and 0 <= numbers["generator_idle_share"] < 1
+    assert numbers["bound"] >= max(numbers["generation"], numbers["update"]) * 0.5 and numbers["s_per_step"] > 0
+    assert 0 <= numbers["accuracy"] <= 1 and 0 < numbers["staleness_mean"] <= 1
 
 
 @pytest.mark.slow

@@ -40,15 +40,18 @@ def resolved_rollout(name: str, n_params: int | None = None) -> str:
 
 
 def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_path: str,
-                  prompts: Sequence[str] = (), data_parallel: bool = False) -> Sampler:
+                  prompts: Sequence[str] = (), data_parallel: bool = False, backend: str | None = None,
+                  own_worker: bool = False) -> Sampler:
     """The backend named by cfg.rollout.name (auto: `resolved_rollout` by device and model size); `tokens` is the
     run's tokenizer cache. `prompts` (the training prompts) size vLLM's KV cache on GPU: one step batch of the
     longest prompt plus max_new_tokens. `data_parallel`: the policy is sharded over ranks, and each rank gets its
     own engine holding the whole model (HF: an unsharded copy in the compute dtype; vLLM: an engine per rank on
-    torch.distributed's external launcher), refreshed from the policy's full tensors at every sync."""
+    torch.distributed's external launcher), refreshed from the policy's full tensors at every sync. `backend`
+    overrides cfg.rollout.name; `own_worker` runs a vLLM engine's model in a worker process of its own (a generator
+    rank of a split launch)."""
     from dash_exp.batching import COMPUTE_DTYPES
 
-    name = resolved_rollout(cfg.rollout.name, sum(p.numel() for p in policy.parameters()))
+    name = resolved_rollout(backend or cfg.rollout.name, sum(p.numel() for p in policy.parameters()))
     if name == "hf":
         from dash_exp.models import build_reference, eos_token_ids
         from dash_exp.rollout.hf import HFSampler
@@ -73,6 +76,6 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_p
         step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
                                      COMPUTE_DTYPES[cfg.model.dtype])
     dtype = cfg.rollout.dtype or cfg.model.dtype
-    sampler = VLLMSampler(model_path, cfg.rollout, dtype, cfg.seed, step_kv_gb, data_parallel)
+    sampler = VLLMSampler(model_path, cfg.rollout, dtype, cfg.seed, step_kv_gb, data_parallel, own_worker)
     sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
     return sampler

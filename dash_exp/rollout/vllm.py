@@ -80,12 +80,13 @@ class VLLMSampler:
     """Generates with vLLM from the current policy; `sync` pushes the policy's weights into the engine."""
 
     def __init__(self, model_path: str, rollout: Any, dtype: str, seed: int, step_kv_gb: float | None = None,
-                 data_parallel: bool = False) -> None:
+                 data_parallel: bool = False, own_worker: bool = False) -> None:
         from vllm import LLM
 
         state = _ProcessState()
         self.on_gpu = torch.cuda.is_available()
-        self.tensor_parallel = rollout.tensor_parallel_size > 1
+        # the model runs in worker processes (tensor parallel, or a worker of its own): weights travel pickled
+        self.tensor_parallel = rollout.tensor_parallel_size > 1 or own_worker
         self.sleep_mode = self.on_gpu and rollout.enable_sleep_mode
         # the engine runs in the compute dtype; sync casts the fp32 master weights to it
         self.dtype = getattr(torch, dtype)
@@ -95,6 +96,12 @@ class VLLMSampler:
             kwargs = engine_kwargs(model_path, rollout, dtype, seed, self.on_gpu, step_kv_gb)
             if data_parallel:  # one engine per rank, in the rank's process, on the trainer's process group
                 kwargs["distributed_executor_backend"] = "external_launcher"
+            elif own_worker:  # a generator rank: the worker's torch.distributed world is its own, not the launch's
+                kwargs["distributed_executor_backend"] = "mp"
+                if self.on_gpu:  # the worker takes cuda:0 of what it sees: this rank's GPU
+                    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                    index = torch.cuda.current_device()
+                    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
             self.llm = LLM(**kwargs)
         finally:
             state.restore()
