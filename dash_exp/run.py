@@ -68,8 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # overlapped rollout: the last rollout.generator_ranks ranks generate, the others train in their own world
     roles = split_roles(launch, cfg.rollout.generator_ranks)
     if roles.generator:
-        generate_only(cfg, roles, device)
-        barrier(launch)
+        generate_only(cfg, roles, device, launch)
         return {}
     world = roles.world
     if world.main:
@@ -112,9 +111,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def generate_only(cfg: DictConfig, roles: Any, device: Any) -> None:
-    """A generator rank of an overlapped run: build its sampler, then generate what the trainers ask for."""
+def generate_only(cfg: DictConfig, roles: Any, device: Any, launch: Any) -> None:
+    """A generator rank of an overlapped run: build its sampler, generate what the trainers ask for, wait for the
+    trainers to end (before the engine shuts down: vLLM's shutdown leaves no process group behind)."""
     from dash_exp.batching import COMPUTE_DTYPES, TokenCache
+    from dash_exp.distributed import barrier
     from dash_exp.overlap import generate
 
     parts = build(cfg, device=device, role="generator")
@@ -122,6 +123,7 @@ def generate_only(cfg: DictConfig, roles: Any, device: Any) -> None:
     try:  # the policy copy holds what the trainers send: weights in the sampler's dtype
         generate(cfg, roles.world, roles.link, parts.task, TokenCache(parts.tokenizer), parts.policy.to(dtype),
                  parts.sampler, dtype, device)
+        barrier(launch)
     finally:
         parts.close()
 

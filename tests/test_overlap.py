@@ -127,6 +127,20 @@ def test_overlap_one_samples_from_the_current_or_the_previous_version(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_vllm_generator_runs_its_engine_beside_the_launch(tmp_path, cli_env):
+    """rollout=vllm on the generator: the engine's model in a worker process of its own (its torch.distributed
+    world is not the launch's), weights reloaded from what the trainer sends."""
+    run_dir = tmp_path / "run"
+    proc = run([*torchrun(2), "steps=4", *SMALL, "rollout=vllm", "rollout.generator_ranks=1", "rollout.overlap=1",
+                f"hydra.run.dir={run_dir}"], cli_env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = step_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["async/staleness_max"] <= 1 for r in rows)
+    # stale samples' ratios are against vLLM's log-probs of the weights the trainer sent: close to the policy's
+    assert all(abs(r["ppo/approx_kl"]) < 0.05 for r in rows)
+
+
+@pytest.mark.slow
 def test_fsdp_over_two_trainer_ranks_beside_one_generator(tmp_path, cli_env):
     sync, split = tmp_path / "sync", tmp_path / "split"
     args = ["steps=3", *SMALL]
