@@ -25,11 +25,14 @@ each generator still sends up to its None.
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +74,18 @@ def _recv(src: int, group: Any) -> Any:
     return box[0]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a dead child of the same launcher stays a zombie until torchrun reaps it
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
 def _header(version: int, stop: bool, device: torch.device) -> torch.Tensor:
     return torch.tensor([version, int(stop)], dtype=torch.int64, device=device)
 
@@ -86,11 +101,23 @@ class GeneratorLink:
         self.stopped = False
 
     def start(self, step: int, steps: int, stream: dict[str, Any], policy: torch.nn.Module) -> None:
-        """Tell the generators where the run stands (after a resume too) and publish the weights they start from."""
+        """Tell the generators where the run stands (after a resume too), learn their processes, and publish the
+        weights they start from."""
         if self.world.main:
             for g in self.link.generators:
                 _send({"step": step, "steps": steps, "stream": stream}, g, self.link.samples)
+            self.processes = {g: _recv(g, self.link.samples) for g in self.link.generators}
         self.publish(policy, step)
+
+    def why_stopped(self) -> str:
+        """One line on why the run is being stopped from outside (torchrun stops every rank when one fails): the
+        generators whose process is gone, where they ran on this host."""
+        host = socket.gethostname()
+        dead = [f"generator rank {g} (pid {pid})" for g, (where, pid) in getattr(self, "processes", {}).items()
+                if where == host and not _alive(pid)]
+        if dead:
+            return f"{', '.join(dead)} died; the launcher stopped the run (resume it with the same command)"
+        return "the launcher stopped the run (SIGTERM): one of its ranks failed (see its report)"
 
     def receive(self, step: int) -> list[StepBatch]:
         """Every generator's batch of `step` (generator order), on every trainer rank."""
@@ -236,6 +263,7 @@ def generate(cfg: Any, world: World, link: Link, task: Any, tokens: Any, model: 
     """A generator rank's whole life: the steps the trainers ask for, each from weights at most rollout.overlap
     versions stale, then wait for stop. Returns the number of batches sent."""
     start = _recv(0, link.samples)
+    _send((socket.gethostname(), os.getpid()), 0, link.samples)  # for the trainers' report, should this process die
     stream = ProblemStream(task.train, seed=cfg.seed)
     stream.load_state_dict(start["stream"])
     inbox, outbox = WeightInbox(model, dtype, link, device), BatchOutbox(link)

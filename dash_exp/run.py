@@ -96,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if world.main:
             print(f"overlapped rollout: trainer ranks 0-{world.size - 1}, generator ranks {roles.link.generators[0]}-"
                   f"{roles.link.generators[-1]}, staleness bound {cfg.rollout.overlap}", flush=True)
+            stop_with_one_line_on_sigterm(generators)
     try:
         trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir,
                           ref=parts.ref, sft_items=parts.sft_items, world=world, generators=generators)
@@ -109,6 +110,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         report(summary, next(iter(parts.task.evals)))
     barrier(launch)  # ranks leave the process group together (a rank tearing gloo down early can abort)
     return summary
+
+
+def stop_with_one_line_on_sigterm(generators: Any) -> None:
+    """torchrun stops every rank with SIGTERM when one fails: the trainer then ends with one line naming the
+    generator that died (a GeneratorError), not with the default silent termination."""
+    import signal
+
+    from dash_exp.overlap import GeneratorError
+
+    def stop(signum: int, frame: Any) -> None:
+        raise GeneratorError(generators.why_stopped())
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def generate_only(cfg: DictConfig, roles: Any, device: Any, launch: Any) -> None:
