@@ -99,6 +99,8 @@ class GeneratorLink:
         # weights travel on the device: NCCL's on a GPU, gloo's on the CPU (the default group's backend)
         self.device = device
         self.stopped = False
+        # each generator's (host, pid), told at start: to name one that dies
+        self.processes: dict[int, tuple[str, int]] = {}
 
     def start(self, step: int, steps: int, stream: dict[str, Any], policy: torch.nn.Module) -> None:
         """Tell the generators where the run stands (after a resume too), learn their processes, and publish the
@@ -113,7 +115,7 @@ class GeneratorLink:
         """One line on why the run is being stopped from outside (torchrun stops every rank when one fails): the
         generators whose process is gone, where they ran on this host."""
         host = socket.gethostname()
-        dead = [f"generator rank {g} (pid {pid})" for g, (where, pid) in getattr(self, "processes", {}).items()
+        dead = [f"generator rank {g} (pid {pid})" for g, (where, pid) in self.processes.items()
                 if where == host and not _alive(pid)]
         if dead:
             return f"{', '.join(dead)} died; the launcher stopped the run (resume it with the same command)"
