@@ -339,6 +339,11 @@ def resolved_inference_batch(cfg: Config | DictConfig) -> int:
     return cfg.inference_batch if cfg.inference_batch is not None else step_batch(cfg)
 
 
+def resolved_sampler_dtype(cfg: Config | DictConfig) -> str:
+    """The dtype the sampler generates in and receives weights in: rollout.dtype, else model.dtype."""
+    return cfg.rollout.dtype or cfg.model.dtype
+
+
 def resolved_threads(cfg: Config | DictConfig) -> int:
     """Torch threads: the configured number, else the cores this process may run on."""
     return cfg.threads if cfg.threads is not None else len(os.sched_getaffinity(0))

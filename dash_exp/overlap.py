@@ -30,7 +30,6 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,10 +154,11 @@ class GeneratorLink:
 
     def stop(self) -> None:
         """Stop the generators and read what each still sends, up to its end-of-stream None (idempotent)."""
-        if self.stopped or not self.world.main:
-            self.stopped = True
+        if self.stopped:
             return
         self.stopped = True
+        if not self.world.main:
+            return
         for g in self.link.generators:
             torch.distributed.send(_header(-1, True, self.device), g, group=self.link.weights)
         for g in self.link.generators:
@@ -223,12 +223,9 @@ class WeightInbox:
             newest, self.newest = self.newest, None
         if newest is not None and newest[0] > self.loaded:
             version, flat = newest
-            offset = 0
             with torch.no_grad():
-                for tensor in self.model.state_dict().values():
-                    n = tensor.numel()
-                    tensor.copy_(flat[offset: offset + n].view_as(tensor))
-                    offset += n
+                for tensor, part in zip(self.model.state_dict().values(), flat.split(self.numels), strict=True):
+                    tensor.copy_(part.view_as(tensor))
             self.loaded = version
         return self.loaded
 
@@ -272,7 +269,8 @@ def generate(cfg: Any, world: World, link: Link, task: Any, tokens: Any, model: 
     sampling = SamplingParams.from_config(cfg, cfg.group_size)
     sent = 0
     try:
-        for step, problems in _steps(stream, start["step"], start["steps"], cfg.prompts_per_step):
+        for step in range(start["step"] + 1, start["steps"] + 1):
+            problems = stream.next(cfg.prompts_per_step)
             # the version the run starts from, at least; then at most `overlap` versions behind step - 1
             idle = inbox.wait_for(max(start["step"], step - 1 - cfg.rollout.overlap))
             if inbox.stopped:
@@ -294,9 +292,4 @@ def generate(cfg: Any, world: World, link: Link, task: Any, tokens: Any, model: 
     finally:
         outbox.close()
     return sent
-
-
-def _steps(stream: ProblemStream, done: int, steps: int, per_step: int) -> Iterator[tuple[int, list[Any]]]:
-    for step in range(done + 1, steps + 1):
-        yield step, stream.next(per_step)
 

@@ -17,7 +17,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dash_exp.config import ConfigError, register_configs, resolved_threads, validate
+from dash_exp.config import ConfigError, register_configs, resolved_sampler_dtype, resolved_threads, validate
 from dash_exp.factory import Components, build, seed_everything
 
 register_configs()
@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from dash_exp.batching import COMPUTE_DTYPES
         from dash_exp.overlap import GeneratorLink
 
-        generators = GeneratorLink(roles.link, world, COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype], device)
+        generators = GeneratorLink(roles.link, world, COMPUTE_DTYPES[resolved_sampler_dtype(cfg)], device)
         if world.main:
             print(f"overlapped rollout: trainer ranks 0-{world.size - 1}, generator ranks {roles.link.generators[0]}-"
                   f"{roles.link.generators[-1]}, staleness bound {cfg.rollout.overlap}", flush=True)
@@ -133,7 +133,7 @@ def generate_only(cfg: DictConfig, roles: Any, device: Any, launch: Any) -> None
     from dash_exp.overlap import generate
 
     parts = build(cfg, device=device, role="generator")
-    dtype = COMPUTE_DTYPES[cfg.rollout.dtype or cfg.model.dtype]
+    dtype = COMPUTE_DTYPES[resolved_sampler_dtype(cfg)]
     try:  # the policy copy holds what the trainers send: weights in the sampler's dtype
         generate(cfg, roles.world, roles.link, parts.task, TokenCache(parts.tokenizer), parts.policy.to(dtype),
                  parts.sampler, dtype, device)

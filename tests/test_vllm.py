@@ -197,7 +197,7 @@ class RecordingEngine:
 def test_sync_hands_the_engine_compute_dtype_tensors_and_cpu_ones_to_tensor_parallel_workers(tensor_parallel):
     policy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     sampler = VLLMSampler.__new__(VLLMSampler)  # the engine itself is replaced by the recorder
-    sampler.llm, sampler.dtype, sampler.asleep, sampler.tensor_parallel = RecordingEngine(), torch.bfloat16, False, (
+    sampler.llm, sampler.dtype, sampler.asleep, sampler.remote_workers = RecordingEngine(), torch.bfloat16, False, (
         tensor_parallel)
     sampler.sync(policy)
     (method, handed), reset = sampler.llm.calls

@@ -50,6 +50,7 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_p
     overrides cfg.rollout.name; `own_worker` runs a vLLM engine's model in a worker process of its own (a generator
     rank of a split launch)."""
     from dash_exp.batching import COMPUTE_DTYPES
+    from dash_exp.config import resolved_sampler_dtype
 
     name = resolved_rollout(backend or cfg.rollout.name, sum(p.numel() for p in policy.parameters()))
     if name == "hf":
@@ -75,7 +76,7 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_p
         longest = max(len(tokens(p)) for p in prompts)
         step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
                                      COMPUTE_DTYPES[cfg.model.dtype])
-    dtype = cfg.rollout.dtype or cfg.model.dtype
+    dtype = resolved_sampler_dtype(cfg)
     sampler = VLLMSampler(model_path, cfg.rollout, dtype, cfg.seed, step_kv_gb, data_parallel, own_worker)
     sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
     return sampler

@@ -86,7 +86,7 @@ class VLLMSampler:
         state = _ProcessState()
         self.on_gpu = torch.cuda.is_available()
         # the model runs in worker processes (tensor parallel, or a worker of its own): weights travel pickled
-        self.tensor_parallel = rollout.tensor_parallel_size > 1 or own_worker
+        self.remote_workers = rollout.tensor_parallel_size > 1 or own_worker
         self.sleep_mode = self.on_gpu and rollout.enable_sleep_mode
         # the engine runs in the compute dtype; sync casts the fp32 master weights to it
         self.dtype = getattr(torch, dtype)
@@ -146,7 +146,7 @@ class VLLMSampler:
         # torch.save and rebuilt by every worker on cuda:0, so they travel as CPU tensors (in the engine's
         # dtype), which each worker copies to its own GPU
         # (tied weights go under both names: vLLM re-ties them only when it sees both)
-        if self.tensor_parallel:
+        if self.remote_workers:
             weights: Any = [(name, t.cpu()) for name, t in full_weights(policy, self.dtype)]
         else:
             weights = full_weights(policy, self.dtype)
