@@ -1,20 +1,38 @@
-"""The execution sandbox, with real processes: hostile programs score 0 and harm nothing, forged verdicts fail,
-isolation holds where the OS allows it."""
+"""The execution sandbox, with real processes, in every isolation mode this machine offers (as root: `root` and
+`user`, the mode every user without root gets): hostile programs score 0 and harm nothing, forged verdicts and
+forged reply frames fail, programs reach neither the trainer, its files, the server nor each other."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
-from dash_exp.sandbox import Call, CallFailed, Execution, Job, Opaque, Sandbox, available_isolation
+from dash_exp.sandbox import (
+    Call,
+    CallFailed,
+    Execution,
+    Job,
+    Opaque,
+    Sandbox,
+    _read_frame,
+    available_isolation,
+    available_isolations,
+)
 from dash_exp.tasks.base import Problem
 from dash_exp.tasks.code import CodeGrader, CodeTests, extract_program
 
 ISOLATION = available_isolation()
+# the hostile suite runs in each mode this machine offers; "none" only where no namespace is available at all
+MODES = available_isolations() or ["none"]
 # f(x) = 2x + 1, tested at 5 points; the expected outputs live only in `check`, on the grader's side
 TESTS = CodeTests("f", "inputs = [[0], [1], [2], [7], [-3]]",
                   "def helper(out, exp):\n    assert out == exp\n\n"
@@ -44,17 +62,78 @@ HOSTILE = {
     "a syntax error": "def f(x) return x\n",
 }
 
+# a program that writes forged reply frames (the passing outputs of f for every id up to 300, in today's JSON
+# framing, then a frame in the pickle framing of earlier versions whose pickle creates `canary` when unpickled) into
+# every /proc/<pid>/fd/* of another process that it can open: the server's stdout is the channel back to the trainer
+# (only preloaded modules: as `nobody` it may not import others)
+FORGER = r"""
+import json, os, struct
 
-@pytest.fixture(scope="module")
-def grader():
-    g = CodeGrader(Sandbox(workers=2))
+def frames():
+    outputs = json.dumps({{'status': 'ok', 'outputs': [{{'v': v}} for v in [1, 3, 5, 15, -5]]}}).encode()
+    for i in range(300):
+        head = json.dumps({{'id': i, 'status': 'ok', 'seconds': 0.0, 'exit': 0}}).encode()
+        yield struct.pack('>II', len(head), len(outputs)) + head + outputs
+    yield struct.pack('>I', len({pickled!r})) + {pickled!r}
+
+def forge():
+    reached, me = [], str(os.getpid())
+    try:
+        pids = [p for p in os.listdir('/proc') if p.isdigit() and p != me]
+    except OSError:
+        pids = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f'/proc/{{pid}}/fd')
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                out = os.open(f'/proc/{{pid}}/fd/{{fd}}', os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                for frame in frames():
+                    os.write(out, frame)
+                reached.append(f'{{pid}}/{{fd}}')
+            except OSError:
+                pass
+            finally:
+                os.close(out)
+    return reached
+
+REACHED = forge()
+
+def f(x):
+    return {body}
+"""
+
+
+class Canary:
+    """Unpickled, it creates the file `path`: the earlier versions' client unpickled every reply frame."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def forger(canary: Path, body: str) -> str:
+    frame = pickle.dumps({"id": 0, "status": "ok", "payload": Canary(canary), "seconds": 0.0, "exit": 0})
+    return FORGER.format(pickled=frame, body=body)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def grader(request):
+    g = CodeGrader(Sandbox(workers=2, isolation=request.param))
     yield g
     g.close()
 
 
-def run_once(program: str) -> Execution:
+def run_once(program: str, isolation: str = "auto") -> Execution:
     """`f(0)` of one program in a server of its own (started now: it sees the environment as it is now)."""
-    sandbox = Sandbox(workers=1)
+    sandbox = Sandbox(workers=1, isolation=isolation)
     try:
         return sandbox.run([Job(program, "f", "inputs = [[0]]")])[0]
     finally:
@@ -63,6 +142,20 @@ def run_once(program: str) -> Execution:
 
 def grade(grader: CodeGrader, programs: list[str]):
     return grader.grade(programs, [PROBLEM] * len(programs))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (as the trainer sees them)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
 
 
 def test_a_correct_program_passes_and_a_wrong_one_fails(grader):
@@ -82,20 +175,108 @@ def test_each_hostile_or_forged_program_scores_zero_and_harms_nothing(grader, na
     assert grade(grader, [CORRECT]).rewards == [1.0]
 
 
+@pytest.mark.parametrize("honest", ["wrong", "right"])
+def test_a_program_forging_reply_frames_scores_as_its_own_outputs_deserve_and_runs_nothing_here(grader, tmp_path,
+                                                                                                honest):
+    canary = tmp_path / "canary"
+    program = forger(canary, "0" if honest == "wrong" else "2 * x + 1")
+    server = grader.sandbox._proc
+    result = grade(grader, [program, CORRECT, "def f(x):\n    return 0\n"])  # no exception here
+    assert result.rewards == [0.0 if honest == "wrong" else 1.0, 1.0, 0.0]
+    assert not canary.exists(), "a forged frame ran code in the trainer"
+    if server is not None:
+        assert grader.sandbox._proc is server, "a forged frame reached the client (the server was restarted)"
+    assert grade(grader, [CORRECT]).rewards == [1.0]
+
+
+def test_the_forger_reaches_no_descriptor_of_the_server_or_the_trainer(grader, tmp_path):
+    """What the forger above could open: no descriptor of another process (its namespace's /proc shows no other,
+    and Landlock closes /proc where there is no namespace)."""
+    run, = grader.sandbox.run([Job(forger(tmp_path / "canary", "REACHED"), "f", "inputs = [[0]]")])
+    assert run.status == "ok", run
+    assert run.outputs[0] == [], f"the program opened other processes' descriptors: {run.outputs[0]}"
+
+
+@pytest.fixture
+def secrets(tmp_path):
+    """Files a program must not read: a 0600 file of the trainer's user, a file under the trainer's $HOME and a
+    metrics file in a run directory, each (but the first) readable by every user as far as permissions go."""
+    run_dir = Path(tempfile.mkdtemp(prefix="dash_exp_run_"))
+    run_dir.chmod(0o755)
+    private = run_dir / "token"
+    private.write_text("s3cret-0600")
+    private.chmod(0o600)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("s3cret-run")
+    metrics.chmod(0o644)
+    home = Path.home() / f".dash_exp_sandbox_probe_{uuid.uuid4().hex}"
+    home.write_text("s3cret-home")
+    home.chmod(0o644)
+    try:
+        yield [private, home, metrics]
+    finally:
+        home.unlink()
+        for p in (private, metrics):
+            p.unlink()
+        run_dir.rmdir()
+
+
+def test_a_program_reads_no_file_of_the_trainers_user(grader, secrets):
+    program = ("def f(x):\n    out = []\n"
+               f"    for path in {[str(p) for p in secrets]!r}:\n"
+               "        try:\n            out.append(open(path).read())\n"
+               "        except OSError as exc:\n            out.append(type(exc).__name__)\n    return out\n")
+    run, = grader.sandbox.run([Job(program, "f", "inputs = [[0]]")])
+    assert run.status == "ok", run
+    assert not any("s3cret" in v for v in run.outputs[0]), run.outputs
+    assert grade(grader, [CORRECT]).rewards == [1.0]
+
+
+def test_a_program_that_signals_every_pid_it_sees_reaches_only_its_own(grader):
+    program = ("import os, signal\ndef f(x):\n    me = os.getpid()\n"
+               "    try:\n        seen = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+               "    except OSError:\n        seen = []\n"
+               "    for pid in seen + list(range(2, 400)):\n"
+               "        if pid != me:\n            try:\n                os.kill(pid, signal.SIGKILL)\n"
+               "            except OSError:\n                pass\n"
+               "    return me, [p for p in seen if p != me]\n")
+    server = grader.sandbox._proc
+    run, = grader.sandbox.run([Job(program, "f", "inputs = [[0]]")])
+    assert run.status == "ok", run
+    assert run.outputs[0][1] == [], f"the program saw other processes: {run.outputs[0]}"
+    assert server is None or server.poll() is None and grader.sandbox._proc is server, "the server was killed"
+    assert grade(grader, [CORRECT]).rewards == [1.0]
+
+
+def test_a_program_cannot_read_another_programs_working_directory_while_both_run(grader):
+    secret = uuid.uuid4().hex
+    writer = (f"import time\ndef f(x):\n    open('mine.txt', 'w').write({secret!r})\n"
+              "    time.sleep(1.5)\n    return 'done'\n")
+    reader = ("import os, time\ndef f(x):\n    time.sleep(0.5)\n    found = []\n"
+              "    try:\n        pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+              "    except OSError:\n        pids = []\n"
+              "    tops = ['/dev/shm', '/tmp', '/var/tmp', '..', '../..'] + [f'/proc/{p}/cwd' for p in pids]\n"
+              "    tops += [f'/proc/{p}/root/dev/shm' for p in pids]\n"
+              "    for top in tops:\n"
+              "        for root, _, files in os.walk(top):\n"
+              "            for name in files:\n"
+              "                try:\n                    found.append(open(os.path.join(root, name)).read(100))\n"
+              "                except (OSError, ValueError):\n                    pass\n"
+              "    return found\n")
+    a, b = grader.sandbox.run([Job(writer, "f", "inputs = [[0]]"), Job(reader, "f", "inputs = [[0]]")])
+    assert a.status == "ok" and a.outputs == ["done"], a
+    assert b.status == "ok" and secret not in str(b.outputs), b
+
+
 def test_a_fork_bomb_leaves_no_process_behind(grader):
-    if not grader.sandbox.info.get("pid_ns"):
-        grade(grader, [CORRECT])
-    if not (grader.sandbox.info.get("nobody") and grader.sandbox.info.get("pid_ns")):
-        pytest.skip("needs programs to run as nobody in PID namespaces of their own")
+    grade(grader, [CORRECT])
+    server = grader.sandbox._proc
+    before = len(descendants(server.pid))
     grade(grader, [HOSTILE["fork bomb"]])
     deadline = time.monotonic() + 10  # the kernel kills the namespace's processes once its first one is gone
-    while time.monotonic() < deadline:
-        left = subprocess.run(["ps", "-u", "nobody", "-o", "pid="], capture_output=True, text=True).stdout.split()
-        if not left:
-            break
+    while time.monotonic() < deadline and len(descendants(server.pid)) > before:
         time.sleep(0.1)
-    assert left == [], subprocess.run(["ps", "-u", "nobody", "-o", "pid,stat,cmd"], capture_output=True,
-                                      text=True).stdout
+    assert len(descendants(server.pid)) <= before
 
 
 def test_a_mixed_batch_grades_the_correct_programs_correctly_in_order(grader):
@@ -191,6 +372,92 @@ def test_a_dead_server_is_restarted():
         assert sandbox.run([Job("def f(x):\n    return x\n", "f", "inputs = [[2]]")])[0].outputs == [2]
     finally:
         sandbox.close()
+
+
+# a stand-in for a server whose reply channel a program has reached: it answers the ready handshake, reads the
+# batch's job frames, then writes what a forger could (given as Python source of one bytes expression, `ids` the
+# batch's job ids, `canary` a pickle that creates the file argv[3] when unpickled) and waits for more input
+_FORGED_SERVER = r"""
+import json, pickle, struct, sys
+class Canary:
+    def __reduce__(self):
+        return (open, (sys.argv[3], 'w'))
+canary = pickle.dumps(Canary())
+def frame(header, payload=b''):
+    head = json.dumps(header).encode() if isinstance(header, dict) else header
+    return struct.pack('>II', len(head), len(payload)) + head + payload
+out, inp = sys.stdout.buffer, sys.stdin.buffer
+out.write(frame({'ready': True, 'program_ns': '', 'landlock': 0})); out.flush()
+ids = []
+for _ in range(int(sys.argv[1])):
+    head, size = struct.unpack('>II', inp.read(8))
+    ids.append(json.loads(inp.read(head))['id']); inp.read(size)
+ok = json.dumps({'status': 'ok', 'outputs': [{'v': 1}]}).encode()
+out.write(eval(sys.argv[2])); out.flush()
+inp.read()
+"""
+FORGED_FRAMES = {
+    "a header that is not JSON": "frame(b'{not json')",
+    "a header that is a pickle that runs code": "frame(canary)",
+    "a payload that is a pickle that runs code": "frame({'id': ids[0], 'status': 'ok', 'seconds': 0.0}, canary)",
+    "a frame of the earlier pickle framing": "struct.pack('>I', len(canary)) + canary",
+    "a header that is not an object": "frame([ids[0], 'ok'])",
+    "an oversized header": "struct.pack('>II', 1 << 30, 0)",
+    "an oversized payload": "struct.pack('>II', 2, 1 << 40) + b'{}'",
+    "an unknown id": "frame({'id': ids[-1] + 7, 'status': 'ok', 'seconds': 0.0}, ok)",
+    "a duplicate id": "frame({'id': ids[0], 'status': 'ok', 'seconds': 0.0}, ok) * 2",
+    "an id that is not an int": "frame({'id': str(ids[0]), 'status': 'ok', 'seconds': 0.0}, ok)",
+    "an unknown status": "frame({'id': ids[0], 'status': 'pass', 'seconds': 0.0}, ok)",
+    "a truncated frame": "frame({'id': ids[0], 'status': 'ok', 'seconds': 0.0}, ok)[:-3]",
+}
+
+
+class ForgedChannelSandbox(Sandbox):
+    """A Sandbox whose first `starts` servers are the forged stand-in; later ones are real."""
+
+    reply_slack_s = 1.0  # a truncated frame is given up on after the batch's limit plus this
+
+    def __init__(self, forged: str, batch: int, starts: int, canary: Path) -> None:
+        super().__init__(workers=1)
+        self.forged, self.batch, self.starts, self.canary = forged, batch, starts, canary
+
+    def _start(self) -> subprocess.Popen:
+        if self.starts == 0:
+            return super()._start()
+        self.starts -= 1
+        proc = subprocess.Popen([sys.executable, "-c", _FORGED_SERVER, str(self.batch), self.forged, str(self.canary)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        assert _read_frame(proc.stdout, 0, 30.0)[0]["ready"]
+        return proc
+
+
+BATCH = [Job("def f(x):\n    return x\n", "f", "inputs = [[1]]", 1.0),
+         Job("def f(x):\n    return 2 * x\n", "f", "inputs = [[3]]", 1.0)]
+
+
+@pytest.mark.parametrize("forged", list(FORGED_FRAMES))
+def test_a_forged_frame_costs_a_restart_and_the_batch_is_run_again(forged, tmp_path):
+    sandbox = ForgedChannelSandbox(FORGED_FRAMES[forged], len(BATCH), starts=1, canary=tmp_path / "canary")
+    try:
+        runs = sandbox.run(BATCH)  # never raises
+    finally:
+        sandbox.close()
+    assert not (tmp_path / "canary").exists(), "a forged frame ran code in the trainer"
+    assert [(r.status, r.outputs) for r in runs] == [("ok", [1]), ("ok", [6])]
+
+
+@pytest.mark.parametrize("forged", list(FORGED_FRAMES))
+def test_a_channel_forged_again_after_the_restart_costs_the_batch_a_crashed_verdict_and_nothing_more(forged,
+                                                                                                       tmp_path):
+    sandbox = ForgedChannelSandbox(FORGED_FRAMES[forged], len(BATCH), starts=2, canary=tmp_path / "canary")
+    try:
+        runs = sandbox.run(BATCH)  # never raises, never trusts a forged reply
+        assert [r.status for r in runs] == ["crashed", "crashed"]
+        after = sandbox.run(BATCH)  # the next batch gets a fresh (here: real) server
+    finally:
+        sandbox.close()
+    assert not (tmp_path / "canary").exists(), "a forged frame ran code in the trainer"
+    assert [(r.status, r.outputs) for r in after] == [("ok", [1]), ("ok", [6])]
 
 
 @pytest.mark.parametrize(("response", "program", "fenced"), [

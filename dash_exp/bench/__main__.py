@@ -44,6 +44,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="all: also the real-model rows (SmolLM2-135M-Instruct, the smollm2 recipe; ~19 min more)")
     parser.add_argument("--filter-batches", type=int, default=4,
                         help="train: late step batches of the gradient-filtering probe per seed (0 = no probe)")
+    parser.add_argument("--isolation", choices=["root", "user", "none"], default=None,
+                        help="sandbox: only this isolation mode (default: each mode this machine offers)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="results directory")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, applied to every benchmark")
     argv = sys.argv[1:] if argv is None else argv
@@ -87,7 +89,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     if args.bench == "sandbox":
         from dash_exp.bench import sandbox
 
-        return sandbox.run(args.overrides, args.repeats, args.steps or 10)
+        return sandbox.run(args.overrides, args.repeats, args.steps or 10, args.isolation)
     raise ValueError(f"unknown benchmark {args.bench!r}")
 
 

@@ -49,16 +49,13 @@ def _grading_share(overrides: list[str], steps: int) -> dict[str, float]:
             "pycode_grading_share": reward / step}
 
 
-def run(overrides: list[str], repeats: int, steps: int = 10) -> dict[str, Any]:
+def _mode(problems: list, isolation: str, sample_of, repeats: int) -> dict[str, Any]:
+    """One isolation mode: every reference graded at once, the fast ones again, then `sample_of(fast)` one at a
+    time (best of `repeats` each)."""
     from dash_exp.sandbox import Job, Sandbox
     from dash_exp.tasks.code import CodeGrader
-    from dash_exp.tasks.mbpp import load_mbpp, mbpp_problem
 
-    cfg = compose_config(["task=mbpp", "run_dir=.", *overrides]).task
-    train, test = load_mbpp(cfg.mbpp)
-    rows = train + test
-    problems = [mbpp_problem(r, 120.0) for r in rows]
-    sandbox = Sandbox()
+    sandbox = Sandbox(isolation=isolation)
     grader = CodeGrader(sandbox)
     try:
         sandbox.run([Job("x = 1\n", "x", "inputs = []")])  # start the server outside the timing
@@ -70,23 +67,46 @@ def run(overrides: list[str], repeats: int, steps: int = 10) -> dict[str, Any]:
         start = time.perf_counter()
         sandbox.run([problems[i].tests.job(problems[i].solution) for i in fast])
         fast_wall = time.perf_counter() - start
-        sample = fast[:: max(1, len(fast) // SAMPLE)][:SAMPLE]
-        alone, boxed = [], []
+        sample = sample_of(fast)
+        boxed = []
         for i in sample:
-            p = problems[i]
-            alone.append(min(_alone(rows[i]) for _ in range(repeats)))
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                sandbox.run([p.tests.job(p.solution)])
+                sandbox.run([problems[i].tests.job(problems[i].solution)])
                 times.append(time.perf_counter() - t)
             boxed.append(min(times))
     finally:
         grader.close()
-    return {"bench": "sandbox", "workers": sandbox.workers, "isolation": sandbox.isolation,
-            "mbpp_programs": len(problems), "mbpp_passed": passed, "mbpp_wall_s": wall,
-            "mbpp_programs_per_s": len(problems) / wall,
-            "fast_programs": len(fast), "fast_programs_per_s": len(fast) / fast_wall, "sample": len(sample),
-            "alone_median_s": statistics.median(alone), "sandbox_median_s": statistics.median(boxed),
-            "overhead_ratio": statistics.median(boxed) / statistics.median(alone),
+    return {"isolation": sandbox.isolation, "program_ns": sandbox.info.get("program_ns", ""),
+            "landlock": sandbox.info.get("landlock", 0), "workers": sandbox.workers,
+            "mbpp_passed": passed, "mbpp_wall_s": wall, "mbpp_programs_per_s": len(problems) / wall,
+            "fast_programs": len(fast), "fast_programs_per_s": len(fast) / fast_wall, "sample": sample,
+            "sandbox_median_s": statistics.median(boxed)}
+
+
+def run(overrides: list[str], repeats: int, steps: int = 10, isolation: str | None = None) -> dict[str, Any]:
+    """Each isolation mode this machine offers (or the one given), side by side in one run; the fresh-interpreter
+    baseline and the training step's grading share once."""
+    from dash_exp.sandbox import available_isolations
+    from dash_exp.tasks.mbpp import load_mbpp, mbpp_problem
+
+    cfg = compose_config(["task=mbpp", "run_dir=.", *overrides]).task
+    train, test = load_mbpp(cfg.mbpp)
+    rows = train + test
+    problems = [mbpp_problem(r, 120.0) for r in rows]
+    chosen: dict[str, list[int]] = {}
+
+    def sample_of(fast: list[int]) -> list[int]:  # the first mode's sample, for every mode
+        if "sample" not in chosen:
+            chosen["sample"] = fast[:: max(1, len(fast) // SAMPLE)][:SAMPLE]
+        return chosen["sample"]
+
+    modes = {m: _mode(problems, m, sample_of, repeats) for m in ([isolation] if isolation else
+                                                                   available_isolations() or ["none"])}
+    alone = statistics.median(min(_alone(rows[i]) for _ in range(repeats)) for i in chosen["sample"])
+    for m in modes.values():
+        m["sample"] = len(m["sample"])
+        m["overhead_ratio"] = m["sandbox_median_s"] / alone
+    return {"bench": "sandbox", "mbpp_programs": len(problems), "alone_median_s": alone, "modes": modes,
             **_grading_share([], steps)}

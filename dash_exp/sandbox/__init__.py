@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
+import select
 import shutil
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ ISOLATIONS = {
     "none": [],
 }
 _STARTUP_TIMEOUT_S = 60.0
+# what a reply may say of a program's run (its own result is inside the payload)
+_REPLY_STATUSES = frozenset({"ok", "timeout", "crashed", "output_too_large"})
+# the largest reply header the client reads (a real one is under 100 bytes)
+_MAX_HEADER = 1 << 16
+
+
+class ProtocolError(Exception):
+    """A frame from the server that is not a well-formed reply to a job still waiting for one."""
 
 
 class CallFailed:
@@ -134,12 +143,13 @@ def _output(o: dict) -> Any:
     return Call(decode(o["a"]), value) if "a" in o else value
 
 
-def _execution(reply: dict) -> Execution:
-    seconds = float(reply.get("seconds", 0.0))
+def _execution(reply: dict, payload: bytes) -> Execution:
+    """A checked reply's execution: the program's own result (its payload) is parsed here, as data only."""
+    seconds = float(reply["seconds"])
     if reply["status"] != "ok":
         return Execution(reply["status"], seconds=seconds)
     try:
-        result = json.loads(reply["payload"])
+        result = json.loads(payload)
         status = result["status"]
         if status != "ok":
             return Execution(status, seconds=seconds, detail=str(result.get("detail", "")))
@@ -149,24 +159,33 @@ def _execution(reply: dict) -> Execution:
     return Execution("ok", outputs, seconds)
 
 
-def available_isolation() -> str:
-    """The strongest isolation this machine allows: root (namespaces as root, programs as `nobody`), user (an
-    unprivileged user namespace), or none."""
+def available_isolations() -> list[str]:
+    """Every namespace isolation this machine allows, strongest first: root (namespaces as root, programs as
+    `nobody`; only when running as root) and user (an unprivileged user namespace)."""
     if not shutil.which("unshare"):
-        return "none"
+        return []
+    found = []
     for name in ("root", "user") if os.geteuid() == 0 else ("user",):
         try:
             probe = subprocess.run([*ISOLATIONS[name], "true"], capture_output=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             continue
         if probe.returncode == 0:
-            return name
-    return "none"
+            found.append(name)
+    return found
+
+
+def available_isolation() -> str:
+    """The strongest isolation this machine allows (`available_isolations`), else none."""
+    return next(iter(available_isolations()), "none")
 
 
 class Sandbox:
     """Runs untrusted programs in the fork server; `run` never raises on what a program does and never hangs
     beyond each program's limit (plus a restart of the server if it dies). Thread-safe."""
+
+    # seconds a reply may come after the longest limit of the batch's programs (the server's kill and clean-up)
+    reply_slack_s = 30.0
 
     def __init__(self, workers: int | None = None, memory_mb: int = 2048, processes: int = 64, file_mb: int = 16,
                  max_output_mb: int = 64, isolation: str = "auto") -> None:
@@ -185,15 +204,18 @@ class Sandbox:
     def _start(self) -> subprocess.Popen:
         if not self.isolation:
             self.isolation = available_isolation() if self.requested == "auto" else self.requested
-        env = dict(CLEAN_ENV, SANDBOX_PID_NS="1" if self.isolation != "none" else "0")
+        env = dict(CLEAN_ENV, SANDBOX_NAMESPACES="1" if self.isolation != "none" else "0")
         if self.isolation != "none":
             env["TMPDIR"] = _PRIVATE_ROOT
         cmd = [*ISOLATIONS[self.isolation], sys.executable, "-E", "-s", str(SERVER), str(self.workers),
                str(self.max_output)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env=env, cwd="/", start_new_session=True)
-        info = _read_frame(proc.stdout)
-        if not info or not info.get("ready"):
+        try:
+            info, _ = _read_frame(proc.stdout, 0, _STARTUP_TIMEOUT_S)
+        except (ProtocolError, EOFError, TimeoutError, struct.error):
+            info = None
+        if not isinstance(info, dict) or info.get("ready") is not True:
             proc.kill()
             raise RuntimeError(f"the sandbox server did not start ({' '.join(cmd[:3])} ...)")
         if not self.info:
@@ -203,29 +225,39 @@ class Sandbox:
 
     def _announce(self, info: dict) -> None:
         if self.isolation == "none":
-            log.warning("sandbox: no isolation available (no unshare or namespaces refused): programs run with "
-                        "network access and can write wherever this user can; use a container or VM")
-            return
-        parts = ["network, mount and PID namespaces" + (" (unprivileged user namespace)"
-                                                         if self.isolation == "user" else ""),
-                 "private /dev/shm, read-only /tmp", "uid nobody" if info.get("nobody") else "same uid as the trainer",
-                 "a PID namespace per program" if info.get("pid_ns") else "process-group kill"]
-        log.info("sandbox isolation: %s", ", ".join(parts))
+            log.warning("sandbox: no namespaces available (no unshare, or user namespaces refused): programs share "
+                        "the trainer's process space and network; use a container or VM")
+        user = " (unprivileged user namespace)" if self.isolation == "user" else ""
+        parts = [] if self.isolation == "none" else [f"network, mount and PID namespaces{user}"]
+        parts.append({"nobody": "per program: PID namespace with its own /proc, private tmpfs, uid nobody",
+                      "userns": "per program: user namespace (no capability over the server), PID namespace with "
+                                "its own /proc, private tmpfs, same uid outside as the trainer"}.get(
+                                    info.get("program_ns"), "per program: process-group kill only"))
+        if info.get("landlock"):
+            parts.append(f"Landlock ABI {info['landlock']}: reads only the interpreter and system directories, "
+                         "writes only its own directory")
+        else:
+            parts.append("no Landlock: programs can read every file this user can read")
+            log.warning("sandbox: Landlock unavailable (Linux >= 5.13 with it enabled): programs can read every file "
+                        "the trainer's user can read")
+        log.info("sandbox isolation: %s", "; ".join(parts))
 
     def run(self, jobs: Sequence[Job]) -> list[Execution]:
-        """Every job's execution, in job order."""
+        """Every job's execution, in job order. Never raises on what a program or the server does: a dead server
+        is restarted and the batch run again once; a server that dies again, or that sends anything but a
+        well-formed reply to a waiting job (a sign that a program reached its channel), is killed and the batch's
+        jobs are `crashed`."""
         if not jobs:
             return []
         with self._lock:
-            try:
-                return self._run(jobs)
-            except (OSError, EOFError, pickle.UnpicklingError, struct.error, RuntimeError):
-                self.close()  # a dead server: restart once, then report what is missing as crashed
+            for attempt in range(2):
                 try:
                     return self._run(jobs)
-                except (OSError, EOFError, pickle.UnpicklingError, struct.error, RuntimeError):
+                except (OSError, EOFError, ProtocolError, struct.error, RuntimeError) as exc:
                     self.close()
-                    return [Execution("crashed", detail="sandbox server failed") for _ in jobs]
+                    log.warning("sandbox: %s (%s)", "restarting the server" if attempt == 0 else "giving up on the "
+                                f"batch of {len(jobs)}", exc)
+            return [Execution("crashed", detail="sandbox server failed") for _ in jobs]
 
     def _run(self, jobs: Sequence[Job]) -> list[Execution]:
         if self._proc is None or self._proc.poll() is not None:
@@ -248,11 +280,12 @@ class Sandbox:
         writer = threading.Thread(target=send, daemon=True)
         writer.start()
         results: dict[int, Execution] = {}
+        # while any job runs, one ends (or is killed) within the longest limit: a server silent for longer is stuck
+        patience = max(j.timeout_s for j in jobs) + self.reply_slack_s
         while len(results) < len(jobs):
-            reply = _read_frame(proc.stdout)
-            if reply is None:
-                raise EOFError("the sandbox server exited")
-            results[reply["id"] - base] = _execution(reply)
+            header, payload = _read_frame(proc.stdout, self.max_output, patience)
+            index = _reply_index(header, base, len(jobs), results)
+            results[index] = _execution(header, payload)
         writer.join()
         return [results[i] for i in range(len(jobs))]
 
@@ -266,25 +299,47 @@ class Sandbox:
         self.close()
 
 
-def _frame(obj: object) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return struct.pack(">I", len(data)) + data
+def _frame(header: dict, payload: bytes = b"") -> bytes:
+    """The server's frame (`server.frame`): two big-endian lengths, the JSON header, the payload."""
+    head = json.dumps(header).encode()
+    return struct.pack(">II", len(head), len(payload)) + head + payload
 
 
-def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
-    data = b""
+def _read_exact(stream: IO[bytes], n: int, deadline: float) -> bytes:
+    """`n` bytes straight from the stream's descriptor (never its buffer), or EOFError / TimeoutError."""
+    fd, data = stream.fileno(), b""
     while len(data) < n:
-        chunk = stream.read(n - len(data))
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+            raise TimeoutError("the sandbox server sent nothing in time")
+        chunk = os.read(fd, min(n - len(data), 1 << 20))
         if not chunk:
-            return None
+            raise EOFError("the sandbox server exited")
         data += chunk
     return data
 
 
-def _read_frame(stream: IO[bytes]) -> dict | None:
-    head = _read_exact(stream, 4)
-    if head is None:
-        return None
-    (size,) = struct.unpack(">I", head)
-    body = _read_exact(stream, size)
-    return None if body is None else pickle.loads(body)
+def _read_frame(stream: IO[bytes], max_payload: int, timeout_s: float) -> tuple[dict, bytes]:
+    """One frame's JSON header (an object) and raw payload, whole within `timeout_s`; sizes are checked before
+    anything more is read."""
+    deadline = time.monotonic() + timeout_s
+    head, size = struct.unpack(">II", _read_exact(stream, 8, deadline))
+    if head > _MAX_HEADER or size > max_payload:
+        raise ProtocolError(f"a frame of {head} + {size} bytes")
+    try:
+        header = json.loads(_read_exact(stream, head, deadline))
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("a header that is not JSON") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("a header that is not an object")
+    return header, _read_exact(stream, size, deadline)
+
+
+def _reply_index(header: dict, base: int, n: int, done: dict[int, Execution]) -> int:
+    """Which job of the batch a reply answers; anything but a first reply to one of them is a ProtocolError."""
+    job_id, status, seconds = header.get("id"), header.get("status"), header.get("seconds")
+    if type(job_id) is not int or not base <= job_id < base + n or job_id - base in done:
+        raise ProtocolError(f"a reply to no waiting job (id {job_id!r})")
+    if status not in _REPLY_STATUSES or type(seconds) not in (int, float):
+        raise ProtocolError(f"a malformed reply to job {job_id}")
+    return job_id - base

@@ -12,18 +12,17 @@ call the entry point on each (or let the test's `drive` call it, each call recor
 as tagged JSON of plain data only. The expected outputs never enter this process: the client compares. A
 program that exits early, dies, forges output or overruns simply yields no valid result.
 
-Frames in both directions: 4-byte big-endian length, then a pickle (the client is trusted; replies carry the
-child's bytes unparsed).
+Frames in both directions (`frame`): two 4-byte big-endian lengths, a JSON header, then raw bytes (a reply's
+payload: the child's JSON, unparsed here). Nothing on either channel is ever unpickled or evaluated: a program
+that could write into it would forge at most data, which the client checks field by field.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
-import pickle
 import resource
 import select
 import shutil
@@ -33,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from confine import NOBODY, Confinement, harden_server  # a sibling script: the server runs as one
+
 # modules imported once here, so that each fork finds them loaded (the MBPP+ tests import numpy and math; every
 # module MBPP+'s solutions import is here). A program running as `nobody` imports others only where the
 # interpreter's files are world-readable (not under /root, say).
@@ -40,16 +41,16 @@ PRELOAD = ("math", "re", "collections", "itertools", "functools", "heapq", "bise
            "statistics", "fractions", "decimal", "copy", "random", "cmath", "array", "typing", "json", "numpy",
            "datetime", "calendar", "textwrap", "unicodedata", "hashlib", "struct", "time", "socket", "dataclasses",
            "enum", "abc", "numbers", "contextlib")
-CLONE_NEWPID = 0x20000000
-PR_SET_PDEATHSIG = 1
 # nesting depth of a returned value that is still encoded
 MAX_DEPTH = 100
-NOBODY = 65534
+# the largest job header the server accepts
+MAX_JOB = 64 << 20
 
 
-def _frame(obj: object) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return struct.pack(">I", len(data)) + data
+def frame(header: dict, payload: bytes = b"") -> bytes:
+    """One frame: lengths of the JSON header and of the payload, the header, the payload."""
+    head = json.dumps(header).encode()
+    return struct.pack(">II", len(head), len(payload)) + head + payload
 
 
 class Unencodable(Exception):
@@ -157,32 +158,24 @@ def _driven(fn: object, drive: object) -> list:
     return calls
 
 
-def _child(job: dict, wfd: int, workdir: str, as_nobody: bool, own_pid_ns: bool) -> None:
+def _child(job: dict, wfd: int, workdir: str, confinement: Confinement) -> None:
     """In the forked child: never returns."""
     status = 1
     try:
         os.setsid()
-        if own_pid_ns and _unshare_pid():
-            pid = os.fork()  # the grandchild is PID 1 of its namespace: everything it starts dies with it
-            if pid:
-                os.close(wfd)
-                _, code = os.waitpid(pid, 0)
-                os._exit(0 if code == 0 else 1)
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        workdir = confinement.enter(4 * int(job["file_mb"])) or workdir  # may fork: returns in the program's process
         os.chdir(workdir)
+        os.environ["TMPDIR"] = tempfile.tempdir = workdir
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         # stdout and stderr go to a file in the working directory, capped with every other file at file_mb
         # (RLIMIT_FSIZE): a program that writes more is killed by SIGXFSZ
         out = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         for fd in (1, 2):
             os.dup2(out, fd)
+        confinement.restrict(workdir)
         os.closerange(3, wfd)
         os.closerange(wfd + 1, 1 << 16)
         _limits(job)
-        if as_nobody:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         result = run_program(job)
         data = json.dumps(result).encode()
@@ -194,18 +187,11 @@ def _child(job: dict, wfd: int, workdir: str, as_nobody: bool, own_pid_ns: bool)
         os._exit(status)
 
 
-def _unshare_pid() -> bool:
-    try:
-        return ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWPID) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 class Server:
     """Runs jobs from stdin, `workers` at a time, each under its deadline."""
 
-    def __init__(self, workers: int, root: str, as_nobody: bool, own_pid_ns: bool, max_output: int) -> None:
-        self.workers, self.root, self.as_nobody, self.own_pid_ns = workers, root, as_nobody, own_pid_ns
+    def __init__(self, workers: int, root: str, confinement: Confinement, max_output: int) -> None:
+        self.workers, self.root, self.confinement = workers, root, confinement
         self.max_output = max_output
         self.pending: list[dict] = []
         # result fd -> [pid, job, deadline, start, chunks, size, workdir]
@@ -229,14 +215,15 @@ class Server:
                 self.exited[pid] = code
 
     def start(self, job: dict) -> None:
-        workdir = tempfile.mkdtemp(prefix="p", dir=self.root)
-        if self.as_nobody:
+        # a program in namespaces of its own works in a tmpfs of its own; otherwise in a directory made here
+        workdir = "" if self.confinement.mode else tempfile.mkdtemp(prefix="p", dir=self.root)
+        if workdir and self.confinement.as_nobody:
             os.chown(workdir, NOBODY, NOBODY)
         rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(rfd)
-            _child(job, wfd, workdir, self.as_nobody, self.own_pid_ns)
+            _child(job, wfd, workdir, self.confinement)
         os.close(wfd)
         now = time.monotonic()
         self.running[rfd] = [pid, job, now + job["timeout"], now, [], 0, workdir]
@@ -248,13 +235,13 @@ class Server:
             os.killpg(pid, signal.SIGKILL)  # whatever it left running in its session
         code = self.exited.pop(pid) if pid in self.exited else os.waitpid(pid, 0)[1]
         seconds = time.monotonic() - start
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         payload = b"".join(chunks)
         if status is None:  # what it wrote decides (the client parses it), not how its process ended
             status = "ok" if payload else "crashed"
-        reply = {"id": job["id"], "status": status, "payload": payload if status == "ok" else b"",
-                 "seconds": seconds, "exit": code}
-        sys.stdout.buffer.write(_frame(reply))
+        reply = {"id": job["id"], "status": status, "seconds": seconds, "exit": code}
+        sys.stdout.buffer.write(frame(reply, payload if status == "ok" else b""))
         sys.stdout.buffer.flush()
 
     def read_jobs(self) -> bool:
@@ -262,12 +249,14 @@ class Server:
         if not data:
             return False
         self.inbuf += data
-        while len(self.inbuf) >= 4:
-            (size,) = struct.unpack(">I", self.inbuf[:4])
-            if len(self.inbuf) < 4 + size:
+        while len(self.inbuf) >= 8:
+            head, size = struct.unpack(">II", self.inbuf[:8])
+            if head + size > MAX_JOB:
+                raise ValueError(f"a job frame of {head + size} bytes")
+            if len(self.inbuf) < 8 + head + size:
                 break
-            self.pending.append(pickle.loads(self.inbuf[4: 4 + size]))
-            self.inbuf = self.inbuf[4 + size:]
+            self.pending.append(json.loads(self.inbuf[8: 8 + head]))
+            self.inbuf = self.inbuf[8 + head + size:]
         return True
 
     def serve(self) -> None:
@@ -301,19 +290,20 @@ class Server:
 
 def main() -> None:
     workers, max_output = int(sys.argv[1]), int(sys.argv[2])
+    harden_server()
     sys.set_int_max_str_digits(0)  # a correct program may return a huge int
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
-    as_nobody = os.geteuid() == 0 and _can_setuid()
-    own_pid_ns = os.environ.get("SANDBOX_PID_NS") == "1"
     root = tempfile.mkdtemp(prefix="dash_exp_sandbox_")
     os.chmod(root, 0o711)
-    info = {"ready": True, "nobody": as_nobody, "pid_ns": own_pid_ns and _probe_pid_ns(), "pid": os.getpid()}
-    sys.stdout.buffer.write(_frame(info))
+    confinement = Confinement(os.geteuid() == 0 and _can_setuid(), os.environ.get("SANDBOX_NAMESPACES") == "1")
+    confinement.probe()
+    info = {"ready": True, "nobody": confinement.as_nobody, **confinement.info(), "pid": os.getpid()}
+    sys.stdout.buffer.write(frame(info))
     sys.stdout.buffer.flush()
     try:
-        Server(workers, root, as_nobody, info["pid_ns"], max_output).serve()
+        Server(workers, root, confinement, max_output).serve()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -328,13 +318,6 @@ def _can_setuid() -> bool:
             os._exit(0)
         except OSError:
             os._exit(1)
-    return os.waitpid(pid, 0)[1] == 0
-
-
-def _probe_pid_ns() -> bool:
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0 if _unshare_pid() else 1)
     return os.waitpid(pid, 0)[1] == 0
 
 
