@@ -4,6 +4,7 @@ forged reply frames fail, programs reach neither the trainer, its files, the ser
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -230,6 +231,34 @@ def test_a_program_reads_no_file_of_the_trainers_user(grader, secrets):
     assert run.status == "ok", run
     assert not any("s3cret" in v for v in run.outputs[0]), run.outputs
     assert grade(grader, [CORRECT]).rewards == [1.0]
+
+
+def test_without_namespaces_landlock_still_keeps_the_trainers_files_closed(secrets):
+    """isolation=none (no namespaces): where the kernel has Landlock, the same files stay out of reach."""
+    from dash_exp.sandbox.confine import landlock_abi
+
+    if not landlock_abi():
+        pytest.skip("no Landlock on this kernel: isolation=none holds back nothing but the environment")
+    program = ("def f(x):\n    out = []\n"
+               f"    for path in {[str(p) for p in secrets]!r}:\n"
+               "        try:\n            out.append(open(path).read())\n"
+               "        except OSError as exc:\n            out.append(type(exc).__name__)\n    return out\n")
+    run = run_once(program, isolation="none")
+    assert run.status == "ok" and run.outputs[0] == ["PermissionError"] * 3, run
+
+
+def test_isolation_none_still_runs_with_its_warning_and_auto_never_picks_it_where_a_namespace_exists(caplog):
+    with caplog.at_level(logging.WARNING, logger="dash_exp.sandbox"):
+        run = run_once("def f(x):\n    return x + 1\n", isolation="none")
+    assert run.status == "ok" and run.outputs == [1]
+    assert "no namespaces available" in caplog.text
+    sandbox = Sandbox(workers=1)
+    try:
+        assert sandbox.run([Job("def f(x):\n    return x\n", "f", "inputs = [[2]]")])[0].outputs == [2]
+        assert sandbox.isolation == (available_isolations() or ["none"])[0]
+        assert MODES == ["none"] or sandbox.isolation != "none"
+    finally:
+        sandbox.close()
 
 
 def test_a_program_that_signals_every_pid_it_sees_reaches_only_its_own(grader):

@@ -3,8 +3,9 @@
 `Sandbox.run(jobs)` sends each job (a program, the name of its entry point, the source of its test inputs, a time
 limit) to a fork server (`sandbox/server.py`) that runs in its own interpreter with a scrubbed environment and,
 where the OS allows, in new network, mount and PID namespaces (`unshare`). Each program gets its own forked
-process, working directory, resource limits and (as root) the uid `nobody`; outputs come back as plain data, in
-job order. What the sandbox guarantees and what it does not: README, "The code task".
+process, namespaces, working directory, Landlock rules, resource limits and (as root) the uid `nobody`
+(`confine.py`); outputs come back as plain data, in job order, over a channel that carries only checked JSON.
+What the sandbox guarantees in each mode and what it does not: README, "The execution sandbox".
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""The sandbox's fork server: a standalone script (standard library only, never imports dash_exp or torch).
+"""The sandbox's fork server: a standalone script (standard library and its sibling `confine.py` only, never
+imports dash_exp or torch).
 
 `dash_exp.sandbox.Sandbox` starts it as its own interpreter with a scrubbed environment, inside new network,
-mount and PID namespaces where the OS allows. It imports the modules tests commonly need once, then serves
-jobs read from stdin: one fork per program, at most `workers` at a time, results written to stdout as they
-finish (the client puts them back in order).
+mount and PID namespaces where the OS allows. It makes itself non-dumpable, imports the modules tests commonly
+need once, then serves jobs read from stdin: one fork per program, at most `workers` at a time, results written
+to stdout as they finish (the client puts them back in order).
 
-One program's life: fork -> (where allowed) a PID namespace of its own, so every process it starts dies with
-it -> a new session, a fresh working directory, stdin on /dev/null, stdout and stderr capped, resource limits,
-and (as root) the uid `nobody` -> exec the candidate's source -> evaluate the test inputs (trusted source) ->
+One program's life: fork -> a new session -> its confinement (`confine.Confinement`: PID, mount and IPC
+namespaces of its own with its own /proc and a private tmpfs as working directory, a user namespace of its own
+where the server is not root, Landlock, no capabilities, as root the uid `nobody`) -> stdin on /dev/null, stdout
+and stderr capped, resource limits -> exec the candidate's source -> evaluate the test inputs (trusted source) ->
 call the entry point on each (or let the test's `drive` call it, each call recorded) -> send back the outputs
 as tagged JSON of plain data only. The expected outputs never enter this process: the client compares. A
 program that exits early, dies, forges output or overruns simply yields no valid result.
