@@ -308,6 +308,22 @@ def test_a_fork_bomb_leaves_no_process_behind(grader):
     assert len(descendants(server.pid)) <= before
 
 
+def test_a_program_that_leaves_its_process_group_still_ends_at_its_limit(grader):
+    """os.setsid() takes it out of the group the server kills on time: its namespace's end must still take it."""
+    if not grader.sandbox.info.get("program_ns"):
+        pytest.skip("needs a PID namespace per program: without one, a new session outlives its limit")
+    grade(grader, [CORRECT])
+    server = grader.sandbox._proc
+    before = len(descendants(server.pid))
+    run, = grader.sandbox.run([Job("import os, time\nos.setsid()\ndef f(x):\n    time.sleep(60)\n", "f",
+                                   "inputs = [[0]]", 1.0)])
+    assert run.status == "timeout"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(descendants(server.pid)) > before:
+        time.sleep(0.1)
+    assert len(descendants(server.pid)) <= before
+
+
 def test_a_mixed_batch_grades_the_correct_programs_correctly_in_order(grader):
     hostile = list(HOSTILE.values())
     programs = [p for h in hostile for p in (h, CORRECT)]

@@ -201,6 +201,9 @@ class Confinement:
         header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0), 8)
         data = ctypes.create_string_buffer(bytes(24), 24)
         _check(_libc.capset(header, data), "capset")
+        if self.mode:  # a change of uid clears the parent-death signal: armed again, so that a program that
+            # leaves its process group still dies with its waiting parent (and with it its PID namespace)
+            _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _cap_last() -> int:
