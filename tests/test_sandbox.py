@@ -198,6 +198,23 @@ def test_the_forger_reaches_no_descriptor_of_the_server_or_the_trainer(grader, t
     assert run.outputs[0] == [], f"the program opened other processes' descriptors: {run.outputs[0]}"
 
 
+def test_no_descriptor_of_the_server_survives_into_a_program(grader):
+    """A program holds stdin (/dev/null), stdout and stderr (its capped file) and its result pipe: never the
+    server's pipes to and from the trainer."""
+    program = ("import os\ndef f(x):\n    links = {}\n    for fd in os.listdir('/proc/self/fd'):\n"
+               "        try:\n            links[int(fd)] = os.readlink(f'/proc/self/fd/{fd}')\n"
+               "        except OSError:\n            pass  # the listing's own descriptor, closed by now\n"
+               "    return links\n")
+    run, = grader.sandbox.run([Job(program, "f", "inputs = [[0]]")])
+    assert run.status == "ok", run
+    links = run.outputs[0]
+    server = grader.sandbox._proc
+    channel = {f"pipe:[{os.fstat(f.fileno()).st_ino}]" for f in (server.stdin, server.stdout)}
+    assert not channel & set(links.values()), links
+    assert links[0] == "/dev/null" and links[1] == links[2] and links[1].endswith("/.output"), links
+    assert len([v for v in links.values() if v.startswith("pipe:")]) == 1, links  # its own result pipe only
+
+
 @pytest.fixture
 def secrets(tmp_path):
     """Files a program must not read: a 0600 file of the trainer's user, a file under the trainer's $HOME and a
