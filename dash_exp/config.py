@@ -256,8 +256,9 @@ class Config:
     inference_batch: int | None = None
     # sequences per forward/backward pass
     train_microbatch: int = 16
-    # auto: before training, set train_microbatch to the largest that fits in memory and inference_batch to
-    # where generation throughput stops rising (an inference_batch tied to train_microbatch follows it) | off
+    # auto: before training, set train_microbatch to where backprop throughput stops rising within the largest
+    # that fits, and an explicit inference_batch to where generation throughput stops rising (null, preemptive
+    # sampling, stays null; one tied to train_microbatch follows it in whole groups); validated again | off
     tune: str = "off"
     # tune=auto on CPU: memory (GiB) the backward pass may add; null = 80% of what is available at start
     tune_memory_gb: float | None = None

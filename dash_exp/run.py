@@ -151,12 +151,28 @@ def auto_tune(cfg: DictConfig, parts: Components, run_dir: Path, reuse: bool) ->
         prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False) for p in parts.task.train[:1000]]
         tuned = tune(cfg, parts.policy, parts.ref, parts.sampler, prompts, parts.tokenizer.pad_token_id)
         tuned.save(run_dir)
-    cfg.train_microbatch = tuned.train_microbatch
-    # an inference_batch tied to train_microbatch (GRPO: ${train_microbatch}) follows it
-    if not OmegaConf.is_interpolation(cfg, "inference_batch"):
-        cfg.inference_batch = tuned.inference_batch
+    apply_tuning(cfg, tuned)
     print(tuned.describe(), flush=True)
     return tuned
+
+
+def apply_tuning(cfg: DictConfig, tuned: Any) -> None:
+    """Set the measured batch sizes where they are knobs, never where they define the algorithm, then validate:
+    - train_microbatch takes the measured one;
+    - an inference_batch tied to it (GRPO: ${train_microbatch}, one micro-batch sampled then backpropagated)
+      follows it, rounded down to whole groups (at least one group: GRPO samples whole groups);
+    - inference_batch null (DASH, PPO: preemptive sampling, the whole step batch in one call) stays null;
+    - an explicit inference_batch takes the measured generation knee."""
+    micro = tuned.train_microbatch
+    if OmegaConf.is_interpolation(cfg, "inference_batch"):
+        micro = max(cfg.group_size, micro - micro % cfg.group_size)
+        if micro != tuned.train_microbatch:
+            print(f"tune=auto: train_microbatch={micro} (the measured {tuned.train_microbatch} rounded to whole "
+                  f"groups of {cfg.group_size}: inference_batch follows it)", flush=True)
+    elif cfg.inference_batch is not None:
+        cfg.inference_batch = tuned.inference_batch
+    cfg.train_microbatch = micro
+    validate(cfg)
 
 
 def report(summary: dict[str, Any], eval_set: str) -> None:

@@ -90,10 +90,12 @@ def test_tune_auto_applies_logs_saves_and_reuses_its_choice(algorithm, tmp_path,
     assert sorted(trained) == [1, 2, 4, 8, 16][: len(trained)] and max(trained) <= tuned["largest_fit"]
     assert tuned["train_microbatch"] == knee(trained)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["train_microbatch"] == tuned["train_microbatch"]
-    # GRPO's inference batch is its micro-batch by definition, so it follows; DASH takes the measured knee
-    expected = tuned["train_microbatch"] if algorithm == "grpo" else tuned["inference_batch"]
-    assert cfg["inference_batch"] == expected
+    micro = tuned["train_microbatch"]
+    if algorithm == "grpo":  # whole groups of group_size=4
+        micro = max(4, micro - micro % 4)
+    assert cfg["train_microbatch"] == micro
+    # GRPO's inference batch is its micro-batch by definition, so it follows; DASH keeps null (preemptive sampling)
+    assert cfg["inference_batch"] == (micro if algorithm == "grpo" else None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 0, "tune/train_microbatch": tuned["train_microbatch"],
             "tune/inference_batch": tuned["inference_batch"], "tune/seconds": tuned["seconds"]} in rows
@@ -282,3 +284,23 @@ def test_gpu_budget_is_cuda_free_memory_less_the_optimizer_state(tiny, monkeypat
     # what is in use and is not the weights: the sampler's reservation (and the CUDA context)
     assert gpu.sampler_mb == pytest.approx(10 * 1024 - weights_mb) and gpu.sampler == "VLLMSampler, asleep (sleep mode)"
     assert "CUDA free after sampler.offload()" in gpu.describe() and "VLLMSampler, asleep" in gpu.describe()
+
+
+@pytest.mark.parametrize(("algorithm", "overrides", "tuned", "micro", "infer"), [
+    ("dash", [], (8, 4), 8, None),  # null = preemptive sampling: the algorithm, not a knob
+    ("ppo", [], (4, 8), 4, None),
+    ("dash", ["inference_batch=16"], (4, 8), 4, 8),  # an explicit inference batch is a knob: it takes the knee
+    ("grpo", [], (2, 16), 4, 4),  # GRPO samples whole groups: the micro-batch is rounded to them, at least one
+    ("grpo", [], (8, 4), 8, 8),
+])
+def test_tuning_changes_knobs_never_the_algorithm_and_the_result_validates(make_cfg, algorithm, overrides, tuned,
+                                                                          micro, infer):
+    from dash_exp.config import resolved_inference_batch, step_batch, validate
+    from dash_exp.run import apply_tuning
+    from dash_exp.tune import TuneResult
+
+    cfg = make_cfg(f"algorithm={algorithm}", "tune=auto", *overrides)
+    apply_tuning(cfg, TuneResult(*tuned))
+    assert (cfg.train_microbatch, cfg.inference_batch) == (micro, infer)
+    assert resolved_inference_batch(cfg) == (infer or step_batch(cfg))
+    validate(cfg)

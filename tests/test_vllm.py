@@ -212,6 +212,24 @@ def test_sync_hands_the_engine_compute_dtype_tensors_and_cpu_ones_to_tensor_para
         assert torch.equal(tensor, master.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize(("model_dtype", "engine_dtype", "bytes_per"), [
+    ("bfloat16", "float32", 4), ("float32", "bfloat16", 2), ("bfloat16", None, 2), ("float32", None, 4)])
+def test_the_kv_cache_is_sized_in_the_engines_dtype_not_the_trainers(make_cfg, model_dtype, engine_dtype, bytes_per):
+    """An fp32 engine beside bf16 training needs twice the cache of a bf16 one (rollout.dtype, else the model's)."""
+    from transformers import Qwen2Config
+
+    from dash_exp.random_model import QWEN2_5_ARCH
+    from dash_exp.rollout.registry import step_kv_cache_gb
+
+    overrides = ["rollout=vllm", f"model.dtype={model_dtype}"]
+    cfg = make_cfg(*overrides, *([f"rollout.dtype={engine_dtype}"] if engine_dtype else []))
+    config = Qwen2Config(**QWEN2_5_ARCH["qwen2.5-0.5b"])
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * 64 * bytes_per  # K and V
+    sequences = cfg.prompts_per_step * cfg.group_size
+    expected = sequences * (30 + cfg.max_new_tokens) * per_token / 2**30
+    assert step_kv_cache_gb(cfg, config, longest_prompt=30) == pytest.approx(expected)
+
+
 def test_the_gpu_kv_cache_holds_one_step_batch():
     # Qwen2.5-0.5B in bf16: 2 (K, V) x 24 layers x 2 KV heads x 64 dims x 2 bytes = 12,288 bytes per token
     from transformers import Qwen2Config

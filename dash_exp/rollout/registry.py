@@ -39,6 +39,18 @@ def resolved_rollout(name: str, n_params: int | None = None) -> str:
     return "vllm" if big and vllm_installed() else "hf"
 
 
+def step_kv_cache_gb(cfg: Any, model_config: Any, longest_prompt: int) -> float:
+    """GiB of vLLM KV cache that one step batch needs (every sequence at the longest prompt plus max_new_tokens),
+    in the dtype the engine runs in (`resolved_sampler_dtype`: rollout.dtype, else the model's), not the
+    trainer's: an fp32 engine beside bf16 training needs twice the cache."""
+    from dash_exp.batching import COMPUTE_DTYPES
+    from dash_exp.config import resolved_sampler_dtype, step_batch
+    from dash_exp.rollout.vllm import kv_cache_gb_for
+
+    return kv_cache_gb_for(model_config, step_batch(cfg), longest_prompt + cfg.max_new_tokens,
+                           COMPUTE_DTYPES[resolved_sampler_dtype(cfg)])
+
+
 def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_path: str,
                   prompts: Sequence[str] = (), data_parallel: bool = False, backend: str | None = None,
                   own_worker: bool = False) -> Sampler:
@@ -67,15 +79,11 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_p
     if not vllm_installed():
         raise RuntimeError(f"rollout={cfg.rollout.name} needs vLLM, which is not installed: run `make install-vllm` "
                            "(or choose rollout=hf)")
-    from dash_exp.rollout.vllm import VLLMSampler, kv_cache_gb_for
+    from dash_exp.rollout.vllm import VLLMSampler
 
     step_kv_gb = None
     if torch.cuda.is_available() and prompts:
-        from dash_exp.config import step_batch
-
-        longest = max(len(tokens(p)) for p in prompts)
-        step_kv_gb = kv_cache_gb_for(policy.config, step_batch(cfg), longest + cfg.max_new_tokens,
-                                     COMPUTE_DTYPES[cfg.model.dtype])
+        step_kv_gb = step_kv_cache_gb(cfg, policy.config, max(len(tokens(p)) for p in prompts))
     dtype = resolved_sampler_dtype(cfg)
     sampler = VLLMSampler(model_path, cfg.rollout, dtype, cfg.seed, step_kv_gb, data_parallel, own_worker)
     sampler.sync(policy)  # the policy may already differ from the files on disk (resume, tests)
