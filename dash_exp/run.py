@@ -171,6 +171,9 @@ def apply_tuning(cfg: DictConfig, tuned: Any) -> None:
                   f"groups of {cfg.group_size}: inference_batch follows it)", flush=True)
     elif cfg.inference_batch is not None:
         cfg.inference_batch = tuned.inference_batch
+    else:
+        print("tune=auto: inference_batch stays null (preemptive sampling: the whole step batch in one call); the "
+              "measured knee applies to an explicit inference_batch", flush=True)
     cfg.train_microbatch = micro
     validate(cfg)
 
