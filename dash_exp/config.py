@@ -114,8 +114,8 @@ class ModelConfig:
     # architecture of the proxy (source=random): qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-3b | qwen2.5-test
     arch: str | None = None
     # compute dtype: float32 | bfloat16. Weights and optimizer state are always fp32 (the trainable masters);
-    # bfloat16 runs forward/backward under torch.autocast, stores the reference model in bf16 and hands the
-    # sampler bf16 weights
+    # bfloat16 runs forward/backward under torch.autocast, stores the reference model's linear layers in bf16
+    # (its embeddings and norms in fp32, as the policy's: KL exactly 0 at step 0) and hands the sampler bf16 weights
     dtype: str = "float32"
     # recompute each decoder layer's activations in backward (less memory, ~30% more backward compute)
     gradient_checkpointing: bool = False

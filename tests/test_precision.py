@@ -84,7 +84,11 @@ def test_bf16_compute_keeps_fp32_masters_a_bf16_reference_and_a_bf16_sampler(mak
     parts = build(make_cfg(BF16, "kl=on"))
     parts.task.close()
     assert {p.dtype for p in parts.policy.parameters()} == {torch.float32}
-    assert {p.dtype for p in parts.ref.parameters()} == {torch.bfloat16}
+    # the reference's linear layers in bf16 (what autocast computes them in), the rest in fp32 like the policy's
+    linear = {id(m.weight) for m in parts.ref.modules() if isinstance(m, torch.nn.Linear)}
+    embedding = {id(m.weight) for m in parts.ref.modules() if isinstance(m, torch.nn.Embedding)}
+    for p in parts.ref.parameters():
+        assert p.dtype == (torch.bfloat16 if id(p) in linear - embedding else torch.float32)
     assert not any(p.requires_grad for p in parts.ref.parameters())
     assert parts.sampler.compute_dtype == torch.bfloat16
     # the HF sampler generates under bf16 autocast: its log-probs are those of the bf16-compute policy, within bf16
@@ -101,3 +105,13 @@ def test_bf16_compute_keeps_fp32_masters_a_bf16_reference_and_a_bf16_sampler(mak
     assert gap < 0.1
     fp32 = HFSampler(parts.policy, parts.tokenizer.pad_token_id, [parts.tokenizer.eos_token_id])
     assert [r.logprobs for r in fp32.generate(prompts, params, range(4))] != [r.logprobs for r in rollouts]
+
+
+def test_the_kl_is_exactly_zero_at_step_0_under_bf16_compute(make_cfg, rl_samples):
+    """The reference runs in the policy's numerics (bf16 matmuls under autocast, fp32 embeddings and norms): before
+    any update the KL of every token is 0, as it is in fp32 (an all-bf16 reference gave 0.09 over 168 tokens)."""
+    parts = build(make_cfg(BF16, "kl=on"))
+    parts.task.close()
+    spec = LossSpec(kind="pg", beta=0.04, compute_dtype=torch.bfloat16)
+    stats = accumulate_gradients(parts.policy, copy.deepcopy(rl_samples), spec, 100.0, 4, 0, parts.ref)
+    assert stats.tokens > 0 and stats.kl_sum == 0.0

@@ -66,11 +66,11 @@ def build_sampler(cfg: Any, policy: torch.nn.Module, tokens: TokenCache, model_p
 
     name = resolved_rollout(backend or cfg.rollout.name, sum(p.numel() for p in policy.parameters()))
     if name == "hf":
-        from dash_exp.models import build_reference, eos_token_ids
+        from dash_exp.models import eos_token_ids, load_frozen_copy
         from dash_exp.rollout.hf import HFSampler
 
         device = next(policy.parameters()).device
-        model = build_reference(model_path, cfg.model.dtype, device) if data_parallel else policy
+        model = load_frozen_copy(model_path, cfg.model.dtype, device) if data_parallel else policy
         tokenizer = tokens.tokenizer
         sampler = HFSampler(model, pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(tokenizer, policy),
                             compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], own_copy=data_parallel)
