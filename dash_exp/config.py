@@ -16,6 +16,7 @@ PROMPT_FORMATS = ("raw", "instruct", "chat", "few_shot")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 ADV_NORMS = ("std", "mean")
+FILTER_KL = ("drop", "keep")
 SFT_SOURCES = ("reference", "traces")
 ROLLOUTS = ("auto", "hf", "vllm")
 LOGGERS = ("wandb", "none")
@@ -252,6 +253,10 @@ class Config:
     logger: LoggerConfig = MISSING
     # drop samples with |advantage| <= this before any forward pass (gradient filtering); null = keep all
     filter_threshold: float | None = None
+    # what a filtered sample's KL term does when kl is on: drop (the paper's DASH: the sample leaves the batch
+    # whole, its KL pull with it) | keep (backpropagated for its KL term alone: the exact gradient, at the cost of
+    # its forward and backward)
+    filter_kl: str = "drop"
     # samples per sampler call (whole groups); null = the whole step batch (preemptive sampling)
     inference_batch: int | None = None
     # sequences per forward/backward pass
@@ -370,6 +375,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _one_of("algorithm.adv_norm", a.adv_norm, ADV_NORMS)
     _one_of("algorithm.aggregation", a.aggregation, AGGREGATIONS)
     _one_of("algorithm.sft_source", a.sft_source, SFT_SOURCES)
+    _one_of("filter_kl", cfg.filter_kl, FILTER_KL)
     _one_of("kl.estimator", cfg.kl.estimator, KL_ESTIMATORS)
     _one_of("model.source", cfg.model.source, MODEL_SOURCES)
     _one_of("task.name", cfg.task.name, TASKS)

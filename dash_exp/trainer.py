@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dash_exp.algorithms.advantages import gradient_filter, group_advantages
+from dash_exp.algorithms.advantages import backprop_set, gradient_filter, group_advantages, kl_beta_effective
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import SUMS, LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
@@ -270,8 +270,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- update
     def update(self, samples: list[TrainSample], keep: list[bool], step: int) -> dict[str, float]:
-        """ppo_epochs x ppo_minibatches optimizer steps; normalizers from each mini-batch BEFORE filtering."""
+        """ppo_epochs x ppo_minibatches optimizer steps; normalizers from each mini-batch BEFORE filtering. A filtered
+        sample's KL term is dropped with it or kept (`filter_kl`, `backprop_set`)."""
         cfg, a = self.cfg, self.cfg.algorithm
+        samples, keep = backprop_set(samples, keep, cfg.filter_kl, self.spec.beta)
+        beta_effective = kl_beta_effective(samples, keep, self.spec.beta, a.aggregation)
         with self.timers("update"):
             start = time.perf_counter()
             off_policy = a.ppo_epochs * a.ppo_minibatches > 1
@@ -319,7 +322,8 @@ class Trainer:
         return {
             **parallel,
             "loss/total": total["loss"] / n_opt, "loss/pg": total["pg"] / n_opt, "loss/kl": total["kl_loss"] / n_opt,
-            "kl/mean": total["kl_sum"] / tokens, "ppo/clip_frac": total["clipped"] / tokens,
+            "kl/mean": total["kl_sum"] / tokens, "kl/beta_effective": beta_effective,
+            "ppo/clip_frac": total["clipped"] / tokens,
             "ppo/approx_kl": total["approx_kl_sum"] / tokens, "ppo/optimizer_steps": optimizer_steps,
             "grad/norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
             "filter/forward_samples": total["forward_samples"], "loss/nonfinite_steps": self.nonfinite_total,

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from dash_exp.algorithms.advantages import backprop_set, kl_beta_effective
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
@@ -57,7 +58,47 @@ def test_microbatches_of_unequal_sizes_give_the_full_batch_gradient(policy_and_s
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_with_kl_filter_kl_keep_gives_the_unfiltered_gradient_and_drop_loses_the_filtered_kl_pull(policy_and_samples,
+                                                                                                 aggregation):
+    """beta > 0 and samples of advantage 0: filter_kl=keep backprops the filtered ones for their KL term alone and
+    matches the unfiltered update exactly (float64); drop is the kept samples' update, whose KL pull is smaller
+    by the filtered samples' share (kl_beta_effective)."""
+    policy, ref, samples, pad = policy_and_samples
+    for s in samples[::2]:
+        s.advantage = 0.0
+    keep = [abs(s.advantage) > 0.1 for s in samples]
+    spec = LossSpec(kind="pg", beta=0.04, aggregation=aggregation, temperature=0.9)
+    norm = normalizer([len(s.response_ids) for s in samples], aggregation, 12)
+
+    def update(chosen):
+        for s in chosen:
+            s.ref_logprobs = None
+        return grads(policy, chosen, spec, norm, 3, pad, ref)
+
+    unfiltered, _ = update(samples)
+    kept_set, kept_mask = backprop_set(samples, keep, "keep", spec.beta)
+    assert kept_mask == [True] * 7 and [s.advantage for s in kept_set[::2]] == [0.0] * 4
+    kept_grads, kept_stats = update(kept_set)
+    dropped_set, dropped_mask = backprop_set(samples, keep, "drop", spec.beta)
+    dropped, dropped_stats = update([s for s, k in zip(dropped_set, dropped_mask, strict=True) if k])
+    assert kept_stats.forward_samples == 7 and dropped_stats.forward_samples == 3
+    for a, b in zip(unfiltered, kept_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    gap = sum(float((a - b).norm()) for a, b in zip(unfiltered, dropped, strict=True))
+    assert gap > 1e-3 * sum(float(a.norm()) for a in unfiltered)  # the filtered samples' KL pull is lost
+    # the KL beta drop leaves: beta x the kept share of the normaliser's weight
+    weight = [1 if aggregation == "seq_mean_token_mean" else len(s.response_ids) for s in samples]
+    share = sum(w for w, k in zip(weight, keep, strict=True) if k) / sum(weight)
+    assert kl_beta_effective(samples, keep, 0.04, aggregation) == pytest.approx(0.04 * share)
+    assert kl_beta_effective(kept_set, kept_mask, 0.04, aggregation) == pytest.approx(0.04)
+    # without KL (or with nothing filtered) both choices are the plain filter
+    assert backprop_set(samples, keep, "keep", 0.0) == (samples, keep)
+
+
 def test_filtering_zero_advantage_samples_keeps_the_gradient_and_skips_their_forward(policy_and_samples):
+    """beta = 0: a sample of advantage 0 has a zero gradient, so dropping it changes nothing but the compute (with
+    beta > 0 its KL term does not vanish: filter_kl, above)."""
     policy, _, samples, pad = policy_and_samples
     for s in samples[::2]:
         s.advantage = 0.0

@@ -42,14 +42,20 @@ def test_every_algorithm_and_kl_runs_a_few_steps(make_cfg, algorithm, kl, tmp_pa
     assert (run_dir / "config.yaml").exists()
 
 
-def first_step_gradients(cfg):
-    """Rollouts and the gradient of the first optimizer step of a real trainer."""
+def first_step_gradients(cfg, ref_noise: float = 0.0):
+    """Rollouts and the gradient of the first optimizer step of a real trainer (with kl on: its reference moved
+    by `ref_noise` x N(0, 1) per weight, so that the KL term has a gradient at the first step)."""
     torch.manual_seed(cfg.seed)
     parts = build(cfg)
+    if parts.ref is not None and ref_noise:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in parts.ref.parameters():
+                p.add_(ref_noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True)
     sink = MetricSink(run_dir, cfg.logger, "t", "t", {})
-    trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir)
+    trainer = Trainer(cfg, parts.policy, parts.tokenizer, parts.sampler, parts.task, sink, run_dir, ref=parts.ref)
     captured = []
 
     def capture(optimizer, args, kwargs):
@@ -64,6 +70,27 @@ def first_step_gradients(cfg):
     parts.task.close()
     sink.close()
     return captured[0], metrics, calls
+
+
+@pytest.mark.parametrize("filter_kl", ["keep", "drop"])
+def test_with_kl_on_dash_keeps_the_unfiltered_gradient_only_with_filter_kl_keep(make_cfg, tmp_path, filter_kl):
+    """kl=on, filter threshold 0 (only advantages of exactly 0 are filtered): DASH's first step equals No-GF's (no
+    filtering) with filter_kl=keep, and differs by the filtered samples' KL pull with drop."""
+    common = ["prompts_per_step=8", "group_size=4", "train_microbatch=4", "seed=3", "kl=on", "task.filter_threshold=0",
+              f"filter_kl={filter_kl}"]
+    full, full_metrics, _ = first_step_gradients(make_cfg("algorithm=dash_nogf", *common, f"run_dir={tmp_path}/n"),
+                                                 ref_noise=0.02)
+    dash, metrics, _ = first_step_gradients(make_cfg("algorithm=dash", *common, f"run_dir={tmp_path}/d"),
+                                            ref_noise=0.02)
+    assert full_metrics["filter/kept_frac"] == 1.0 and 0 < metrics["filter/kept_frac"] < 1.0
+    assert metrics["kl/mean"] > 0
+    gap = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(full, dash, strict=True))
+    if filter_kl == "keep":
+        assert metrics["filter/forward_samples"] == 32 and metrics["kl/beta_effective"] == pytest.approx(0.04)
+        assert gap < 1e-4, gap
+    else:
+        assert metrics["filter/forward_samples"] < 32 and metrics["kl/beta_effective"] < 0.04
+        assert gap > 1e-3, gap
 
 
 def test_grpo_and_dash_differ_only_in_scheduling(make_cfg, tmp_path):

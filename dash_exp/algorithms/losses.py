@@ -15,8 +15,9 @@ ref = log pi_ref (frozen start policy), A_i the sample's advantage, ratio = exp(
   total: l + beta * k
 
 Aggregation: every micro-batch contributes a SUM of weighted token losses; the step divides by one
-normalizer computed from the step's batch BEFORE gradient filtering, so any micro-batching and any
-filtering of zero-gradient samples leaves the gradient unchanged.
+normalizer computed from the step's batch BEFORE gradient filtering, so any micro-batching leaves the gradient
+unchanged, and so does filtering samples of advantage 0 when beta = 0. With beta > 0 such a sample still has a KL
+gradient: `filter_kl` drops it with the sample (the paper's DASH) or keeps it (`advantages.backprop_set`).
   token_mean:               weight 1,           normalizer = total response tokens
   seq_mean_token_mean:      weight 1/len_i,     normalizer = number of sequences
   seq_mean_token_sum_norm:  weight 1,           normalizer = sequences * max_new_tokens  (Dr.GRPO)
