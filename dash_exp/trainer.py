@@ -132,14 +132,7 @@ class Trainer:
                    disable=not self.world.main)
         last: dict[str, float] = {}
         for step in bar:
-            try:
-                metrics = self.timed_step(step)
-            except NonFiniteError:
-                # the weights are the last good ones (skipped steps change nothing): keep them for inspection
-                self.step = step - 1
-                self.save()
-                self.stop_generators()
-                raise
+            metrics = self.timed_step(step)
             self.elapsed += metrics["time/step"]
             metrics["time/elapsed"] = self.elapsed
             metrics["epoch"] = self.stream.epoch
@@ -148,6 +141,8 @@ class Trainer:
                 metrics.update(self.evaluate())
             self.sink.log(step, metrics)
             last = metrics
+            if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
+                self.stop_nonfinite()
             bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                             loss=f"{metrics.get('loss/total', float('nan')):.3f}")
             if step < self.steps and self.cfg.save_every and step % self.cfg.save_every == 0:
@@ -161,6 +156,18 @@ class Trainer:
         self.save()
         return {"steps": self.step, "resumed": resume_from is not None, "time/elapsed": self.elapsed,
                 "initial": self.initial_eval, "final": final, "last_step": last}
+
+    def stop_nonfinite(self) -> None:
+        """Stop at the end of a step whose last optimizer steps were all non-finite (and skipped, so the weights
+        are the last good ones): a checkpoint labelled with this step, its weights, optimizer state and prompt
+        stream all as they are at its end (under PPO, earlier mini-batch steps of it may have applied), so that
+        resuming continues with the next step's prompts."""
+        self.save()
+        self.stop_generators()
+        raise NonFiniteError(
+            f"step {self.step}: {self.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient; "
+            f"stopped with the last good weights saved in {self.run_dir / 'checkpoints'} as step {self.step} "
+            "(lower lr, or check the data)")
 
     def stop_generators(self) -> None:
         if self.generators is not None:
@@ -308,10 +315,14 @@ class Trainer:
                         stats.forward_samples = len(kept)
                     grad_norm = self.optimizer_step(stats)
                     if grad_norm is None:
+                        if self.nonfinite_run >= cfg.max_nonfinite_steps:
+                            break  # the run stops at this step's end (fit): nothing more is applied
                         continue
                     grad_norms.append(grad_norm)
                     optimizer_steps += 1
                     _add(total, stats)
+                if self.nonfinite_run >= cfg.max_nonfinite_steps:
+                    break
             update_time = time.perf_counter() - start
         tokens = max(total["tokens"], 1)
         n_opt = max(optimizer_steps, 1)
@@ -363,11 +374,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_run += 1
             self.nonfinite_total += 1
-            if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"step {self.step}: {self.nonfinite_run} optimizer steps in a row had a non-finite loss or "
-                    f"gradient (loss={loss}, grad norm={norm}); stopped with the last good weights saved in "
-                    f"{self.run_dir / 'checkpoints'} (lower lr, or check the data)")
             return None
         self.nonfinite_run = 0
         self.optimizer.step()

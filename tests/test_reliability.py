@@ -25,6 +25,43 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(make_cfg, tmp_path
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in state["policy"].values()), "the saved weights are not the good ones"
     assert read_meta(ckpt)["nonfinite_total"] >= 2
+    # the checkpoint is the end of the step it stopped in: labelled with it, its prompts consumed
+    logged = [r["step"] for r in rows if "time/step" in r]
+    assert read_meta(ckpt)["step"] == logged[-1]
+    assert state["stream"]["consumed"] == logged[-1] * cfg.prompts_per_step
+
+
+def test_a_nonfinite_stop_inside_a_ppo_step_resumes_with_the_next_steps_prompts(make_cfg, tmp_path, monkeypatch):
+    """PPO Mini, 4 mini-batch steps per step; from the 6th on, every loss is NaN: step 2's first mini-batch step
+    applies, the next two are skipped, the run stops at step 2's end with a checkpoint of step 2 (its prompts
+    consumed), and a resumed run goes on with step 3, not step 2 again."""
+    import dash_exp.trainer as trainer_module
+
+    real = trainer_module.accumulate_gradients
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 6:
+            stats.sums[0] = float("nan")
+        return stats
+
+    cfg = make_cfg("algorithm=ppo_mini", "algorithm.ppo_minibatches=4", "filter_threshold=null", "steps=4",
+                   "max_nonfinite_steps=2", "save_every=0")
+    monkeypatch.setattr(trainer_module, "accumulate_gradients", poisoned)
+    with pytest.raises(NonFiniteError, match="as step 2"):
+        train(cfg)
+    assert len(calls) == 7
+    run_dir = tmp_path / "run"
+    ckpt = latest_checkpoint(run_dir)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert read_meta(ckpt)["step"] == 2 and state["stream"]["consumed"] == 2 * cfg.prompts_per_step
+    monkeypatch.setattr(trainer_module, "accumulate_gradients", real)
+    summary = train(cfg)  # resumes from that checkpoint
+    assert summary["resumed"] and summary["steps"] == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "time/step" in r] == [1, 2, 3, 4]
 
 
 def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path, cli_env):
