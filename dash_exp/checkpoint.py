@@ -59,11 +59,34 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a checkpoint; restores the python/numpy/torch RNG states."""
-    state = _read_state(path)
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return state, read_meta(path)
+    state, meta = read_checkpoint(path)
+    restore_rng(state["rng"])
+    return state, meta
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a checkpoint, the whole state read into host memory (RNG states untouched)."""
+    return _read_state(path), read_meta(path)
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """The python/numpy/torch RNG states a checkpoint saved."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+
+
+def fit_error(policy: torch.nn.Module, weights: dict[str, Any]) -> str | None:
+    """Why a checkpoint's full weights do not fit `policy` (sharded or not: its parameters' global shapes), or
+    None: a missing or unexpected tensor, or the first shape that differs."""
+    expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        return f"missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, shape in expected.items():
+        if tuple(weights[key].shape) != shape:
+            return f"{key}: shape {tuple(weights[key].shape)} in the checkpoint, {shape} in the model"
+    return None
 
 
 def load_policy_weights(policy: torch.nn.Module, path: Path) -> int:
@@ -87,20 +110,23 @@ def full_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
 
 
 def load_full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict[str, Any]) -> None:
-    """Restore `full_state`'s optimizer state (resharded for an FSDP policy)."""
+                              state: dict[str, Any], broadcast: bool = False) -> None:
+    """Restore `full_state`'s optimizer state (resharded for an FSDP policy). `broadcast`: only rank 0 holds it
+    (the others pass {}); torch sends it tensor by tensor, each rank keeping its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(policy, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
 
 
-def apply_policy_state(policy: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+def apply_policy_state(policy: torch.nn.Module, state: dict[str, Any], path: Path, broadcast: bool = False) -> None:
     """Load a checkpoint's (full) policy weights, sharded or not; a checkpoint of another model gives one clear
-    error."""
+    error. `broadcast`: only rank 0 holds them (the others pass {}), sent tensor by tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     try:
-        set_model_state_dict(policy, state["policy"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(policy, state["policy"],
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
     except (RuntimeError, KeyError) as exc:
         # torch's first line is generic; the next one names the tensor and the shapes
         detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])

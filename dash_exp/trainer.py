@@ -23,9 +23,11 @@ from dash_exp.algorithms.update import SUMS, LossSpec, UpdateStats, accumulate_g
 from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
 from dash_exp.checkpoint import (
     apply_policy_state,
+    fit_error,
     full_state,
-    load_checkpoint,
     load_full_optimizer_state,
+    read_checkpoint,
+    restore_rng,
     save_checkpoint,
 )
 from dash_exp.config import resolved_inference_batch, step_batch
@@ -108,10 +110,24 @@ class Trainer:
         barrier(self.world)
 
     def resume(self, path: Path) -> None:
-        """Continue from a checkpoint; push the restored weights to the sampler."""
-        state, meta = load_checkpoint(path)
-        apply_policy_state(self.policy, state, path)
-        load_full_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+        """Continue from a checkpoint; push the restored weights to the sampler. Under data parallelism (every rank
+        of the launch a trainer) only rank 0 reads the file: the weights and optimizer state reach the others by
+        broadcast, tensor by tensor, each keeping only its shards (8 ranks of Qwen2.5-3B would otherwise each hold
+        the whole ~36 GB state in host memory at once)."""
+        shared = self.world.parallel and torch.distributed.get_world_size() == self.world.size
+        if shared:
+            state, meta = read_checkpoint(path) if self.world.main else ({"policy": {}, "optimizer": {}}, {})
+            small = [(state.get("stream"), state.get("rng"), meta,
+                      fit_error(self.policy, state["policy"]) if self.world.main else None)]
+            torch.distributed.broadcast_object_list(small, src=0)
+            state["stream"], state["rng"], meta, error = small[0]
+            if error:  # every rank stops here, before any collective that rank 0 would not join
+                raise ValueError(f"{path}: checkpoint does not fit the configured model ({error})")
+        else:
+            state, meta = read_checkpoint(path)
+        restore_rng(state["rng"])
+        apply_policy_state(self.policy, state, path, broadcast=shared)
+        load_full_optimizer_state(self.policy, self.optimizer, state["optimizer"], broadcast=shared)
         self.stream.load_state_dict(state["stream"])
         self.step, self.elapsed, self.initial_eval = meta["step"], meta["elapsed"], meta["initial_eval"]
         self.nonfinite_total = meta["nonfinite_total"]

@@ -2,7 +2,8 @@
 
 The update of a fixed step batch equals the one-process update (float64, 1e-9) for GRPO, DASH with filtering,
 PPO with KL, and a step where one rank keeps no sample; `torchrun -m dash_exp.run` logs once and ends where one
-process ends; a killed 2-rank run resumes (on 2 ranks, then on 1: the checkpoint is the full state).
+process ends; a killed 2-rank run resumes (on 2 ranks, then on 1: the checkpoint is the full state), rank 0 alone
+reading the checkpoint.
 """
 
 import json
@@ -68,6 +69,19 @@ def test_a_sharded_update_equals_the_one_process_update(tmp_path, cli_env, keep,
     assert parallel["filter/forward_samples"] == single["filter/forward_samples"]
     if keep == "one":  # one kept sample: the other rank ran a zero-weight pass to join FSDP's collectives
         assert (parallel["dist/kept_per_rank_min"], parallel["dist/kept_per_rank_max"]) == (0, 1)
+
+
+def test_a_two_rank_resume_reads_the_checkpoint_on_rank_0_only_and_restores_the_exact_state(tmp_path, cli_env):
+    """Rank 0 alone reads state.pt; the weights and AdamW state reach rank 1 by broadcast, each rank keeping its
+    shards: the resumed full state equals the saved one exactly, with the step and the prompt stream."""
+    out = tmp_path / "resume.json"
+    proc = run([*TORCHRUN, "tests/dist_resume.py", str(out), str(tmp_path / "run")], cli_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reads_per_rank"] == [1, 0]
+    assert result["max_weight_gap"] == 0.0 and result["max_optimizer_gap"] == 0.0
+    assert result["optimizer_tensors"][0] == result["optimizer_tensors"][1] > 0
+    assert (result["step"], result["consumed"], result["synced"]) == (3, 12, 1)
 
 
 # ------------------------------------------------------------------ the entrypoint under torchrun
