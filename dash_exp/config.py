@@ -214,6 +214,10 @@ class RolloutConfig:
     # vllm: the engine's dtype (float32 | bfloat16; sync casts the fp32 masters to it); null = model.dtype.
     # Training log-probs keep model.dtype
     dtype: str | None = None
+    # vllm: one request per sample, seeded from (seed, step, prompt, sample) as the HF sampler keys its noise, so
+    # that the same seed, step and prompt give the same samples in any batch (GRPO and DASH arms, a resumed run,
+    # any number of ranks) up to the engine's numerics | false: the engine's one seed (samples depend on the batch)
+    seeded: bool = True
     # overlapped rollout: the last this many ranks of a torchrun launch generate (each with its own sampler) while
     # the others train; 0 = every rank samples and trains in turn (the synchronous loop)
     generator_ranks: int = 0

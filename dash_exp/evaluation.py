@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dash_exp.batching import TokenCache
-from dash_exp.rollout.base import Rollout, Sampler, SamplingParams
-from dash_exp.rollout.hf import mix32
+from dash_exp.rollout.base import Rollout, Sampler, SamplingParams, mix32
 from dash_exp.tasks.base import Problem
 
 # keys eval sampling noise apart from training steps (which use step >= 1)

@@ -40,8 +40,7 @@ from dash_exp.config import resolved_inference_batch
 from dash_exp.distributed import Link, World, full_weights
 from dash_exp.evaluation import generate_in_chunks
 from dash_exp.reward import GradeResult
-from dash_exp.rollout.base import Rollout, Sampler, SamplingParams
-from dash_exp.rollout.hf import mix32
+from dash_exp.rollout.base import Rollout, Sampler, SamplingParams, mix32
 from dash_exp.tasks.base import ProblemStream
 
 

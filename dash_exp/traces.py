@@ -22,8 +22,7 @@ def make_traces(cfg: Any, out: Path, samples: int, per_prompt: int, max_prompts:
     from dash_exp.config import resolved_inference_batch, resolved_threads
     from dash_exp.evaluation import generate_in_chunks
     from dash_exp.models import load_policy, load_tokenizer, resolve_model_path
-    from dash_exp.rollout.base import SamplingParams
-    from dash_exp.rollout.hf import mix32
+    from dash_exp.rollout.base import SamplingParams, mix32
     from dash_exp.rollout.registry import build_sampler
     from dash_exp.tasks.registry import build_task
 

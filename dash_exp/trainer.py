@@ -35,8 +35,7 @@ from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, full_
 from dash_exp.evaluation import evaluate, generate_in_chunks
 from dash_exp.overlap import GeneratorLink
 from dash_exp.reward import GradeResult, merge_graded
-from dash_exp.rollout.base import Rollout, Sampler, SamplingParams
-from dash_exp.rollout.hf import mix32
+from dash_exp.rollout.base import Rollout, Sampler, SamplingParams, mix32
 from dash_exp.tasks.base import Problem, ProblemStream
 from dash_exp.tracking import MetricSink, Timers, peak_memory_mb, reset_peak_memory
 

@@ -18,7 +18,7 @@ from conftest import TEST_OVERRIDES  # noqa: E402
 from dash_exp.batching import COMPUTE_DTYPES, TrainSample, response_logprobs  # noqa: E402
 from dash_exp.factory import build  # noqa: E402
 from dash_exp.models import eos_token_ids  # noqa: E402
-from dash_exp.rollout.base import SamplingParams  # noqa: E402
+from dash_exp.rollout.base import SamplingParams, mix32  # noqa: E402
 from dash_exp.rollout.hf import HFSampler  # noqa: E402
 from dash_exp.rollout.vllm import VLLMSampler, engine_kwargs, kv_cache_gb_for  # noqa: E402
 
@@ -88,6 +88,35 @@ def test_sync_after_an_optimizer_step_is_needed_and_enough(parts):
     finally:
         policy.load_state_dict(before)
         parts.sampler.sync(policy)
+
+
+def test_seeded_requests_give_each_prompt_the_same_samples_in_any_batch_and_after_any_history(parts):
+    """rollout.seeded (default): the k-th sample of a prompt is drawn with seed mix32(prompt seed, k), so GRPO's
+    one-group calls and DASH's whole-batch call draw the same samples, a fresh start (resume) continues the draws,
+    and a rank's share of the prompts draws what one process draws for them. Up to the engine's numerics: a
+    near-tie between two tokens can tip where the batch shape changes the float rounding (counted and printed)."""
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=30)
+    prompts, seeds = prompts_of(parts, 8), [mix32(3, 1, i) for i in range(8)]
+    whole = parts.sampler.generate(prompts, params, seeds)  # DASH: one call
+    parts.sampler.generate(prompts[:2], params, [7, 8])  # other draws in between change nothing
+    alone = [r for i in range(8) for r in parts.sampler.generate([prompts[i]], params, [seeds[i]])]  # GRPO
+    half = parts.sampler.generate(prompts[4:], params, seeds[4:])  # one rank's share of 2
+    assert [r.prompt_ids for r in whole] == [r.prompt_ids for r in alone] == [p for p in prompts for _ in range(4)]
+    differ = sum(a.response_ids != b.response_ids for a, b in zip(whole, alone, strict=True))
+    differ_half = sum(a.response_ids != b.response_ids for a, b in zip(whole[16:], half, strict=True))
+    print(f"seeded vLLM: {differ}/32 samples differ between one call and one call per group, "
+          f"{differ_half}/16 between one call and a half-batch call")
+    assert differ <= 2 and differ_half <= 1
+    # and the 4 samples of a prompt are 4 different draws
+    assert all(len({tuple(r.response_ids) for r in whole[4 * i: 4 * i + 4]}) > 1 for i in range(8))
+    unseeded = parts.sampler.seeded
+    try:
+        parts.sampler.seeded = False  # the engine's one seed: samples depend on the batch and the history
+        a = parts.sampler.generate(prompts, params, seeds)
+        b = [r for i in range(8) for r in parts.sampler.generate([prompts[i]], params, [seeds[i]])]
+        assert sum(x.response_ids != y.response_ids for x, y in zip(a, b, strict=True)) > 16
+    finally:
+        parts.sampler.seeded = unseeded
 
 
 def test_building_the_engine_restores_threads_and_rng():

@@ -40,8 +40,14 @@ def _cpu_timed(fn: Callable[[], int]) -> dict[str, float]:
             "sys_s": after.ru_stime - before.ru_stime}
 
 
-def _harness_call(sampler: Any, prompts: list[list[int]], params: Any) -> Callable[[], int]:
-    return lambda: sum(len(r.response_ids) for r in sampler.generate(prompts, params, range(len(prompts))))
+def _harness_call(sampler: Any, prompts: list[list[int]], params: Any, seeded: bool | None = None) -> Callable[[], int]:
+    """The harness sampler's call; `seeded` (vLLM): per-sample seeded requests or the engine's one seed."""
+    def call() -> int:
+        if seeded is not None:
+            sampler.seeded = seeded
+        return sum(len(r.response_ids) for r in sampler.generate(prompts, params, range(len(prompts))))
+
+    return call
 
 
 def run(overrides: list[str], repeats: int = 2, batches: Sequence[int] = (16, 128),
@@ -64,6 +70,9 @@ def run(overrides: list[str], repeats: int = 2, batches: Sequence[int] = (16, 12
             group = prompts[: batch // params.n]
             calls = {"harness": _harness_call(parts.sampler, group, params),
                      "raw": raw_engine_call(parts, backend, group, params)}
+            if backend == "vllm":  # rollout.seeded (one seeded request per sample) against the engine's one seed
+                calls = {"harness": _harness_call(parts.sampler, group, params, seeded=True),
+                         "unseeded": _harness_call(parts.sampler, group, params, seeded=False), "raw": calls["raw"]}
             if batch == batches[0]:
                 for fn in calls.values():  # warm-up (vLLM's first call compiles)
                     fn()
@@ -80,6 +89,8 @@ def run(overrides: list[str], repeats: int = 2, batches: Sequence[int] = (16, 12
                     row[f"{name}_sys_share"] = median([m["sys_s"] / max(m["user_s"] + m["sys_s"], 1e-9)
                                                        for m in measured])
             row["harness_vs_raw"] = row["harness_tokens_per_s"] / row["raw_tokens_per_s"]
+            if "unseeded" in runs:
+                row["seeded_vs_unseeded"] = row["harness_tokens_per_s"] / row["unseeded_tokens_per_s"]
             rows.append(row)
             print(row, flush=True)
         parts.close()

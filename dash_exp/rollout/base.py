@@ -1,12 +1,35 @@
-"""The Sampler protocol (generate, sync) and what it returns."""
+"""The Sampler protocol (generate, sync), what it returns, and the keys samples are drawn with (`mix32`: the
+same seed, step, prompt and sample index give the same key on every backend)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
+
+_M32 = 0xFFFFFFFF
+
+
+_Int = TypeVar("_Int", int, torch.Tensor)
+
+
+def _fmix32(x: _Int) -> _Int:
+    """murmur3's 32-bit finalizer, on Python ints or on int64 tensors, holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def mix32(*values: int) -> int:
+    """Hash integers into one 32-bit key (host arithmetic: no tensor, no device read)."""
+    h = 0x2545F491
+    for v in values:
+        h = _fmix32((h ^ (int(v) & _M32)) * 0x9E3779B1 & _M32)
+    return h
 
 
 @dataclass(frozen=True)

@@ -19,37 +19,15 @@ rows that stopped in between decode on harmlessly (everything after the first EO
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
 
 import torch
 
 from dash_exp.batching import compute_autocast
-from dash_exp.rollout.base import Rollout, SamplingParams
+from dash_exp.rollout.base import _M32, Rollout, SamplingParams, _fmix32, mix32
 from dash_exp.rollout.kv_cache import preallocate
 
-_M32 = 0xFFFFFFFF
 # decode steps between two looks at which rows have stopped (each look is one device read)
 CHECK_EVERY = 8
-
-
-_Int = TypeVar("_Int", int, torch.Tensor)
-
-
-def _fmix32(x: _Int) -> _Int:
-    """murmur3's 32-bit finalizer, on Python ints or on int64 tensors, holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def mix32(*values: int) -> int:
-    """Hash integers into one 32-bit key (host arithmetic: no tensor, no device read)."""
-    h = 0x2545F491
-    for v in values:
-        h = _fmix32((h ^ (int(v) & _M32)) * 0x9E3779B1 & _M32)
-    return h
 
 
 def uniform_noise(keys: torch.Tensor, position: int) -> torch.Tensor:

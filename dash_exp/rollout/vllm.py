@@ -2,9 +2,12 @@
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so `sync` can hand it the policy's own
 parameter tensors one at a time through `collective_rpc("reload_weights", ...)`: no copy of the whole
-model, no restart. Sampling is seeded once, through LLM(seed=...); per-request seeds made the k-th sample
-of every prompt nearly identical in a trial here. Log-probs are vLLM's "processed" ones, i.e. after
-temperature (vLLM's default returns them before temperature), matching training's logits / temperature.
+model, no restart. Sampling (`rollout.seeded`, default): one request per sample, each with its own seed
+mix32(prompt seed, k), the key the HF sampler draws the k-th sample of a prompt with, so a sample does not depend
+on the batch it is drawn in (up to the engine's numerics); one seed for a request of n samples would give them
+all one generator. `seeded=false`: requests of n samples from the engine seeded once, LLM(seed=...). Log-probs
+are vLLM's "processed" ones, i.e. after temperature (vLLM's default returns them before temperature), matching
+training's logits / temperature.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from dash_exp.distributed import full_weights
-from dash_exp.rollout.base import Rollout, SamplingParams
+from dash_exp.rollout.base import Rollout, SamplingParams, mix32
 from dash_exp.tracking import release_cuda_memory
 
 # the in-process engine needs this before it is built
@@ -87,6 +90,7 @@ class VLLMSampler:
         self.on_gpu = torch.cuda.is_available()
         # the model runs in worker processes (tensor parallel, or a worker of its own): weights travel pickled
         self.remote_workers = rollout.tensor_parallel_size > 1 or own_worker
+        self.seeded = bool(getattr(rollout, "seeded", True))
         self.sleep_mode = self.on_gpu and rollout.enable_sleep_mode
         # the engine runs in the compute dtype; sync casts the fp32 master weights to it
         self.dtype = getattr(torch, dtype)
@@ -108,25 +112,29 @@ class VLLMSampler:
         self.asleep = False
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Rollout]:
-        """params.n rollouts per prompt; `seeds` is not used (vLLM is seeded once, at construction)."""
+        """params.n rollouts per prompt, prompt-major. Seeded (default, not greedy): the k-th sample of prompt i is
+        its own request with seed mix32(seeds[i], k); else one request of n per prompt from the engine's seed."""
         from vllm import SamplingParams as VLLMParams
         from vllm.inputs import TokensPrompt
 
         if self.asleep:
             raise RuntimeError("VLLMSampler.generate after offload: call sync first (sleep mode released the weights)")
-        sampling = VLLMParams(
-            n=params.n, temperature=0.0 if params.greedy else params.temperature,
-            top_p=1.0 if params.greedy else params.top_p, top_k=0 if params.greedy else params.top_k,
-            max_tokens=params.max_new_tokens, logprobs=0,
-        )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
-                                    use_tqdm=False)
+        common = {"temperature": 0.0 if params.greedy else params.temperature,
+                  "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0 if params.greedy else params.top_k,
+                  "max_tokens": params.max_new_tokens, "logprobs": 0}
+        if self.seeded and not params.greedy:
+            asked = [list(p) for p in prompts for _ in range(params.n)]
+            sampling: Any = [VLLMParams(n=1, seed=mix32(s, k), **common) for s in seeds for k in range(params.n)]
+        else:
+            asked = [list(p) for p in prompts]
+            sampling = VLLMParams(n=params.n, **common)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in asked], sampling, use_tqdm=False)
         rollouts = []
-        for prompt, out in zip(prompts, outputs, strict=True):
+        for prompt, out in zip(asked, outputs, strict=True):
             for completion in out.outputs:
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)]
-                rollouts.append(Rollout(prompt_ids=list(prompt), response_ids=ids, logprobs=logprobs,
+                rollouts.append(Rollout(prompt_ids=prompt, response_ids=ids, logprobs=logprobs,
                                         truncated=completion.finish_reason == "length"))
         return rollouts
 
