@@ -119,6 +119,20 @@ def test_seeded_requests_give_each_prompt_the_same_samples_in_any_batch_and_afte
         parts.sampler.seeded = unseeded
 
 
+def test_grpo_and_dash_on_vllm_draw_the_same_samples_and_differ_only_in_scheduling(make_cfg, tmp_path):
+    """The README's pairing on the vLLM backend: GRPO samples a group per call, DASH the step batch in one call;
+    seeded requests give both the same rollouts, so their first-step gradients are equal."""
+    from test_training import first_step_gradients
+
+    common = ["rollout=vllm", "prompts_per_step=8", "group_size=4", "train_microbatch=4", "seed=3"]
+    grpo_grad, grpo, grpo_calls = first_step_gradients(make_cfg("algorithm=grpo", *common, f"run_dir={tmp_path}/g"))
+    dash_grad, dash, dash_calls = first_step_gradients(make_cfg("algorithm=dash", *common, f"run_dir={tmp_path}/d"))
+    assert grpo_calls == [1] * 8 and dash_calls == [8]
+    assert grpo["reward/mean"] == dash["reward/mean"] and grpo["response/length_mean"] == dash["response/length_mean"]
+    for a, b in zip(grpo_grad, dash_grad, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_building_the_engine_restores_threads_and_rng():
     from dash_exp.config import compose_config
     from dash_exp.models import resolve_model_path
