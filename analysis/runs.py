@@ -192,6 +192,9 @@ def load_wandb(project: str, api: Any = None, filters: dict | None = None) -> tu
         if getattr(run, "state", "finished") != "finished":
             skipped.append((name, f"state {run.state}"))
             continue
+        if "superseded" in (getattr(run, "tags", None) or []):  # a killed attempt: its resumed run has it all
+            skipped.append((name, "superseded by its resumed run"))
+            continue
         rows = [{k: (math.nan if v is None else v) for k, v in row.items() if not k.startswith("_") or k == "_step"}
                 for row in run.scan_history()]
         for row in rows:

@@ -79,9 +79,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tuned = auto_tune(cfg, parts, run_dir, reuse=ckpt is not None) if cfg.tune == "auto" else None
     if tuned is not None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    resume_id = read_meta(ckpt).get("wandb_id") if ckpt else None
+    resumed_from = read_meta(ckpt).get("wandb_id") if ckpt else None
     config = OmegaConf.to_container(cfg, resolve=True)
-    sink = (MetricSink(run_dir, cfg.logger, run_name(cfg), run_name(cfg), config, resume_id)  # type: ignore[arg-type]
+    sink = (MetricSink(run_dir, cfg.logger, run_name(cfg), run_name(cfg), config, resumed_from)  # type: ignore[arg-type]
             if world.main else NullSink())
     if tuned is not None and ckpt is None:
         sink.log(0, tuned.metrics())

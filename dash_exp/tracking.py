@@ -134,26 +134,49 @@ class NullSink:
 
 
 class MetricSink:
-    """Writes each step's metrics as one JSON line (flushed) and, if enabled, to a W&B run."""
+    """Writes each step's metrics as one JSON line (flushed) and, if enabled, to a W&B run.
+
+    Resuming (`resumed_from`: the W&B id of the killed attempt): `metrics.jsonl` has been cut back to the
+    checkpoint, and W&B's history must say the same. W&B ignores a resumed run's log calls for steps below the
+    steps it has already seen, and its rewind (`resume_from="<id>?_step=<k>"`) is a private preview of the hosted
+    service that offline runs cannot use. So every attempt is a W&B run of its own: the resumed one logs the kept
+    rows of `metrics.jsonl` again, then its own, and its history is exactly `metrics.jsonl`; it carries
+    `resumed_from` in its config and the tag `resumed`. The killed attempt is set aside: offline, its run files
+    move to `wandb/superseded/` (so `wandb sync` of the run dir's offline runs skips it); online, it is tagged
+    `superseded` (best effort; `analysis.runs.load_wandb` skips such runs)."""
 
     def __init__(self, run_dir: Path, logger_cfg: Any, run_name: str, group: str, config: dict[str, Any],
-                 resume_id: str | None = None, filename: str = "metrics.jsonl") -> None:
+                 resumed_from: str | None = None, filename: str = "metrics.jsonl") -> None:
         self.path = run_dir / filename
         self.file = self.path.open("a")
         self.wandb_run = None
         mode = wandb_mode(logger_cfg.mode) if logger_cfg.name == "wandb" else "disabled"
         if mode != "disabled":
-            self.wandb_run = self._init_wandb(run_dir, logger_cfg, mode, run_name, group, config, resume_id)
+            if resumed_from:
+                supersede_wandb_run(run_dir, logger_cfg, mode, resumed_from)
+                config = {**config, "resumed_from": resumed_from}
+            self.wandb_run = self._init_wandb(run_dir, logger_cfg, mode, run_name, group, config,
+                                              ["resumed"] if resumed_from else [])
+            if self.wandb_run is not None and resumed_from:
+                self._replay()
+
+    def _replay(self) -> None:
+        """The kept rows of `metrics.jsonl` into the new W&B run, in order (same-step rows merge into one)."""
+        self.file.flush()
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                step = row.pop("step")
+                self._wandb_log({k: v for k, v in row.items() if v is not None}, step)
 
     @staticmethod
-    def _init_wandb(run_dir, logger_cfg, mode, run_name, group, config, resume_id):
+    def _init_wandb(run_dir, logger_cfg, mode, run_name, group, config, extra_tags):
         try:
             import wandb
 
             return wandb.init(
                 project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group or group,
-                tags=list(logger_cfg.tags), name=run_name, config=config, dir=str(run_dir), mode=mode,
-                id=resume_id, resume="allow" if resume_id else None,
+                tags=[*logger_cfg.tags, *extra_tags], name=run_name, config=config, dir=str(run_dir), mode=mode,
                 settings=wandb.Settings(console="off", quiet=True, init_timeout=logger_cfg.init_timeout),
             )
         except Exception as exc:  # W&B is optional: metrics.jsonl still has everything
@@ -170,12 +193,15 @@ class MetricSink:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self._wandb_log(metrics, step)
+
+    def _wandb_log(self, metrics: dict[str, Any], step: int) -> None:
         if self.wandb_run is not None:
             try:
                 self.wandb_run.log(metrics, step=step)
             except Exception as exc:  # a W&B failure mid-run must not stop training
                 warnings.warn(f"W&B logging failed ({type(exc).__name__}); continuing with metrics.jsonl only",
-                              stacklevel=2)
+                              stacklevel=3)
                 self.wandb_run = None
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
@@ -187,6 +213,27 @@ class MetricSink:
                 self.wandb_run.finish()
             except Exception as exc:
                 warnings.warn(f"W&B finish failed ({type(exc).__name__}); metrics.jsonl is complete", stacklevel=2)
+
+
+def supersede_wandb_run(run_dir: Path, logger_cfg: Any, mode: str, run_id: str) -> None:
+    """Set a killed attempt's W&B run aside (see MetricSink): offline, its run files move to wandb/superseded/;
+    online, it gets the tag `superseded` (one warning if the API cannot be reached)."""
+    wandb_dir = run_dir / "wandb"
+    for old in sorted(wandb_dir.glob(f"offline-run-*-{run_id}")):
+        (wandb_dir / "superseded").mkdir(exist_ok=True)
+        os.replace(old, wandb_dir / "superseded" / old.name)
+    if mode != "online":
+        return
+    try:
+        import wandb
+
+        api = wandb.Api(timeout=logger_cfg.init_timeout)
+        run = api.run(f"{logger_cfg.entity or api.default_entity}/{logger_cfg.project}/{run_id}")
+        run.tags = [*run.tags, "superseded"]
+        run.update()
+    except Exception as exc:
+        warnings.warn(f"W&B: could not tag the killed attempt {run_id} as superseded ({type(exc).__name__}); the "
+                      "resumed run carries its full history (config resumed_from)", stacklevel=3)
 
 
 def _jsonable(value: Any) -> Any:

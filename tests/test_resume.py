@@ -154,3 +154,80 @@ def test_a_bf16_compute_run_resumes_bit_exactly_from_its_fp32_masters(make_cfg, 
     assert_same_tensors(a4["policy"], b4["policy"])
     for k in a4["optimizer"]["state"]:
         assert_same_tensors(a4["optimizer"]["state"][k], b4["optimizer"]["state"][k])
+
+
+def wandb_history(run_file: Path) -> dict[int, dict]:
+    """A W&B run file's history, step -> {key: value}, read straight from its records (the leveldb log format:
+    a 7-byte `:W&B` header, then 32 KiB blocks of records, each a 4-byte checksum, a 2-byte length, a 1-byte type
+    (1 whole, 2 first, 3 middle, 4 last part) and the bytes of a protobuf `Record`)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos = run_file.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    payloads, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4: pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding to the block's end
+            pos += block - pos % block if pos % block else 0
+        elif kind == 1:
+            payloads.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            payloads.append(pending + chunk)
+    history: dict[int, dict] = {}
+    for payload in payloads:
+        record = pb.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history[int(items.pop("_step"))] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return history
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_wandb_run_has_exactly_the_history_of_metrics_jsonl(tmp_path, cli_env):
+    """Offline W&B: the killed attempt logged steps past its last checkpoint; the resumed attempt's W&B run (the
+    one left to sync) holds exactly metrics.jsonl's steps and values, and the killed one is set aside."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, TEST_OVERRIDES
+
+    run_dir = tmp_path / "run"
+    small = [o for o in TEST_OVERRIDES if not o.startswith(("run_dir=", "logger="))]
+    cmd = [sys.executable, "-m", "dash_exp.run", *small, "logger=wandb", "logger.mode=offline", "steps=6",
+           "save_every=2", "eval_every=3", f"hydra.run.dir={run_dir}"]
+    env = {**cli_env, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_00000002" / "meta.json").exists() or len(
+            [r for r in metrics(run_dir) if "time/step" in r]) < 3:  # killed after a step the checkpoint lacks
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = {r["step"] for r in metrics(run_dir)}
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = metrics(run_dir)
+    expected: dict[int, dict] = {}
+    for row in rows:
+        expected.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step" and v is not None})
+    live = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(live) == 1, live  # the killed attempt's files are set aside
+    assert len(list((run_dir / "wandb" / "superseded").glob("offline-run-*/run-*.wandb"))) == 1
+    history = wandb_history(live[0])
+    assert max(killed) >= 3 and sorted(history) == sorted(expected) == list(range(7))
+    for step, values in expected.items():
+        assert history[step] == pytest.approx(values), step
