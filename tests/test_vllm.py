@@ -109,6 +109,11 @@ def test_seeded_requests_give_each_prompt_the_same_samples_in_any_batch_and_afte
     assert differ <= 2 and differ_half <= 1
     # and the 4 samples of a prompt are 4 different draws
     assert all(len({tuple(r.response_ids) for r in whole[4 * i: 4 * i + 4]}) > 1 for i in range(8))
+    # a batch whose prompts exceed one scheduling step's token budget (on CPU, seeded requests are prefilled whole:
+    # vLLM 0.32 rewinds a chunk-prefilled request's generator, which CPU generators cannot do)
+    many = [p * 4 for p in prompts] * 16
+    big = parts.sampler.generate(many, SamplingParams(n=4, temperature=1.0, max_new_tokens=2), range(len(many)))
+    assert len(big) == 4 * len(many) and sum(len(p) for p in many) * 4 > 8192
     unseeded = parts.sampler.seeded
     try:
         parts.sampler.seeded = False  # the engine's one seed: samples depend on the batch and the history
@@ -288,3 +293,6 @@ def test_the_gpu_kv_cache_holds_one_step_batch():
     assert on_gpu["kv_cache_memory_bytes"] == int(gb * 2**30) and on_gpu["enable_sleep_mode"] is False
     assert "kv_cache_memory_bytes" not in engine_kwargs("m", rollout, "bfloat16", 0, on_gpu=True)
     assert engine_kwargs("m", rollout, "float32", 0, on_gpu=False, step_kv_gb=gb)["kv_cache_memory_bytes"] == 2**30
+    # seeded requests on CPU: whole prefills (a chunked one rewinds a generator offset CPU generators lack)
+    assert engine_kwargs("m", rollout, "float32", 0, on_gpu=False)["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in on_gpu

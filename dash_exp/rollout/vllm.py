@@ -76,6 +76,10 @@ def engine_kwargs(model_path: str, rollout: Any, dtype: str, seed: int, on_gpu: 
     if on_gpu:
         kwargs["gpu_memory_utilization"] = rollout.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = rollout.enable_sleep_mode
+    elif getattr(rollout, "seeded", True):
+        # vLLM 0.32 on CPU: a seeded request whose prompt is prefilled in chunks has its draw undone by rewinding its
+        # generator's offset, which CPU generators lack ("CPU Generator does not use offset"); whole prefills only
+        kwargs["enable_chunked_prefill"] = False
     return kwargs
 
 
