@@ -279,6 +279,8 @@ def test_isolation_none_still_runs_with_its_warning_and_auto_never_picks_it_wher
 
 
 def test_a_program_that_signals_every_pid_it_sees_reaches_only_its_own(grader):
+    if grader.sandbox.requested == "none":
+        pytest.skip("without a PID namespace per program it would signal this user's own processes")
     program = ("import os, signal\ndef f(x):\n    me = os.getpid()\n"
                "    try:\n        seen = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
                "    except OSError:\n        seen = []\n"
