@@ -76,9 +76,11 @@ def restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
 
 
-def fit_error(policy: torch.nn.Module, weights: dict[str, Any]) -> str | None:
-    """Why a checkpoint's full weights do not fit `policy` (sharded or not: its parameters' global shapes), or
-    None: a missing or unexpected tensor, or the first shape that differs."""
+def fit_error(policy: torch.nn.Module, weights: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+              optimizer_state: dict[str, Any] | None = None) -> str | None:
+    """Why a checkpoint's full weights (and optimizer state) do not fit `policy` (sharded or not: its parameters'
+    global shapes) and `optimizer`, or None: a missing or unexpected tensor, the first shape that differs, or
+    param groups of other sizes."""
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra:
@@ -86,6 +88,11 @@ def fit_error(policy: torch.nn.Module, weights: dict[str, Any]) -> str | None:
     for key, shape in expected.items():
         if tuple(weights[key].shape) != shape:
             return f"{key}: shape {tuple(weights[key].shape)} in the checkpoint, {shape} in the model"
+    if optimizer is not None and optimizer_state is not None:
+        saved = [len(g["params"]) for g in optimizer_state.get("param_groups", [])]
+        have = [len(g["params"]) for g in optimizer.param_groups]
+        if saved != have:
+            return f"optimizer param groups of {saved} parameters in the checkpoint, {have} in the run"
     return None
 
 

@@ -160,14 +160,19 @@ def apply_tuning(cfg: DictConfig, tuned: Any) -> None:
     """Set the measured batch sizes where they are knobs, never where they define the algorithm, then validate:
     - train_microbatch takes the measured one;
     - an inference_batch tied to it (GRPO: ${train_microbatch}, one micro-batch sampled then backpropagated)
-      follows it, rounded down to whole groups (at least one group: GRPO samples whole groups);
+      follows it, rounded down to whole groups; where less than one group fits, GRPO samples one group per call
+      (inference_batch = group_size) and backprops it in the measured micro-batches (the same gradient);
     - inference_batch null (DASH, PPO: preemptive sampling, the whole step batch in one call) stays null;
     - an explicit inference_batch takes the measured generation knee."""
     micro = tuned.train_microbatch
     if OmegaConf.is_interpolation(cfg, "inference_batch"):
-        micro = max(cfg.group_size, micro - micro % cfg.group_size)
-        if micro != tuned.train_microbatch:
-            print(f"tune=auto: train_microbatch={micro} (the measured {tuned.train_microbatch} rounded to whole "
+        if micro < cfg.group_size:  # never a micro-batch above what fits
+            cfg.inference_batch = cfg.group_size
+            print(f"tune=auto: inference_batch={cfg.group_size} (one group per call: fewer than a group of "
+                  f"{cfg.group_size} fits a micro-batch of {micro})", flush=True)
+        elif micro % cfg.group_size:
+            micro -= micro % cfg.group_size
+            print(f"tune=auto: train_microbatch={micro} (the measured {tuned.train_microbatch} rounded down to whole "
                   f"groups of {cfg.group_size}: inference_batch follows it)", flush=True)
     elif cfg.inference_batch is not None:
         cfg.inference_batch = tuned.inference_batch

@@ -216,24 +216,30 @@ class MetricSink:
 
 
 def supersede_wandb_run(run_dir: Path, logger_cfg: Any, mode: str, run_id: str) -> None:
-    """Set a killed attempt's W&B run aside (see MetricSink): offline, its run files move to wandb/superseded/;
-    online, it gets the tag `superseded` (one warning if the API cannot be reached)."""
+    """Set every earlier attempt's W&B run aside (see MetricSink): the checkpoint's (`run_id`) and any later one
+    killed before its first checkpoint (found by its files under wandb/). Offline, their run files move to
+    wandb/superseded/; online, they get the tag `superseded` (one warning if the API cannot be reached)."""
     wandb_dir = run_dir / "wandb"
-    for old in sorted(wandb_dir.glob(f"offline-run-*-{run_id}")):
-        (wandb_dir / "superseded").mkdir(exist_ok=True)
-        os.replace(old, wandb_dir / "superseded" / old.name)
+    earlier = sorted(wandb_dir.glob("offline-run-*")) + sorted(wandb_dir.glob("run-*"))
+    ids = {run_id} | {d.name.rsplit("-", 1)[-1] for d in earlier if d.is_dir()}
+    for old in earlier:
+        if old.name.startswith("offline-run-") and old.is_dir():
+            (wandb_dir / "superseded").mkdir(exist_ok=True)
+            os.replace(old, wandb_dir / "superseded" / old.name)
     if mode != "online":
         return
     try:
         import wandb
 
         api = wandb.Api(timeout=logger_cfg.init_timeout)
-        run = api.run(f"{logger_cfg.entity or api.default_entity}/{logger_cfg.project}/{run_id}")
-        run.tags = [*run.tags, "superseded"]
-        run.update()
+        for old_id in sorted(ids):
+            run = api.run(f"{logger_cfg.entity or api.default_entity}/{logger_cfg.project}/{old_id}")
+            if "superseded" not in run.tags:
+                run.tags = [*run.tags, "superseded"]
+                run.update()
     except Exception as exc:
-        warnings.warn(f"W&B: could not tag the killed attempt {run_id} as superseded ({type(exc).__name__}); the "
-                      "resumed run carries its full history (config resumed_from)", stacklevel=3)
+        warnings.warn(f"W&B: could not tag the earlier attempts {sorted(ids)} as superseded ({type(exc).__name__}); "
+                      "the resumed run carries the full history (config resumed_from)", stacklevel=3)
 
 
 def _jsonable(value: Any) -> Any:

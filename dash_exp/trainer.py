@@ -115,9 +115,14 @@ class Trainer:
         the whole ~36 GB state in host memory at once)."""
         shared = self.world.parallel and torch.distributed.get_world_size() == self.world.size
         if shared:
-            state, meta = read_checkpoint(path) if self.world.main else ({"policy": {}, "optimizer": {}}, {})
-            small = [(state.get("stream"), state.get("rng"), meta,
-                      fit_error(self.policy, state["policy"]) if self.world.main else None)]
+            state, meta, error = {"policy": {}, "optimizer": {}}, {}, None
+            if self.world.main:  # a file it cannot read, or one of another model: every rank stops, none hangs
+                try:
+                    state, meta = read_checkpoint(path)
+                    error = fit_error(self.policy, state["policy"], self.optimizer, state["optimizer"])
+                except (OSError, ValueError, KeyError) as exc:
+                    error = str(exc)
+            small = [(state.get("stream"), state.get("rng"), meta, error)]
             torch.distributed.broadcast_object_list(small, src=0)
             state["stream"], state["rng"], meta, error = small[0]
             if error:  # every rank stops here, before any collective that rank 0 would not join

@@ -231,3 +231,19 @@ def test_a_killed_and_resumed_wandb_run_has_exactly_the_history_of_metrics_jsonl
     assert max(killed) >= 3 and sorted(history) == sorted(expected) == list(range(7))
     for step, values in expected.items():
         assert history[step] == pytest.approx(values), step
+
+
+def test_every_earlier_attempts_offline_wandb_run_is_set_aside(make_cfg, tmp_path):
+    """Resumed twice: the checkpoint names attempt A, but attempt B was killed before its first checkpoint; both
+    offline runs leave what `wandb sync` would upload."""
+    from dash_exp.tracking import supersede_wandb_run
+
+    cfg = make_cfg("logger=wandb")
+    wandb_dir = tmp_path / "wandb"
+    for name in ("offline-run-20261206_010000-aaaa1111", "offline-run-20261206_020000-bbbb2222"):
+        (wandb_dir / name).mkdir(parents=True)
+        (wandb_dir / name / f"run-{name[-8:]}.wandb").write_bytes(b":W&B")
+    supersede_wandb_run(tmp_path, cfg.logger, "offline", "aaaa1111")
+    assert not list(wandb_dir.glob("offline-run-*"))
+    assert sorted(p.name for p in (wandb_dir / "superseded").iterdir()) == [
+        "offline-run-20261206_010000-aaaa1111", "offline-run-20261206_020000-bbbb2222"]

@@ -141,6 +141,20 @@ def run_once(program: str, isolation: str = "auto") -> Execution:
         sandbox.close()
 
 
+def confinement(grader: CodeGrader) -> dict:
+    """What the grader's server confines its programs with (started if it was not)."""
+    grader.sandbox.run([Job("x = 1\n", "x", "inputs = []")])
+    return grader.sandbox.info
+
+
+def needs(grader: CodeGrader, *what: str) -> None:
+    """Skip where the server lacks any of `what` (program_ns, landlock, seccomp): without them these programs
+    would reach this machine's own processes and files, which the test must not let them do."""
+    missing = [w for w in what if not confinement(grader).get(w)]
+    if missing:
+        pytest.skip(f"this machine's {grader.sandbox.isolation} sandbox has no {', '.join(missing)}")
+
+
 def grade(grader: CodeGrader, programs: list[str]):
     return grader.grade(programs, [PROBLEM] * len(programs))
 
@@ -179,6 +193,7 @@ def test_each_hostile_or_forged_program_scores_zero_and_harms_nothing(grader, na
 @pytest.mark.parametrize("honest", ["wrong", "right"])
 def test_a_program_forging_reply_frames_scores_as_its_own_outputs_deserve_and_runs_nothing_here(grader, tmp_path,
                                                                                                 honest):
+    needs(grader, "program_ns")  # without its own /proc the forger would write into this user's processes
     canary = tmp_path / "canary"
     program = forger(canary, "0" if honest == "wrong" else "2 * x + 1")
     server = grader.sandbox._proc
@@ -193,6 +208,7 @@ def test_a_program_forging_reply_frames_scores_as_its_own_outputs_deserve_and_ru
 def test_the_forger_reaches_no_descriptor_of_the_server_or_the_trainer(grader, tmp_path):
     """What the forger above could open: no descriptor of another process (its namespace's /proc shows no other,
     and Landlock closes /proc where there is no namespace)."""
+    needs(grader, "program_ns")
     run, = grader.sandbox.run([Job(forger(tmp_path / "canary", "REACHED"), "f", "inputs = [[0]]")])
     assert run.status == "ok", run
     assert run.outputs[0] == [], f"the program opened other processes' descriptors: {run.outputs[0]}"
@@ -240,6 +256,7 @@ def secrets(tmp_path):
 
 
 def test_a_program_reads_no_file_of_the_trainers_user(grader, secrets):
+    needs(grader, "landlock")  # the run dir's files are world-readable: only Landlock keeps them closed
     program = ("def f(x):\n    out = []\n"
                f"    for path in {[str(p) for p in secrets]!r}:\n"
                "        try:\n            out.append(open(path).read())\n"
@@ -278,9 +295,35 @@ def test_isolation_none_still_runs_with_its_warning_and_auto_never_picks_it_wher
         sandbox.close()
 
 
+def test_a_program_cannot_connect_to_a_unix_socket_of_the_trainers_user(grader):
+    """A session bus, an ssh agent or a docker socket is a Unix socket with a path: Landlock does not govern
+    connecting to one, and in user mode the program has the trainer's uid. A listener anyone may connect to (the
+    socket and its directory open to all) stays out of reach, and the program still gets other sockets."""
+    import socket as sockets
+
+    needs(grader, "seccomp")
+    where = Path(tempfile.mkdtemp(prefix="dash_exp_sock_"))
+    where.chmod(0o755)
+    path = where / "bus"
+    listener = sockets.socket(sockets.AF_UNIX)
+    listener.bind(str(path))
+    path.chmod(0o777)
+    listener.listen()
+    program = ("import socket\ndef f(x):\n    try:\n        s = socket.socket(socket.AF_UNIX)\n"
+               f"        s.connect({str(path)!r})\n        return 'connected'\n"
+               "    except OSError as exc:\n        out = type(exc).__name__\n"
+               "    socket.socket(socket.AF_INET).close()\n    return out\n")
+    try:
+        run, = grader.sandbox.run([Job(program, "f", "inputs = [[0]]")])
+    finally:
+        listener.close()
+        path.unlink()
+        where.rmdir()
+    assert run.status == "ok" and run.outputs[0] == "PermissionError", run
+
+
 def test_a_program_that_signals_every_pid_it_sees_reaches_only_its_own(grader):
-    if grader.sandbox.requested == "none":
-        pytest.skip("without a PID namespace per program it would signal this user's own processes")
+    needs(grader, "program_ns")  # without a PID namespace of its own it would signal this user's processes
     program = ("import os, signal\ndef f(x):\n    me = os.getpid()\n"
                "    try:\n        seen = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
                "    except OSError:\n        seen = []\n"

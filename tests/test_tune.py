@@ -91,11 +91,12 @@ def test_tune_auto_applies_logs_saves_and_reuses_its_choice(algorithm, tmp_path,
     assert tuned["train_microbatch"] == knee(trained)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     micro = tuned["train_microbatch"]
-    if algorithm == "grpo":  # whole groups of group_size=4
-        micro = max(4, micro - micro % 4)
+    if algorithm == "grpo" and micro >= 4:  # whole groups of group_size=4
+        micro -= micro % 4
     assert cfg["train_microbatch"] == micro
-    # GRPO's inference batch is its micro-batch by definition, so it follows; DASH keeps null (preemptive sampling)
-    assert cfg["inference_batch"] == (micro if algorithm == "grpo" else None)
+    # GRPO's inference batch is its micro-batch by definition (at least a group), so it follows; DASH keeps null
+    # (preemptive sampling)
+    assert cfg["inference_batch"] == (max(micro, 4) if algorithm == "grpo" else None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 0, "tune/train_microbatch": tuned["train_microbatch"],
             "tune/inference_batch": tuned["inference_batch"], "tune/seconds": tuned["seconds"]} in rows
@@ -290,7 +291,8 @@ def test_gpu_budget_is_cuda_free_memory_less_the_optimizer_state(tiny, monkeypat
     ("dash", [], (8, 4), 8, None),  # null = preemptive sampling: the algorithm, not a knob
     ("ppo", [], (4, 8), 4, None),
     ("dash", ["inference_batch=16"], (4, 8), 4, 8),  # an explicit inference batch is a knob: it takes the knee
-    ("grpo", [], (2, 16), 4, 4),  # GRPO samples whole groups: the micro-batch is rounded to them, at least one
+    ("grpo", [], (2, 16), 2, 4),  # less than a group fits: one group per call, backpropagated 2 at a time
+    ("grpo", [], (6, 16), 4, 4),  # GRPO samples whole groups: the micro-batch is rounded down to them
     ("grpo", [], (8, 4), 8, 8),
 ])
 def test_tuning_changes_knobs_never_the_algorithm_and_the_result_validates(make_cfg, algorithm, overrides, tuned,

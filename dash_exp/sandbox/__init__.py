@@ -234,6 +234,11 @@ class Sandbox:
                       "userns": "per program: user namespace (no capability over the server), PID namespace with "
                                 "its own /proc, private tmpfs, same uid outside as the trainer"}.get(
                                     info.get("program_ns"), "per program: process-group kill only"))
+        if info.get("seccomp"):
+            parts.append("seccomp: no Unix-domain socket (Landlock does not govern connecting to one)")
+        else:
+            log.warning("sandbox: seccomp unavailable on this machine: a program can connect to Unix sockets that "
+                        "its uid may write to (a session bus, an ssh agent)")
         if info.get("landlock"):
             parts.append(f"Landlock ABI {info['landlock']}: reads only the interpreter and system directories, "
                          "writes only its own directory")

@@ -49,6 +49,14 @@ FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 
+# seccomp (seccomp(2), linux/filter.h): a classic-BPF filter over struct seccomp_data (nr at 0, arch at 4, args at 16)
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+EACCES, AF_UNIX = 13, 1
+# (audit arch, socket(2), io_uring_setup(2)) by machine; x86_64's x32 numbers (>= 0x40000000) are refused too
+SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}
+
 # what a program may read besides the interpreter: shared libraries, the system's data, a few files of /etc
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
@@ -105,6 +113,7 @@ class Confinement:
         if namespaces:
             self.mode = "nobody" if as_nobody else "userns"
         self.landlock = landlock_abi()
+        self.seccomp = os.uname().machine in SECCOMP_ARCH
         self.cap_last = _cap_last()
         # O_PATH descriptors of what a program may read, opened once here (closed in the program after use)
         self.read_fds = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in readable_paths()]
@@ -117,9 +126,11 @@ class Confinement:
             self.mode = ""
         if self.landlock and not _in_child(lambda: self._landlock(os.open(".", os.O_PATH))):
             self.landlock = 0
+        if self.seccomp and not _in_child(_no_unix_sockets_probe):
+            self.seccomp = False
 
     def info(self) -> dict:
-        return {"program_ns": self.mode, "landlock": self.landlock}
+        return {"program_ns": self.mode, "landlock": self.landlock, "seccomp": self.seccomp}
 
     def enter(self, tmpfs_mb: int) -> str:
         """In the forked child, before anything else: the namespaces (the calling process stays outside as the
@@ -157,6 +168,8 @@ class Confinement:
         """In the program's process, after `enter` and with its working directory current: Landlock, then no
         privileges. Closes the descriptors it was given."""
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if self.seccomp:
+            no_unix_sockets()
         if self.landlock:
             self._landlock(os.open(workdir, os.O_PATH))
         for fd in (*self.read_fds, *self.read_files, *self.devices):
@@ -204,6 +217,46 @@ class Confinement:
         if self.mode:  # a change of uid clears the parent-death signal: armed again, so that a program that
             # leaves its process group still dies with its waiting parent (and with it its PID namespace)
             _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def no_unix_sockets() -> None:
+    """Refuse (EACCES) socket(AF_UNIX, ...) and io_uring_setup (whose requests can create and connect sockets
+    outside seccomp's view), and any syscall of another ABI (x32, a 32-bit int 0x80). Landlock (up to ABI 7) does
+    not govern connect() to a Unix socket with a path, and a program with the trainer's uid could otherwise reach
+    every socket of that user: the session's D-Bus and systemd (which start processes outside every namespace), an
+    ssh agent, a docker socket. Socket pairs (socketpair) stay allowed. Needs no_new_privs."""
+    arch, socket_nr, io_uring_nr = SECCOMP_ARCH[os.uname().machine]
+    deny, allow = SECCOMP_RET_ERRNO | EACCES, SECCOMP_RET_ALLOW
+    program = [
+        (BPF_LD_W_ABS, 0, 0, 4),             # 0: the arch
+        (BPF_JEQ_K, 0, 8, arch),             # 1: another ABI -> 10 (deny)
+        (BPF_LD_W_ABS, 0, 0, 0),             # 2: the syscall number
+        (BPF_JGE_K, 6, 0, 0x40000000),       # 3: x32 -> 10 (deny)
+        (BPF_JEQ_K, 5, 0, io_uring_nr),      # 4: io_uring_setup -> 10 (deny)
+        (BPF_JEQ_K, 0, 3, socket_nr),        # 5: not socket -> 9 (allow)
+        (BPF_LD_W_ABS, 0, 0, 16),            # 6: its domain (args[0], low 32 bits)
+        (BPF_JEQ_K, 2, 0, AF_UNIX),          # 7: AF_UNIX -> 10 (deny)
+        (BPF_RET_K, 0, 0, allow),            # 8
+        (BPF_RET_K, 0, 0, allow),            # 9
+        (BPF_RET_K, 0, 0, deny),             # 10
+    ]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program), 8 * len(program))
+    fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(filters))
+    prog = ctypes.create_string_buffer(fprog, len(fprog))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog, 0, 0), "prctl(PR_SET_SECCOMP)")
+
+
+def _no_unix_sockets_probe() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    no_unix_sockets()
+    import socket
+
+    try:
+        socket.socket(socket.AF_UNIX)
+    except PermissionError:
+        socket.socket(socket.AF_INET).close()  # other families still work
+        return
+    raise OSError("the filter let an AF_UNIX socket through")
 
 
 def _cap_last() -> int:
