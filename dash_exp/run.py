@@ -151,8 +151,8 @@ def auto_tune(cfg: DictConfig, parts: Components, run_dir: Path, reuse: bool) ->
         prompts = [parts.tokenizer.encode(p.prompt, add_special_tokens=False) for p in parts.task.train[:1000]]
         tuned = tune(cfg, parts.policy, parts.ref, parts.sampler, prompts, parts.tokenizer.pad_token_id)
         tuned.save(run_dir)
-    apply_tuning(cfg, tuned)
     print(tuned.describe(), flush=True)
+    apply_tuning(cfg, tuned)  # what it applies, where that differs from the measurement, is said after
     return tuned
 
 
