@@ -53,8 +53,9 @@ def sweeps(tmp_path_factory) -> Path:
     env.pop("WANDB_API_KEY", None)
     env.update({"WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"})
     traces = root.parent / "traces.jsonl"
+    # the first command may build the tiny base model (about 4 min on 2 idle cores, an empty model cache)
     cli(["dash_exp.traces", "--out", str(traces), "--samples", "4", "--max-prompts", "16", *SMALL,
-         f"run_dir={root.parent}/unused"], env)
+         f"run_dir={root.parent}/unused"], env, timeout=1200)
     for sweep, extra in SWEEP_ARGS.items():
         more = [f"algorithm.traces_path={traces}"] if sweep == "sft_vs_rl" else []
         cli(["dash_exp.run", f"+sweep={sweep}", f"hydra.sweep.dir={root / sweep}", *SMALL, *extra, *more], env)
