@@ -231,6 +231,14 @@ def test_no_descriptor_of_the_server_survives_into_a_program(grader):
     assert len([v for v in links.values() if v.startswith("pipe:")]) == 1, links  # its own result pipe only
 
 
+def reader(paths: list[Path]) -> str:
+    """A program whose f returns each file's text, or the name of the error opening it."""
+    return ("def f(x):\n    out = []\n"
+            f"    for path in {[str(p) for p in paths]!r}:\n"
+            "        try:\n            out.append(open(path).read())\n"
+            "        except OSError as exc:\n            out.append(type(exc).__name__)\n    return out\n")
+
+
 @pytest.fixture
 def secrets(tmp_path):
     """Files a program must not read: a 0600 file of the trainer's user, a file under the trainer's $HOME and a
@@ -257,10 +265,7 @@ def secrets(tmp_path):
 
 def test_a_program_reads_no_file_of_the_trainers_user(grader, secrets):
     needs(grader, "landlock")  # the run dir's files are world-readable: only Landlock keeps them closed
-    program = ("def f(x):\n    out = []\n"
-               f"    for path in {[str(p) for p in secrets]!r}:\n"
-               "        try:\n            out.append(open(path).read())\n"
-               "        except OSError as exc:\n            out.append(type(exc).__name__)\n    return out\n")
+    program = reader(secrets)
     run, = grader.sandbox.run([Job(program, "f", "inputs = [[0]]")])
     assert run.status == "ok", run
     assert not any("s3cret" in v for v in run.outputs[0]), run.outputs
@@ -273,10 +278,7 @@ def test_without_namespaces_landlock_still_keeps_the_trainers_files_closed(secre
 
     if not landlock_abi():
         pytest.skip("no Landlock on this kernel: isolation=none holds back nothing but the environment")
-    program = ("def f(x):\n    out = []\n"
-               f"    for path in {[str(p) for p in secrets]!r}:\n"
-               "        try:\n            out.append(open(path).read())\n"
-               "        except OSError as exc:\n            out.append(type(exc).__name__)\n    return out\n")
+    program = reader(secrets)
     run = run_once(program, isolation="none")
     assert run.status == "ok" and run.outputs[0] == ["PermissionError"] * 3, run
 

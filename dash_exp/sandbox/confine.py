@@ -124,7 +124,7 @@ class Confinement:
         """Try the whole confinement in a throwaway child; what fails is turned off (and reported)."""
         if self.mode and not _in_child(lambda: self._namespaces(64)):
             self.mode = ""
-        if self.landlock and not _in_child(lambda: self._landlock(os.open(".", os.O_PATH))):
+        if self.landlock and not _in_child(lambda: no_new_privs() or self._landlock(os.open(".", os.O_PATH))):
             self.landlock = 0
         if self.seccomp and not _in_child(_no_unix_sockets_probe):
             self.seccomp = False
@@ -167,7 +167,7 @@ class Confinement:
     def restrict(self, workdir: str) -> None:
         """In the program's process, after `enter` and with its working directory current: Landlock, then no
         privileges. Closes the descriptors it was given."""
-        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        no_new_privs()
         if self.seccomp:
             no_unix_sockets()
         if self.landlock:
@@ -195,7 +195,6 @@ class Confinement:
             rule = ctypes.create_string_buffer(struct.pack("=Qi", access & handled, fd), 12)
             _check(_libc.syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
                                  rule, ctypes.c_uint32(0)), "landlock_add_rule")
-        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
         _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)),
                "landlock_restrict_self")
         os.close(ruleset)
@@ -246,8 +245,13 @@ def no_unix_sockets() -> None:
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog, 0, 0), "prctl(PR_SET_SECCOMP)")
 
 
-def _no_unix_sockets_probe() -> None:
+def no_new_privs() -> None:
+    """No exec gains privileges from here on (what Landlock and seccomp need of an unprivileged caller)."""
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _no_unix_sockets_probe() -> None:
+    no_new_privs()
     no_unix_sockets()
     import socket
 
