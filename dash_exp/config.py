@@ -10,12 +10,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-ALGORITHMS = ("base", "sft", "grpo", "ppo", "dash")
+from dash_exp.algorithms import COMPONENTS
+from dash_exp.errors import ConfigError
+
 TASKS = ("arith", "math", "gsm8k", "pycode", "mbpp")
 PROMPT_FORMATS = ("raw", "instruct", "chat", "few_shot")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-ADV_NORMS = ("std", "mean")
 FILTER_KL = ("drop", "keep")
 SFT_SOURCES = ("reference", "traces")
 ROLLOUTS = ("auto", "hf", "vllm")
@@ -29,20 +28,22 @@ RESUME = ("auto", "never")
 TUNE = ("off", "auto")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key and what is allowed."""
-
-
 @dataclass
 class AlgorithmConfig:
-    # algorithm name: base (no training, evaluation only) | sft | grpo | ppo | dash
+    # the preset's name (conf/algorithm/<name>.yaml), used in run names and W&B groups; what the run does is set by
+    # the component keys below, never by this name
     name: str = MISSING
     # name of this configuration in tables and plots (e.g. no_gf, ppo_mini, sft_m); null = name
     label: str | None = None
-    # advantage normalisation within a group: std -> (r - mean)/(std + eps); mean -> r - mean
-    adv_norm: str = "std"
-    # epsilon added to the group std in the advantage denominator
+    # false: evaluate the starting model only, no optimizer step whatever steps/epochs say (the "Base" rows)
+    train: bool = True
+    # advantage estimator (algorithms.advantages.ADVANTAGES): grpo | drgrpo | rloo | reinforce_pp
+    advantage: str = "grpo"
+    # epsilon added to the std in the advantage denominator (grpo, reinforce_pp)
     adv_eps: float = 1e-4
+    # per-token policy loss (algorithms.losses.POLICY_LOSSES): ppo_clip | gspo | sft (trains on the task's reference
+    # solutions or on traces instead of sampled rollouts)
+    policy_loss: str = "ppo_clip"
     # passes over each step's batch (PPO "Multi" uses 3; policy gradient uses 1)
     ppo_epochs: int = 1
     # optimizer steps per pass, each on 1/ppo_minibatches of the batch (PPO "Mini" uses 32)
@@ -51,9 +52,9 @@ class AlgorithmConfig:
     clip_low: float = 0.2
     # PPO ratio clip above 1 (ratio <= 1 + clip_high); asymmetric allowed
     clip_high: float = 0.2
-    # loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (Dr.GRPO)
+    # loss aggregation (algorithms.losses.AGGREGATIONS): token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
     aggregation: str = "token_mean"
-    # SFT data: reference (task's reference solutions, SFT-H) | traces (JSONL of model traces, SFT-M)
+    # policy_loss=sft: reference (task's reference solutions, SFT-H) | traces (JSONL of model traces, SFT-M)
     sft_source: str = "reference"
     # SFT-M traces JSONL (one {"prompt", "response"} object per line); required when sft_source=traces
     traces_path: str | None = None
@@ -354,6 +355,16 @@ def resolved_sampler_dtype(cfg: Config | DictConfig) -> str:
     return cfg.rollout.dtype or cfg.model.dtype
 
 
+def trains_on_targets(cfg: Config | DictConfig) -> bool:
+    """The run trains on given target tokens (reference solutions or traces: SFT), not on sampled rollouts."""
+    return bool(COMPONENTS["algorithm.policy_loss"].entry(cfg.algorithm.policy_loss).traits["targets"])
+
+
+def trains_on_rollouts(cfg: Config | DictConfig) -> bool:
+    """The run samples rollouts from the policy and learns from their rewards (RL)."""
+    return bool(cfg.algorithm.train) and not trains_on_targets(cfg)
+
+
 def resolved_threads(cfg: Config | DictConfig) -> int:
     """Torch threads: the configured number, else the cores this process may run on."""
     return cfg.threads if cfg.threads is not None else len(os.sched_getaffinity(0))
@@ -375,12 +386,10 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
 def validate(cfg: Config | DictConfig) -> None:
     """Reject bad values and bad combinations with one line naming the key; loads nothing."""
     a = cfg.algorithm
-    _one_of("algorithm.name", a.name, ALGORITHMS)
-    _one_of("algorithm.adv_norm", a.adv_norm, ADV_NORMS)
-    _one_of("algorithm.aggregation", a.aggregation, AGGREGATIONS)
+    for key, registry in COMPONENTS.items():
+        registry.entry(_get(cfg, key))
     _one_of("algorithm.sft_source", a.sft_source, SFT_SOURCES)
     _one_of("filter_kl", cfg.filter_kl, FILTER_KL)
-    _one_of("kl.estimator", cfg.kl.estimator, KL_ESTIMATORS)
     _one_of("model.source", cfg.model.source, MODEL_SOURCES)
     _one_of("task.name", cfg.task.name, TASKS)
     _one_of("task.prompt_format", cfg.task.prompt_format, PROMPT_FORMATS)
@@ -428,7 +437,7 @@ def validate(cfg: Config | DictConfig) -> None:
     if r.overlap and not r.generator_ranks:
         raise ConfigError(f"rollout.overlap={r.overlap}: needs rollout.generator_ranks >= 1 (generation overlaps "
                           "training only on ranks of its own)")
-    if r.generator_ranks and a.name in ("base", "sft"):
+    if r.generator_ranks and not trains_on_rollouts(cfg):
         raise ConfigError(f"rollout.generator_ranks={r.generator_ranks}: algorithm={a.name} samples nothing to "
                           "train on; expected 0")
     if r.generator_ranks and r.tensor_parallel_size > 1:
@@ -446,7 +455,7 @@ def validate(cfg: Config | DictConfig) -> None:
 
     batch = step_batch(cfg)
     infer = resolved_inference_batch(cfg)
-    if a.name != "sft":
+    if not trains_on_targets(cfg):
         if cfg.group_size < 2:
             raise ConfigError(f"group_size={cfg.group_size}: group-relative advantages need >= 2")
         if infer % cfg.group_size:
@@ -459,10 +468,7 @@ def validate(cfg: Config | DictConfig) -> None:
     if batch % a.ppo_minibatches:
         raise ConfigError(f"algorithm.ppo_minibatches={a.ppo_minibatches}: expected a divisor of the step "
                           f"batch prompts_per_step*group_size={batch}")
-    if a.name in ("base", "grpo", "dash", "sft") and (a.ppo_epochs, a.ppo_minibatches) != (1, 1):
-        raise ConfigError(f"algorithm.ppo_epochs/ppo_minibatches: {a.name} is on-policy, expected 1/1 "
-                          f"(use algorithm=ppo for off-policy updates)")
-    if a.name == "sft" and a.sft_source == "traces" and not a.traces_path:
+    if trains_on_targets(cfg) and a.sft_source == "traces" and not a.traces_path:
         raise ConfigError("algorithm.traces_path: required when algorithm.sft_source=traces "
                           "(make one with python -m dash_exp.traces)")
     for key in ("task.max_slope", "task.time_limit_s"):

@@ -69,7 +69,7 @@ def world_from_env() -> World:
 def check_world(cfg: Any, world: World) -> None:
     """Reject what data parallelism (and the split into trainer and generator ranks) cannot run, in one line,
     before any model loads."""
-    from dash_exp.config import ConfigError
+    from dash_exp.errors import ConfigError
 
     generators = cfg.rollout.generator_ranks
     if generators:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dash_exp.config import ConfigError
+from dash_exp.config import ConfigError, trains_on_targets
 from dash_exp.distributed import SINGLE, World
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def build(cfg: Any, need_train: bool = True, world: World = SINGLE, device: Any 
     from dash_exp.tasks.registry import build_task
 
     sft_items = None
-    if cfg.algorithm.name == "sft" and cfg.algorithm.sft_source == "traces":
+    if trains_on_targets(cfg) and cfg.algorithm.sft_source == "traces":
         from dash_exp.tasks.traces import load_traces
 
         sft_items = load_traces(Path(cfg.algorithm.traces_path))

@@ -229,7 +229,7 @@ def _warm_up(tiny_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
                                tiny_cfg.warmup_seed, tiny_cfg.warmup_restate)
     samples = [TrainSample(tokenizer.encode(p), tokenizer.encode(r) + [tokenizer.eos_token_id]) for p, r in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny_cfg.warmup_lr, weight_decay=0.0)
-    spec = LossSpec(kind="sft")
+    spec = LossSpec(policy_loss="sft")
     bar = tqdm(range(tiny_cfg.warmup_steps), desc=f"building tiny base model {out_dir.name}", unit="step")
     for step in bar:
         batch = samples[step * tiny_cfg.warmup_batch: (step + 1) * tiny_cfg.warmup_batch]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dash_exp.algorithms.advantages import backprop_set, gradient_filter, group_advantages, kl_beta_effective
+from dash_exp.algorithms.advantages import ADVANTAGES, backprop_set, gradient_filter, kl_beta_effective
 from dash_exp.algorithms.losses import normalizer
 from dash_exp.algorithms.update import SUMS, LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
@@ -30,7 +30,7 @@ from dash_exp.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from dash_exp.config import resolved_inference_batch, step_batch
+from dash_exp.config import resolved_inference_batch, step_batch, trains_on_targets
 from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, full_tensor
 from dash_exp.evaluation import evaluate, generate_in_chunks
 from dash_exp.overlap import GeneratorLink
@@ -41,19 +41,20 @@ from dash_exp.tracking import MetricSink, Timers, peak_memory_mb, reset_peak_mem
 
 
 def total_steps(cfg: Any, n_items: int) -> int:
-    """cfg.steps, or ceil(epochs * items / items per step) when cfg.epochs is set; 0 for algorithm=base."""
-    if cfg.algorithm.name == "base":
+    """cfg.steps, or ceil(epochs * items / items per step) when cfg.epochs is set; 0 where algorithm.train is
+    false (the starting model, evaluated only)."""
+    if not cfg.algorithm.train:
         return 0
     if cfg.epochs is None:
         return int(cfg.steps)
-    per_step = step_batch(cfg) if cfg.algorithm.name == "sft" else cfg.prompts_per_step
+    per_step = step_batch(cfg) if trains_on_targets(cfg) else cfg.prompts_per_step
     return math.ceil(cfg.epochs * n_items / per_step)
 
 
 def loss_spec(cfg: Any) -> LossSpec:
     a = cfg.algorithm
     return LossSpec(
-        kind="sft" if a.name == "sft" else "pg", aggregation=a.aggregation, temperature=cfg.temperature,
+        policy_loss=a.policy_loss, aggregation=a.aggregation, temperature=cfg.temperature,
         clip_low=a.clip_low, clip_high=a.clip_high, beta=cfg.kl.beta, estimator=cfg.kl.estimator,
         compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], logprob_chunk=cfg.model.logprob_chunk,
     )
@@ -76,7 +77,7 @@ class Trainer:
         self.generators = generators
         self.tokens = TokenCache(tokenizer)
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        self.is_sft = cfg.algorithm.name == "sft"
+        self.is_sft = trains_on_targets(cfg)
         items = sft_items if sft_items is not None else task.train
         self.stream = ProblemStream(items, seed=cfg.seed)
         self.steps = total_steps(cfg, len(items))
@@ -273,7 +274,7 @@ class Trainer:
         """The step batch's advantages, gradient-filter mask and metrics, from its graded rollouts."""
         cfg = self.cfg
         rewards = torch.tensor(graded.rewards)
-        adv = group_advantages(rewards, cfg.group_size, cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
+        adv = ADVANTAGES[cfg.algorithm.advantage](rewards, cfg.group_size, cfg.algorithm.adv_eps)
         keep = gradient_filter(adv, cfg.filter_threshold)
         samples = [TrainSample(r.prompt_ids, r.response_ids, float(a)) for r, a in zip(rollouts, adv, strict=True)]
         lengths = [len(r.response_ids) for r in rollouts]

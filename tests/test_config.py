@@ -11,11 +11,29 @@ from dash_exp.config import ConfigError, compose_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("algorithm", "kl"), [(a, k) for a in ("sft", "grpo", "ppo", "dash") for k in ("on", "off")])
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "algorithm").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("algorithm", "kl"), [(a, k) for a in PRESETS for k in ("on", "off")])
 def test_every_algorithm_kl_combination_composes(algorithm, kl):
     cfg = compose_config([f"algorithm={algorithm}", f"kl={kl}", "run_dir=x"])
-    assert cfg.algorithm.name == algorithm and cfg.kl.name == kl
-    assert cfg.kl.beta == (0.04 if kl == "on" else 0.0)
+    assert cfg.algorithm.name == algorithm.removesuffix("_nogf").removesuffix("_mini").removesuffix("_m")
+    assert cfg.kl.name == kl and cfg.kl.beta == (0.04 if kl == "on" else 0.0)
+
+
+def test_the_presets_beyond_the_paper_are_compositions_of_components():
+    def pick(name):
+        a = compose_config([f"algorithm={name}", "run_dir=x"]).algorithm
+        return a.advantage, a.policy_loss, a.aggregation, a.ppo_minibatches
+
+    assert pick("rloo") == ("rloo", "ppo_clip", "token_mean", 1)
+    assert pick("reinforce_pp") == ("reinforce_pp", "ppo_clip", "token_mean", 1)
+    assert pick("drgrpo") == ("drgrpo", "ppo_clip", "seq_mean_token_sum_norm", 1)
+    assert pick("gspo") == ("grpo", "gspo", "seq_mean_token_mean", 4)
+    assert pick("sft")[1] == "sft" and not compose_config(["algorithm=base", "run_dir=x"]).algorithm.train
+    # any component goes with any preset: the name is a label, never a branch
+    assert compose_config(["algorithm=grpo", "algorithm.advantage=rloo", "algorithm.ppo_epochs=2",
+                           "run_dir=x"]).algorithm.advantage == "rloo"
 
 
 def test_rollout_auto_is_vllm_with_cuda_and_on_cpu_for_large_models():
@@ -60,7 +78,8 @@ BAD = [
     (["lr=0"], "lr=0.0: expected a number > 0"),
     (["top_p=1.5"], "top_p=1.5: expected a number in (0, 1]"),
     (["inference_batch=256"], "inference_batch=256: expected <= the step batch"),
-    (["algorithm=grpo", "algorithm.ppo_epochs=3"], "algorithm.ppo_epochs/ppo_minibatches: grpo is on-policy"),
+    (["algorithm.advantage=gae"], "algorithm.advantage='gae': expected one of grpo, drgrpo, rloo, reinforce_pp"),
+    (["algorithm.policy_loss=dpo"], "algorithm.policy_loss='dpo': expected one of ppo_clip, gspo, sft"),
     (["algorithm=sft", "algorithm.sft_source=traces"], "algorithm.traces_path: required"),
     (["task.eval_size=500"], "task.eval_size=500: expected <= task.n_test=200"),
     (["logger.mode=cloud"], "logger.mode='cloud': expected one of online, offline, disabled"),

@@ -12,6 +12,9 @@ from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
 from dash_exp.factory import build
 
+# the tests' short ids -> the registered policy losses
+LOSSES = {"pg": "ppo_clip", "sft": "sft"}
+
 
 @pytest.fixture
 def policy_and_samples(make_cfg):
@@ -44,8 +47,8 @@ def grads(policy, samples, spec, norm, microbatch, pad_id, ref=None):
 @pytest.mark.parametrize("kind", ["pg", "pg+kl", "sft", "sft+kl"])
 def test_microbatches_of_unequal_sizes_give_the_full_batch_gradient(policy_and_samples, aggregation, kind):
     policy, ref, samples, pad = policy_and_samples
-    spec = LossSpec(kind=kind.split("+")[0], aggregation=aggregation, beta=0.04 if kind.endswith("+kl") else 0.0,
-                    temperature=0.9)
+    spec = LossSpec(policy_loss=LOSSES[kind.split("+")[0]], aggregation=aggregation,
+                    beta=0.04 if kind.endswith("+kl") else 0.0, temperature=0.9)
     norm = normalizer([len(s.response_ids) for s in samples], aggregation, max_new_tokens=12)
     full, full_stats = grads(policy, samples, spec, norm, 7, pad, ref)
     for s in samples:
@@ -68,7 +71,7 @@ def test_with_kl_filter_kl_keep_gives_the_unfiltered_gradient_and_drop_loses_the
     for s in samples[::2]:
         s.advantage = 0.0
     keep = [abs(s.advantage) > 0.1 for s in samples]
-    spec = LossSpec(kind="pg", beta=0.04, aggregation=aggregation, temperature=0.9)
+    spec = LossSpec(beta=0.04, aggregation=aggregation, temperature=0.9)
     norm = normalizer([len(s.response_ids) for s in samples], aggregation, 12)
 
     def update(chosen):
@@ -102,7 +105,7 @@ def test_filtering_zero_advantage_samples_keeps_the_gradient_and_skips_their_for
     policy, _, samples, pad = policy_and_samples
     for s in samples[::2]:
         s.advantage = 0.0
-    spec = LossSpec(kind="pg", beta=0.0)
+    spec = LossSpec(beta=0.0)
     # the normalizer comes from ALL samples, before filtering
     norm = normalizer([len(s.response_ids) for s in samples], "token_mean", 12)
     everything, all_stats = grads(policy, samples, spec, norm, 2, pad)
@@ -122,8 +125,8 @@ def test_chunked_log_probs_give_the_unchunked_gradient(policy_and_samples, kind)
     for chunk in (None, 5, 1):
         for s in samples:
             s.ref_logprobs = None
-        spec = LossSpec(kind=kind.split("+")[0], beta=0.04 if kind.endswith("+kl") else 0.0, temperature=0.9,
-                        logprob_chunk=chunk)
+        spec = LossSpec(policy_loss=LOSSES[kind.split("+")[0]], beta=0.04 if kind.endswith("+kl") else 0.0,
+                        temperature=0.9, logprob_chunk=chunk)
         results.append(grads(policy, samples, spec, norm, 3, pad, ref))
     (full, full_stats), *chunked = results
     for grad, stats in chunked:
@@ -140,7 +143,7 @@ def test_statistics_stay_on_the_device_and_sum_like_python_floats(policy_and_sam
     from dash_exp.batching import microbatches
 
     policy, ref, samples, pad = policy_and_samples
-    spec = LossSpec(kind=kind.split("+")[0], beta=0.04 if kind.endswith("+kl") else 0.0, temperature=0.9)
+    spec = LossSpec(policy_loss=LOSSES[kind.split("+")[0]], beta=0.04 if kind.endswith("+kl") else 0.0, temperature=0.9)
     for s in samples:
         s.old_logprobs = torch.zeros(len(s.response_ids), dtype=torch.float64)  # PPO-clip against stored log-probs
     _, stats = grads(policy, samples, spec, 40.0, 3, pad, ref)

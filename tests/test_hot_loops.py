@@ -92,7 +92,7 @@ def make_samples(parts, n=8):
 def test_accumulate_gradients_reads_nothing_per_micro_batch(parts):
     pad = parts.tokenizer.pad_token_id
     samples = make_samples(parts)
-    spec = LossSpec(kind="pg", beta=0.04)  # KL to the reference and PPO-clip against stored old log-probs
+    spec = LossSpec(beta=0.04)  # KL to the reference and PPO-clip against stored old log-probs
     old_logprobs(parts.policy, samples, pad, spec, 8)
     sums = []
     for microbatch in (8, 4, 2, 1):

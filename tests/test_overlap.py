@@ -62,7 +62,7 @@ def test_behaviour_logprobs_set_the_ratio_and_fresh_samples_keep_ratio_one(make_
     samples = [TrainSample([rng.randrange(3, vocab) for _ in range(rng.randint(3, 8))],
                            [rng.randrange(3, vocab) for _ in range(rng.randint(2, 9))], advantage=a)
                for a in (1.0, 0.5, -0.7, 1.5)]
-    spec = LossSpec(kind="pg")
+    spec = LossSpec()
 
     def grads(batch):
         policy.zero_grad(set_to_none=True)

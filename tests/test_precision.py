@@ -20,6 +20,9 @@ from dash_exp.rollout.base import SamplingParams
 from dash_exp.rollout.hf import HFSampler
 from dash_exp.run import train
 
+# the tests' short ids -> the registered policy losses
+LOSSES = {"pg": "ppo_clip", "sft": "sft"}
+
 BF16 = "model.dtype=bfloat16"
 
 
@@ -69,7 +72,7 @@ def test_bf16_autocast_gradients_agree_with_fp32(make_cfg, rl_samples, kind):
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
         policy.zero_grad(set_to_none=True)
-        spec = LossSpec(kind=kind, temperature=0.9, compute_dtype=dtype)
+        spec = LossSpec(policy_loss=LOSSES[kind], temperature=0.9, compute_dtype=dtype)
         accumulate_gradients(policy, copy.deepcopy(rl_samples), spec, 100.0, 4, 0)
         grads[dtype] = torch.cat([p.grad.flatten() for p in policy.parameters()])
         assert all(p.grad.dtype == torch.float32 for p in policy.parameters())
@@ -112,6 +115,6 @@ def test_the_kl_is_exactly_zero_at_step_0_under_bf16_compute(make_cfg, rl_sample
     any update the KL of every token is 0, as it is in fp32 (an all-bf16 reference gave 0.09 over 168 tokens)."""
     parts = build(make_cfg(BF16, "kl=on"))
     parts.task.close()
-    spec = LossSpec(kind="pg", beta=0.04, compute_dtype=torch.bfloat16)
+    spec = LossSpec(beta=0.04, compute_dtype=torch.bfloat16)
     stats = accumulate_gradients(parts.policy, copy.deepcopy(rl_samples), spec, 100.0, 4, 0, parts.ref)
     assert stats.tokens > 0 and stats.kl_sum == 0.0

@@ -145,7 +145,7 @@ def test_micro_batched_gradients_equal_one_big_batch_on_the_real_model(parts):
     rollouts = parts.sampler.generate(prompts_of(parts, 2), SamplingParams(n=2, max_new_tokens=24), [1, 2])
     samples = [TrainSample(r.prompt_ids, r.response_ids, advantage=a) for r, a in
                zip(rollouts, [1.0, -0.5, 0.25, -0.75], strict=True)]
-    spec = LossSpec(kind="pg", aggregation="seq_mean_token_sum_norm")
+    spec = LossSpec(aggregation="seq_mean_token_sum_norm")
     grads = []
     for microbatch in (4, 1):
         parts.policy.zero_grad(set_to_none=True)

@@ -1,25 +1,59 @@
-"""Group-relative advantages (GRPO) and gradient filtering (DASH)."""
+"""Advantage estimators (a registry: `algorithm.advantage`), gradient filtering (DASH) and the backprop set.
+
+Every estimator maps the step batch's rewards [B] (consecutive groups of `group_size` samples of one prompt) to one
+advantage per sample [B]; the loss gives each response token its sample's advantage.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
+from dash_exp.algorithms.losses import AGGREGATIONS
+from dash_exp.algorithms.registry import Registry
 from dash_exp.batching import TrainSample
 
+# (rewards [B], group_size, eps) -> advantages [B]
+Estimator = Callable[[torch.Tensor, int, float], torch.Tensor]
+ADVANTAGES: Registry[Estimator] = Registry("algorithm.advantage", "advantage estimator")
 
-def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", eps: float = 1e-4) -> torch.Tensor:
-    """A_i = (r_i - mean_g) / (std_g + eps) over each consecutive group of `group_size` samples.
 
-    norm="mean" gives A_i = r_i - mean_g. std is the sample (Bessel-corrected) std, as in TRL's GRPO.
-    An all-equal group gets A = 0 for every member.
-    """
+def _centered(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r_i - mean_g, as [groups, group_size]."""
     groups = rewards.view(-1, group_size)
-    centered = groups - groups.mean(dim=1, keepdim=True)
-    if norm == "std":
-        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
-    return centered.reshape(-1)
+    return groups - groups.mean(dim=1, keepdim=True)
+
+
+@ADVANTAGES.register("grpo", source="Shao et al. 2024 (DeepSeekMath), arXiv 2402.03300")
+def grpo(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """A_i = (r_i - mean_g) / (std_g + eps), std the sample (Bessel) std of the group, as TRL's GRPO."""
+    return (_centered(rewards, group_size) / (rewards.view(-1, group_size).std(dim=1, keepdim=True) + eps)).reshape(-1)
+
+
+@ADVANTAGES.register("drgrpo", source="Liu et al. 2025 (Dr. GRPO), arXiv 2503.20783")
+def drgrpo(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """A_i = r_i - mean_g: GRPO without the std division (no bias toward groups of small reward spread)."""
+    return _centered(rewards, group_size).reshape(-1)
+
+
+@ADVANTAGES.register("rloo", source="Ahmadian et al. 2024 (RLOO), arXiv 2402.14740; Kool et al. 2019")
+def rloo(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i} r_j = G / (G - 1) (r_i - mean_g): the leave-one-out baseline (unbiased)."""
+    return (_centered(rewards, group_size) * (group_size / (group_size - 1))).reshape(-1)
+
+
+@ADVANTAGES.register("reinforce_pp", source="Hu et al. 2025 (REINFORCE++-baseline), arXiv 2501.03262")
+def reinforce_pp(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """A_i = c_i / (std_B c + eps), c_i = r_i - mean_g: the group baseline, whitened over the whole step batch.
+
+    Each sample weighs 1 in the batch (Bessel) std, and the batch mean of c is 0 (every group's is), so it is not
+    subtracted: a group of equal rewards keeps A exactly 0 (the gradient filter drops it as under GRPO). OpenRLHF and
+    verl whiten over tokens instead (a sample weighs its length, and the shift by the token mean is not 0).
+    """
+    centered = _centered(rewards, group_size).reshape(-1)
+    return centered / (centered.std() + eps)
 
 
 def gradient_filter(advantages: torch.Tensor, threshold: float | None) -> torch.Tensor:
@@ -49,6 +83,6 @@ def backprop_set(samples: list[TrainSample], keep: list[bool], filter_kl: str,
 def kl_beta_effective(samples: list[TrainSample], keep: list[bool], beta: float, aggregation: str) -> float:
     """beta x the share of the KL loss's normaliser weight that the backpropagated samples carry: each sample
     weighs its tokens (token_mean, seq_mean_token_sum_norm) or 1 (seq_mean_token_mean)."""
-    weight = (lambda s: 1) if aggregation == "seq_mean_token_mean" else (lambda s: len(s.response_ids))
-    total = sum(weight(s) for s in samples)
-    return beta * sum(weight(s) for s, k in zip(samples, keep, strict=True) if k) / max(total, 1)
+    weight = AGGREGATIONS[aggregation].sample_weight
+    total = sum(weight(len(s.response_ids)) for s in samples)
+    return beta * sum(weight(len(s.response_ids)) for s, k in zip(samples, keep, strict=True) if k) / max(total, 1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dash_exp.algorithms.losses import aggregate_sum, kl_estimate, policy_loss, sft_loss
+from dash_exp.algorithms.losses import POLICY_LOSSES, Clip, aggregate_sum, kl_estimate
 from dash_exp.batching import TrainSample, microbatches, pad_right, response_logprobs
 
 
@@ -15,8 +15,8 @@ from dash_exp.batching import TrainSample, microbatches, pad_right, response_log
 class LossSpec:
     """Which loss to build per token, and how to aggregate it."""
 
-    # "pg" (policy gradient / PPO-clip, optionally + beta * KL) or "sft"
-    kind: str
+    # the per-token policy loss (losses.POLICY_LOSSES: ppo_clip, gspo, sft), plus beta * KL where beta > 0
+    policy_loss: str = "ppo_clip"
     aggregation: str = "token_mean"
     temperature: float = 1.0
     clip_low: float = 0.2
@@ -102,19 +102,16 @@ def accumulate_gradients(
         stats.forward_samples += len(micro)
         stats.tokens += sum(len(s.response_ids) for s in micro)
         zero = logp.new_zeros(())
-        clipped_sum = capped_sum = approx_kl = kl_loss = kl_sum = zero
-        if spec.kind == "sft":
-            loss = aggregate_sum(sft_loss(logp), mask, spec.aggregation) / norm
-        else:
-            old = behaviour_logprobs(micro, logp)
-            adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
-            cap = torch.tensor([s.ratio_cap for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
-            pg_tokens, clipped, capped = policy_loss(logp, old, adv, spec.clip_low, spec.clip_high, cap)
-            loss = aggregate_sum(pg_tokens, mask, spec.aggregation) / norm
-            clipped_sum = (clipped * mask).sum()
-            capped_sum = (capped * mask).sum()
-            log_ratio = (logp - old).detach()
-            approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum()
+        kl_loss = kl_sum = zero
+        old = behaviour_logprobs(micro, logp)
+        adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
+        cap = torch.tensor([s.ratio_cap for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
+        terms = POLICY_LOSSES[spec.policy_loss](logp, old, adv, mask, Clip(spec.clip_low, spec.clip_high, cap))
+        loss = aggregate_sum(terms.loss, mask, spec.aggregation) / norm
+        clipped_sum = (terms.clipped * mask).sum()
+        capped_sum = (terms.capped * mask).sum()
+        log_ratio = (logp - old).detach()
+        approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum()
         pg = loss.detach()
         if spec.beta > 0:
             if ref is None:

@@ -29,8 +29,8 @@ from typing import Any
 #   seq_mean_token_mean: mean over sequences of per-sequence token means = TRL "grpo"
 #   seq_mean_token_sum_norm: sum / (sequences * max_new_tokens) = TRL "dr_grpo"
 LOSS_TYPES = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
-# harness adv_norm -> TRL scale_rewards (both: (r - group mean) / (Bessel group std + 1e-4), or r - group mean)
-SCALE_REWARDS = {"std": "group", "mean": "none"}
+# harness advantage -> TRL scale_rewards (both: (r - group mean) / (Bessel group std + 1e-4), or r - group mean)
+SCALE_REWARDS = {"grpo": "group", "drgrpo": "none"}
 # TRL's hard-coded epsilon in the advantage denominator
 TRL_ADV_EPS = 1e-4
 # reported GRPOConfig fields
@@ -53,8 +53,10 @@ def grpo_settings(cfg: Any) -> tuple[dict[str, Any], list[str]]:
     if samples % cfg.train_microbatch:
         raise ValueError(f"train_microbatch={cfg.train_microbatch}: TRL needs a divisor of the step batch "
                          f"prompts_per_step*group_size={samples}")
-    if a.name not in ("grpo", "dash"):
-        raise ValueError(f"algorithm={a.name}: this benchmark compares the on-policy RL step (grpo or dash)")
+    if not (a.train and a.policy_loss == "ppo_clip" and a.advantage in SCALE_REWARDS and a.ppo_epochs == 1
+            and a.ppo_minibatches == 1):
+        raise ValueError(f"algorithm={a.name}: this benchmark compares the on-policy RL step (ppo_clip loss, advantage "
+                         f"{' or '.join(SCALE_REWARDS)}, one optimizer step per batch: grpo or dash)")
     accumulation = samples // cfg.train_microbatch
     infer = cfg.inference_batch if cfg.inference_batch is not None else samples
     if infer % cfg.train_microbatch or samples % infer:
@@ -79,7 +81,7 @@ def grpo_settings(cfg: Any) -> tuple[dict[str, Any], list[str]]:
         epsilon=a.clip_low,
         epsilon_high=a.clip_high,
         loss_type=LOSS_TYPES[a.aggregation],
-        scale_rewards=SCALE_REWARDS[a.adv_norm],
+        scale_rewards=SCALE_REWARDS[a.advantage],
         mask_truncated_completions=False,
         learning_rate=cfg.lr,
         lr_scheduler_type="constant",
