@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from analysis.ablate import Metric, arm_values, contrast, last_steps_mean
 from analysis.figures import KL_DISPLAY, auto_window, display, eval_points, first_reach, time_unit
 from analysis.runs import sweep_frames
 from analysis.stats import Comparison, combine, compare, interval_text, rate_verdict
-from analysis.tables import _mean, by_seed, eval_sets, fmt, joined, mean_se
+from analysis.tables import _mean, eval_sets, fmt, joined, mean_se
 
 # a run "collapses" when it ends this far below its own start (about one binomial standard error of the accuracy on
 # 100 problems), finding 2's stability measure
@@ -65,7 +66,13 @@ def _not_run(number: int | str, claim: str, sweep: str, missing: str = "") -> Ve
 def _acc(runs: pd.DataFrame, label: str, eval_set: str, part: str = "final",
          metric: str = "accuracy") -> dict[object, float]:
     """{seed: accuracy (%)} of the runs of `label` at the initial or final evaluation (code: `metric` pass@1)."""
-    return by_seed(runs[runs["label"] == label], f"{part}/eval/{eval_set}/{metric}", 100.0)
+    return arm_values(runs, NO_STEPS, label, Metric.parse(f"{part}/eval/{eval_set}/{metric}"), by="label")
+
+
+# the runs frame's columns suffice for final metrics and training time
+NO_STEPS = pd.DataFrame(columns=["run_dir", "step", "is_train"])
+LENGTH = Metric.parse("response/length_mean")
+TIME = Metric.parse("time_elapsed")
 
 
 def _stat(values: dict[object, float] | list[float], digits: int = 1, se: float = math.nan) -> str:
@@ -193,14 +200,6 @@ def finding2(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "pg_vs_ppo") 
 
 
 # ---------------------------------------------------------------------------------------------------- finding 3
-def last_steps_mean(steps: pd.DataFrame, metric: str, first: bool = False) -> pd.Series:
-    """Per run_dir: mean of a training metric over its last (or first) auto_window(n) training steps."""
-    rows = steps[steps["is_train"] & steps[metric].notna()] if metric in steps else steps.iloc[0:0]
-    rows = rows.sort_values(["run_dir", "step"])
-    pick = (lambda s: s.head(auto_window(len(s)))) if first else (lambda s: s.tail(auto_window(len(s))))
-    return rows.groupby("run_dir")[metric].apply(lambda s: pick(s).mean())
-
-
 def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verdict:
     """No KL vs KL. Length: training responses (mean over the last steps) shorter without KL (interval of
     No-KL - KL below 0). Accuracy: final greedy accuracy higher without KL (interval above 0)."""
@@ -213,10 +212,11 @@ def finding3(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "kl") -> Verd
     window = auto_window(int(runs["steps_done"].max()))
     last = f"last {window} steps" if window > 1 else "last step"
     side = {kl: runs[runs["kl"] == kl] for kl in ("on", "off")}
-    acc = {kl: by_seed(sel, f"final/eval/{s}/accuracy", 100.0) for kl, sel in side.items()}
-    length = {kl: by_seed(sel.assign(length=end.reindex(sel["run_dir"]).to_numpy()), "length")
-              for kl, sel in side.items()}
-    comparisons = {"shorter": compare(length["off"], length["on"]), "higher accuracy": compare(acc["off"], acc["on"])}
+    accuracy = Metric.parse(f"final/eval/{s}/accuracy")
+    acc = {kl: arm_values(runs, steps, kl, accuracy, by="kl") for kl in side}
+    length = {kl: arm_values(runs, steps, kl, LENGTH, by="kl") for kl in side}
+    comparisons = {"shorter": contrast(runs, steps, "off", "on", LENGTH, by="kl"),
+                   "higher accuracy": contrast(runs, steps, "off", "on", accuracy, by="kl")}
     parts = {"shorter": comparisons["shorter"].verdict(greater=False),
              "higher accuracy": comparisons["higher accuracy"].verdict()}
     se = {kl: mean_se(sel, s) for kl, sel in side.items()}
@@ -256,7 +256,7 @@ def finding4(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "algorithms",
     if runs.empty or not {"dash", "grpo"} <= set(runs["label"]):
         return _not_run(number, claim, sweep, "" if runs.empty else "GRPO and DASH")
     s = eval_sets(runs)[0]
-    times = {lb: by_seed(runs[runs["label"] == lb], "time_elapsed") for lb in ("grpo", "dash")}
+    times = {lb: arm_values(runs, steps, lb, TIME, by="label") for lb in ("grpo", "dash")}
     acc = {lb: _acc(runs, lb, s, metric=metric) for lb in ("grpo", "dash")}
     div, unit = time_unit(max([*times["grpo"].values(), *times["dash"].values()]))
     comparisons = {"faster": compare({k: v / div for k, v in times["grpo"].items()},
