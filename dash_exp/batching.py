@@ -30,6 +30,9 @@ class TrainSample:
     ratio_cap: float = math.inf
     # log-probs of response tokens under the frozen reference policy (cached once computed)
     ref_logprobs: torch.Tensor | None = None
+    # the sampler's own log-probs of the response tokens, as it returned them (rollout correction and the mismatch
+    # metrics); None for samples it did not generate (SFT)
+    sampler_logprobs: list[float] | None = None
 
     @property
     def length(self) -> int:
@@ -61,9 +64,10 @@ def compute_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
 
 def response_logprobs(
     model: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, temperature: float = 1.0,
-    compute_dtype: torch.dtype = torch.float32, chunk: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(response token | prefix) for each sample, left-aligned: ([B, R], mask [B, R]).
+    compute_dtype: torch.dtype = torch.float32, chunk: int | None = None, entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """log pi(response token | prefix) for each sample, left-aligned: ([B, R], mask [B, R]); entropy=True adds the
+    entropy of each of those tokens' distributions [B, R] (same chunks of logits) as a third tensor.
 
     Runs the decoder on right-padded prompt+response (no attention mask: causal attention never lets padding reach
     a real token) under `compute_autocast` and applies the LM head only
@@ -87,10 +91,16 @@ def response_logprobs(
         # right padding under causal attention: no position attends to a later one, so the padding never reaches a
         # real token and no attention mask is needed (a mask makes transformers read it back from the device)
         hidden, head = final_hidden_states(model, input_ids)
-        logp = token_logprobs(hidden[row, pred_pos], head, targets, temperature, chunk)
+        logp = token_logprobs(hidden[row, pred_pos], head, targets, temperature, chunk, entropy)
+    if entropy:
+        logp, ent = logp.unbind(-1)
     out = logp.new_zeros(mask.shape)
     out[row, col] = logp
-    return out, mask.to(device=device, dtype=logp.dtype)
+    if not entropy:
+        return out, mask.to(device=device, dtype=logp.dtype)
+    ent_out = ent.new_zeros(mask.shape)
+    ent_out[row, col] = ent
+    return out, mask.to(device=device, dtype=logp.dtype), ent_out
 
 
 def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:

@@ -58,6 +58,27 @@ class AlgorithmConfig:
     sft_source: str = "reference"
     # SFT-M traces JSONL (one {"prompt", "response"} object per line); required when sft_source=traces
     traces_path: str | None = None
+    # dynamic sampling (DAPO): train on the first prompts_per_step groups whose rewards are not all equal, sampling
+    # up to this many extra rounds of prompts_per_step prompts to find them (the step trains on what it has after
+    # the last); 0 = off
+    dynamic_sampling_rounds: int = 0
+    # leave truncated responses (no EOS within max_new_tokens) out of the loss (DAPO's overlong filtering)
+    overlong_filter: bool = False
+    # DAPO's soft overlong punishment, its buffer as a fraction of max_new_tokens: responses longer than
+    # (1 - this) x max_new_tokens lose up to overlong_penalty reward, linearly (the paper: 4096 of 20480, 0.2); 0 = off
+    overlong_buffer: float = 0.0
+    # the largest length penalty (at max_new_tokens)
+    overlong_penalty: float = 1.0
+    # entropy bonus: the loss subtracts this x the aggregated entropy of the policy at each response token (computed
+    # in chunks of the LM head, never a [batch, length, vocab] tensor; logged as entropy/mean); 0 = off, not computed
+    entropy_coef: float = 0.0
+    # importance weights for the sampler-vs-trainer probability gap (algorithms.correction): none | tis (truncated
+    # at correction_high) | mis (tokens outside [correction_low, correction_high] dropped); mismatch/* is logged always
+    rollout_correction: str = "none"
+    # lower end of the band of trainer / sampler ratios that mis keeps
+    correction_low: float = 0.5
+    # upper end of that band (mis), the truncation point of tis
+    correction_high: float = 2.0
 
 
 @dataclass
@@ -452,6 +473,18 @@ def validate(cfg: Config | DictConfig) -> None:
             raise ConfigError(f"{key}={getattr(cfg, key)}: expected a number in (0, 1]")
     if a.clip_low >= 1:
         raise ConfigError(f"algorithm.clip_low={a.clip_low}: expected a number in [0, 1)")
+    _positive("algorithm.entropy_coef", a.entropy_coef, allow_zero=True)
+    _positive("algorithm.dynamic_sampling_rounds", a.dynamic_sampling_rounds, allow_zero=True)
+    _positive("algorithm.overlong_penalty", a.overlong_penalty, allow_zero=True)
+    if not 0 <= a.overlong_buffer < 1:
+        raise ConfigError(f"algorithm.overlong_buffer={a.overlong_buffer}: expected a fraction of max_new_tokens in "
+                          "[0, 1)")
+    if a.dynamic_sampling_rounds and r.generator_ranks:
+        raise ConfigError(f"algorithm.dynamic_sampling_rounds={a.dynamic_sampling_rounds}: generator ranks sample each "
+                          "step's prompts ahead of time and cannot draw more; expected 0 with rollout.generator_ranks")
+    if not 0 <= a.correction_low <= 1 <= a.correction_high:
+        raise ConfigError(f"algorithm.correction_low/correction_high={a.correction_low}/{a.correction_high}: expected "
+                          "0 <= low <= 1 <= high")
 
     batch = step_batch(cfg)
     infer = resolved_inference_batch(cfg)

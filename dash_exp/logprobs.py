@@ -31,6 +31,19 @@ def _logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _logprobs_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """`_logprobs` and the entropy of each row's distribution, H = logsumexp(z) - sum_v softmax(z)_v z_v, from the
+    same logits: [n, 2]."""
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(-1)
+    entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+    return torch.stack([logits.gather(-1, targets[..., None]).squeeze(-1) - lse, entropy], dim=-1)
+
+
 def _vocab_size(head: torch.nn.Module, hidden: torch.Tensor) -> int:
     size = getattr(head, "out_features", None)
     if size is None and isinstance(getattr(head, "weight", None), torch.Tensor):
@@ -47,11 +60,14 @@ def token_logprobs(
     targets: torch.Tensor,
     temperature: float = 1.0,
     chunk: int | None = None,
+    entropy: bool = False,
 ) -> torch.Tensor:
     """log softmax(head(hidden) / temperature)[target] for each of N tokens: hidden [N, H], targets [N] -> [N].
 
     The result is fp32 (or wider, for a wider head). Leading dims are allowed: hidden [..., H], targets [...].
     `chunk` is the number of tokens whose logits exist at once (None: `auto_chunk` of the head's vocab size).
+    entropy=True: [..., 2], the log-prob and the entropy of the token's whole distribution, from the same chunk of
+    logits (the memory contract holds).
     """
     if chunk is not None and chunk < 1:
         raise ValueError(f"model.logprob_chunk must be a positive number of tokens (or null for auto), got {chunk}")
@@ -62,18 +78,19 @@ def token_logprobs(
         raise ValueError(f"hidden has {hidden.shape[0]} tokens but targets has {targets.shape[0]}")
     if chunk is None:
         chunk = auto_chunk(_vocab_size(head, hidden))
+    fn, shape = (_logprobs_entropy, (*shape, 2)) if entropy else (_logprobs, shape)
     if hidden.shape[0] <= chunk:
-        return _logprobs(hidden, head, targets, temperature).reshape(shape)
+        return fn(hidden, head, targets, temperature).reshape(shape)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
     # split (not slicing) so the backward concatenates the chunks' hidden grads once
     for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
         if not grad:
-            parts.append(_logprobs(h, head, t, temperature))
+            parts.append(fn(h, head, t, temperature))
             continue
         with _uncached_autocast(hidden.device.type):
             # the head is deterministic (no dropout): no RNG state to stash per chunk
-            parts.append(checkpoint(_logprobs, h, head, t, temperature, use_reentrant=False, preserve_rng_state=False))
+            parts.append(checkpoint(fn, h, head, t, temperature, use_reentrant=False, preserve_rng_state=False))
     return torch.cat(parts).reshape(shape)
 
 

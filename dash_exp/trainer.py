@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from dash_exp.algorithms.advantages import ADVANTAGES, backprop_set, gradient_filter, kl_beta_effective
 from dash_exp.algorithms.losses import normalizer
+from dash_exp.algorithms.selection import informative_groups, overlong_penalty
 from dash_exp.algorithms.update import SUMS, LossSpec, UpdateStats, accumulate_gradients, old_logprobs
 from dash_exp.batching import COMPUTE_DTYPES, TokenCache, TrainSample
 from dash_exp.checkpoint import (
@@ -40,6 +42,26 @@ from dash_exp.tasks.base import Problem, ProblemStream
 from dash_exp.tracking import MetricSink, Timers, peak_memory_mb, reset_peak_memory
 
 
+@dataclass
+class Draw:
+    """One round of a step's graded rollouts from the rollout source."""
+
+    rollouts: list[Rollout]
+    graded: GradeResult
+    # seconds of generation (the slowest rank's)
+    gen_time: float
+    # per rollout: optimizer steps between the weights that sampled it and the ones it updates (None: all 0)
+    lags: list[int] | None = None
+    # the source's own metrics (async/* of generator ranks)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def informative_count(draws: list[Draw], group_size: int) -> int:
+    """Groups among the draws whose rewards are not all equal."""
+    rewards = torch.tensor([x for d in draws for x in d.graded.rewards])
+    return int(informative_groups(rewards, group_size).sum())
+
+
 def total_steps(cfg: Any, n_items: int) -> int:
     """cfg.steps, or ceil(epochs * items / items per step) when cfg.epochs is set; 0 where algorithm.train is
     false (the starting model, evaluated only)."""
@@ -56,6 +78,8 @@ def loss_spec(cfg: Any) -> LossSpec:
     return LossSpec(
         policy_loss=a.policy_loss, aggregation=a.aggregation, temperature=cfg.temperature,
         clip_low=a.clip_low, clip_high=a.clip_high, beta=cfg.kl.beta, estimator=cfg.kl.estimator,
+        entropy_coef=a.entropy_coef, rollout_correction=a.rollout_correction, correction_low=a.correction_low,
+        correction_high=a.correction_high,
         compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], logprob_chunk=cfg.model.logprob_chunk,
     )
 
@@ -92,6 +116,8 @@ class Trainer:
         self.elapsed = 0.0
         self.initial_eval: dict[str, float] = {}
         self.sampling = SamplingParams.from_config(cfg, cfg.group_size)
+        # the rollout source: where a step's graded rollouts come from (every knob downstream, in `score`, is the same)
+        self.draw = self.draw_local if generators is None else self.draw_generators
 
     # ---------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -214,7 +240,7 @@ class Trainer:
         return metrics
 
     def rl_step(self, step: int) -> dict[str, float]:
-        samples, keep, metrics = self.collect(step) if self.generators is None else self.receive(step)
+        samples, keep, metrics = self.collect(step)
         metrics.update(self.update(samples, keep, step))
         with self.timers("sync"):
             if self.generators is None:
@@ -223,36 +249,28 @@ class Trainer:
                 self.generators.publish(self.policy, step)
         return metrics
 
-    def receive(self, step: int) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
-        """The generators' graded rollouts of step `step`, scored as `collect` scores its own; samples of older
-        weights carry their behaviour log-probs and the ratio cap (the off-policy correction in the loss)."""
-        self.stream.next(self.cfg.prompts_per_step)  # the generators draw the same prompts: kept for checkpoints
-        with self.timers("trainer_idle"):
-            batches = self.generators.receive(step)
-        rollouts = [r for b in batches for r in b.rollouts]
-        gen_time = max(b.gen_time for b in batches)
-        samples, keep, metrics = self.score(rollouts, merge_graded([b.graded for b in batches]), gen_time)
-        staleness = [step - 1 - b.version for b in batches for _ in b.rollouts]
-        device = next(self.policy.parameters()).device
-        cap = self.cfg.rollout.ratio_cap if self.cfg.rollout.ratio_cap is not None else math.inf
-        for sample, rollout, lag in zip(samples, rollouts, staleness, strict=True):
-            if lag > 0:
-                sample.old_logprobs = torch.tensor(rollout.logprobs, dtype=torch.float32, device=device)
-                sample.ratio_cap = cap
-        metrics.update({"async/staleness_mean": sum(staleness) / len(staleness),
-                        "async/staleness_max": max(staleness), "time/inference": gen_time,
-                        "time/generator_idle": max(b.idle_time for b in batches)})
-        return samples, keep, metrics
-
+    # ---------------------------------------------------------------- rollouts
     def collect(self, step: int) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
-        """Sample, grade and score one step batch: (samples with advantages, gradient-filter mask, metrics)."""
+        """Step `step`'s training batch: its prompts' graded rollouts from the rollout source (`draw`), more rounds
+        of prompts where dynamic sampling asks for them, then scored (`score`): (samples with advantages, the mask
+        of samples kept for backprop, metrics)."""
         cfg = self.cfg
         problems: list[Problem] = self.stream.next(cfg.prompts_per_step)
-        # data parallel: this rank's share of the prompts (whole groups), each with its step-batch seed, so the
-        # rollouts are those one process would sample; then every rank gathers the whole step batch
+        draws = [self.draw(step, problems, 0)]
+        rounds = cfg.algorithm.dynamic_sampling_rounds
+        while rounds and len(draws) <= rounds and informative_count(draws, cfg.group_size) < cfg.prompts_per_step:
+            more: list[Problem] = self.stream.next(cfg.prompts_per_step)
+            draws.append(self.draw(step, more, len(draws) * cfg.prompts_per_step))
+        return self.score(draws)
+
+    def draw_local(self, step: int, problems: list[Problem], first: int) -> Draw:
+        """Rollout source: the trainers' own sampler. Data parallel: each rank samples its share of the prompts
+        (whole groups), each with the seed of its index in the step (`first` + its place in `problems`), so the
+        rollouts are those one process would sample; then every rank gathers them all."""
+        cfg = self.cfg
         mine = self.world.shares(len(problems))
         prompts = [self.tokens(p.prompt) for p in problems[mine]]
-        seeds = [mix32(cfg.seed, step, i) for i in range(len(problems))][mine]
+        seeds = [mix32(cfg.seed, step, first + i) for i in range(len(problems))][mine]
         with self.timers("inference"):
             start = time.perf_counter()
             rollouts = generate_in_chunks(self.sampler, prompts, self.sampling, seeds,
@@ -267,27 +285,74 @@ class Trainer:
             rollouts = [r for part, _, _ in gathered for r in part]
             graded = merge_graded([g for _, g, _ in gathered])
             gen_time = max(t for _, _, t in gathered)
-        return self.score(rollouts, graded, gen_time)
+        return Draw(rollouts, graded, gen_time)
 
-    def score(self, rollouts: list[Rollout], graded: GradeResult,
-              gen_time: float) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
-        """The step batch's advantages, gradient-filter mask and metrics, from its graded rollouts."""
-        cfg = self.cfg
-        rewards = torch.tensor(graded.rewards)
-        adv = ADVANTAGES[cfg.algorithm.advantage](rewards, cfg.group_size, cfg.algorithm.adv_eps)
+    def draw_generators(self, step: int, problems: list[Problem], first: int) -> Draw:
+        """Rollout source: the generator ranks (overlapped rollout). They draw the same prompts from their own copy
+        of the stream; a batch sampled by weights `lag` optimizer steps older is marked so (`score` gives its samples
+        their behaviour log-probs and the ratio cap)."""
+        with self.timers("trainer_idle"):
+            batches = self.generators.receive(step)
+        rollouts = [r for b in batches for r in b.rollouts]
+        gen_time = max(b.gen_time for b in batches)
+        lags = [step - 1 - b.version for b in batches for _ in b.rollouts]
+        metrics = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": max(lags),
+                   "time/inference": gen_time, "time/generator_idle": max(b.idle_time for b in batches)}
+        return Draw(rollouts, merge_graded([b.graded for b in batches]), gen_time, lags, metrics)
+
+    def score(self, draws: list[Draw]) -> tuple[list[TrainSample], list[bool], dict[str, float]]:
+        """The step batch from its draws: the groups it trains on (dynamic sampling: the first prompts_per_step
+        groups whose rewards differ), rewards shaped by length, advantages, the gradient-filter and overlong masks,
+        and the metrics (reward/* and response/* of the step's own prompts, the first draw, as every arm samples
+        them)."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        first = draws[0]
+        rollouts = [r for d in draws for r in d.rollouts]
+        rewards = torch.tensor([x for d in draws for x in d.graded.rewards])
+        lags = [lag for d in draws for lag in (d.lags or [0] * len(d.rollouts))]
+        metrics = {**first.metrics, **self.draw_metrics(first, draws)}
+        if a.dynamic_sampling_rounds:
+            groups = informative_groups(rewards, cfg.group_size).nonzero().flatten().tolist()[: cfg.prompts_per_step]
+            groups = groups or list(range(len(first.rollouts) // cfg.group_size))  # none differ: the step's own
+            index = [g * cfg.group_size + j for g in groups for j in range(cfg.group_size)]
+            rollouts, rewards, lags = [rollouts[i] for i in index], rewards[index], [lags[i] for i in index]
+            metrics.update({"sampling/rounds": len(draws), "sampling/groups": len(groups),
+                            "sampling/samples_drawn": sum(len(d.rollouts) for d in draws)})
+        if a.overlong_buffer:
+            penalty = overlong_penalty([len(r.response_ids) for r in rollouts], cfg.max_new_tokens,
+                                       round(a.overlong_buffer * cfg.max_new_tokens), a.overlong_penalty)
+            rewards = (rewards.double() + penalty).float()
+            metrics["reward/overlong_penalty"] = float(penalty.mean())
+        adv = ADVANTAGES[a.advantage](rewards, cfg.group_size, a.adv_eps)
         keep = gradient_filter(adv, cfg.filter_threshold)
-        samples = [TrainSample(r.prompt_ids, r.response_ids, float(a)) for r, a in zip(rollouts, adv, strict=True)]
-        lengths = [len(r.response_ids) for r in rollouts]
-        metrics = {
-            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-            "reward/timeouts": graded.timeouts, "reward/unparsed": graded.unparsed,
-            **{f"reward/{k}": v for k, v in graded.counts.items()},
-            "adv/abs_mean": float(adv.abs().mean()), "filter/kept_frac": float(keep.float().mean()),
-            "response/length_mean": sum(lengths) / len(lengths),
-            "response/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
-            "throughput/gen_tokens_per_s": sum(lengths) / max(gen_time, 1e-9),
-        }
+        if a.overlong_filter:
+            truncated = torch.tensor([r.truncated for r in rollouts])
+            keep = keep & ~truncated
+            metrics["filter/overlong_frac"] = float(truncated.float().mean())
+        samples = [TrainSample(r.prompt_ids, r.response_ids, float(v), sampler_logprobs=r.logprobs)
+                   for r, v in zip(rollouts, adv, strict=True)]
+        device = next(self.policy.parameters()).device
+        cap = cfg.rollout.ratio_cap if cfg.rollout.ratio_cap is not None else math.inf
+        for sample, rollout, lag in zip(samples, rollouts, lags, strict=True):
+            if lag > 0:  # sampled by older weights: the ratio's denominator is the sampler's, capped
+                sample.old_logprobs = torch.tensor(rollout.logprobs, dtype=torch.float32, device=device)
+                sample.ratio_cap = cap
+        metrics.update({"adv/abs_mean": float(adv.abs().mean()), "filter/kept_frac": float(keep.float().mean())})
         return samples, keep.tolist(), metrics
+
+    def draw_metrics(self, first: Draw, draws: list[Draw]) -> dict[str, float]:
+        """reward/* and response/* of the first draw (the step's own prompts); generation throughput over all."""
+        rewards = torch.tensor(first.graded.rewards)
+        lengths = [len(r.response_ids) for r in first.rollouts]
+        drawn = sum(len(r.response_ids) for d in draws for r in d.rollouts)
+        return {
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/timeouts": first.graded.timeouts, "reward/unparsed": first.graded.unparsed,
+            **{f"reward/{k}": v for k, v in first.graded.counts.items()},
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/truncated_frac": sum(r.truncated for r in first.rollouts) / len(first.rollouts),
+            "throughput/gen_tokens_per_s": drawn / max(sum(d.gen_time for d in draws), 1e-9),
+        }
 
     def sft_step(self) -> dict[str, float]:
         items: list[Problem] = self.stream.next(step_batch(self.cfg))
@@ -351,6 +416,13 @@ class Trainer:
                     "dist/token_balance": min(balance)} if kept_per_rank else {}
         if self.generators is not None:
             parallel["async/capped_frac"] = total["capped"] / tokens
+        if self.spec.entropy_coef > 0:
+            parallel["entropy/mean"] = total["entropy_sum"] / tokens
+        if total["mismatch_tokens"]:
+            sampled = total["mismatch_tokens"]
+            parallel.update({"mismatch/ratio_mean": total["mismatch_ratio_sum"] / sampled,
+                             "mismatch/outside_frac": total["mismatch_outside"] / sampled,
+                             "mismatch/corrected_frac": total["corrected"] / sampled})
         return {
             **parallel,
             "loss/total": total["loss"] / n_opt, "loss/pg": total["pg"] / n_opt, "loss/kl": total["kl_loss"] / n_opt,

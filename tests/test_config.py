@@ -30,6 +30,8 @@ def test_the_presets_beyond_the_paper_are_compositions_of_components():
     assert pick("reinforce_pp") == ("reinforce_pp", "ppo_clip", "token_mean", 1)
     assert pick("drgrpo") == ("drgrpo", "ppo_clip", "seq_mean_token_sum_norm", 1)
     assert pick("gspo") == ("grpo", "gspo", "seq_mean_token_mean", 4)
+    dapo = compose_config(["algorithm=dapo", "run_dir=x"]).algorithm
+    assert (dapo.clip_high, dapo.dynamic_sampling_rounds, dapo.overlong_buffer) == (0.28, 3, 0.2)
     assert pick("sft")[1] == "sft" and not compose_config(["algorithm=base", "run_dir=x"]).algorithm.train
     # any component goes with any preset: the name is a label, never a branch
     assert compose_config(["algorithm=grpo", "algorithm.advantage=rloo", "algorithm.ppo_epochs=2",
@@ -80,6 +82,11 @@ BAD = [
     (["inference_batch=256"], "inference_batch=256: expected <= the step batch"),
     (["algorithm.advantage=gae"], "algorithm.advantage='gae': expected one of grpo, drgrpo, rloo, reinforce_pp"),
     (["algorithm.policy_loss=dpo"], "algorithm.policy_loss='dpo': expected one of ppo_clip, gspo, sft"),
+    (["algorithm.rollout_correction=is"], "algorithm.rollout_correction='is': expected one of none, tis, mis"),
+    (["algorithm.correction_high=0.9"], "algorithm.correction_low/correction_high=0.5/0.9: expected 0 <= low <= 1"),
+    (["algorithm.overlong_buffer=1.5"], "algorithm.overlong_buffer=1.5: expected a fraction of max_new_tokens"),
+    (["algorithm.entropy_coef=-0.1"], "algorithm.entropy_coef=-0.1: expected a number >= 0"),
+    (["algorithm=dapo", "rollout.generator_ranks=1"], "algorithm.dynamic_sampling_rounds=3: generator ranks sample"),
     (["algorithm=sft", "algorithm.sft_source=traces"], "algorithm.traces_path: required"),
     (["task.eval_size=500"], "task.eval_size=500: expected <= task.n_test=200"),
     (["logger.mode=cloud"], "logger.mode='cloud': expected one of online, offline, disabled"),

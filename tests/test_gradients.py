@@ -157,3 +157,103 @@ def test_statistics_stay_on_the_device_and_sum_like_python_floats(policy_and_sam
     assert {name: getattr(stats, name) for name in SUMS} == expected
     assert stats.read() == [expected[name] for name in SUMS]
     assert stats.loss != 0 and (kind == "sft" or (stats.kl_sum > 0 and stats.approx_kl_sum > 0))
+
+
+def with_sampler_logprobs(policy, samples, pad, offsets):
+    """Copies of the samples carrying 'sampler' log-probs = the policy's own + a per-token offset (ratio
+    pi_trainer / pi_sampler = exp(-offset)), and the policy's log-probs [B, T] and mask."""
+    from dash_exp.batching import response_logprobs
+
+    with torch.no_grad():
+        logp, mask = response_logprobs(policy, samples, pad)
+    out = []
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        out.append(TrainSample(s.prompt_ids, s.response_ids, s.advantage,
+                               sampler_logprobs=(logp[i, :n] + offsets[i, :n]).tolist()))
+    return out, logp, mask
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "mis"])
+def test_rollout_correction_weights_each_tokens_policy_gradient(policy_and_samples, correction):
+    """The corrected gradient equals the float64 re-derivation sum_t w_t (-A_i) grad logp_t / norm, with the weights
+    computed here from the ratios; the mismatch statistics are the ratios' mean and the share outside [0.9, 1.1]."""
+    from dash_exp.batching import response_logprobs
+
+    policy, _, samples, pad = policy_and_samples
+    width = max(len(s.response_ids) for s in samples)
+    offsets = torch.randn(len(samples), width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sampled, logp, mask = with_sampler_logprobs(policy, samples, pad, offsets)
+    ratio = torch.exp(-offsets)
+    low, high = 0.5, 2.0
+    weights = {"none": torch.ones_like(ratio), "tis": ratio.clamp(max=high),
+               "mis": torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio))}[correction]
+    norm = normalizer([len(s.response_ids) for s in samples], "token_mean", 12)
+    spec = LossSpec(rollout_correction=correction, correction_low=low, correction_high=high)
+    ours, stats = grads(policy, sampled, spec, norm, 3, pad)
+    policy.zero_grad(set_to_none=True)
+    logp, _ = response_logprobs(policy, samples, pad)
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float64)[:, None]
+    (-(weights * adv * logp * mask).sum() / norm).backward()
+    for a, b in zip(ours, [p.grad for p in policy.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    tokens = mask.sum().item()
+    assert stats.mismatch_tokens == tokens
+    assert stats.mismatch_ratio_sum / tokens == pytest.approx(((ratio * mask).sum() / tokens).item(), rel=1e-6)
+    outside = (((ratio < 0.9) | (ratio > 1.1)) * mask).sum().item()
+    assert stats.mismatch_outside == outside
+    changed = {"none": 0, "tis": ((ratio > high) * mask).sum().item(),
+               "mis": ((((ratio < low) | (ratio > high))) * mask).sum().item()}[correction]
+    assert stats.corrected == changed and (correction == "none" or changed > 0)
+
+
+def test_samples_without_sampler_logprobs_are_not_corrected(policy_and_samples):
+    policy, _, samples, pad = policy_and_samples
+    norm = normalizer([len(s.response_ids) for s in samples], "token_mean", 12)
+    plain, stats = grads(policy, samples, LossSpec(), norm, 3, pad)
+    tis, tis_stats = grads(policy, samples, LossSpec(rollout_correction="tis"), norm, 3, pad)
+    assert all(torch.equal(a, b) for a, b in zip(plain, tis, strict=True))
+    assert stats.mismatch_tokens == tis_stats.mismatch_tokens == 0
+
+
+def full_logits_terms(policy, samples, pad, temperature):
+    """From the model's whole [B, L, V] logits (float64, no chunking; the right-padded batch through the decoder,
+    as the trainer runs it): each response token's log-prob and entropy -sum_v p_v log p_v [B, T], and the mask."""
+    width = max(len(s.response_ids) for s in samples)
+    ids = torch.full((len(samples), max(s.length for s in samples)), pad)
+    for i, s in enumerate(samples):
+        ids[i, : s.length] = torch.tensor(s.prompt_ids + s.response_ids)
+    logits = policy.get_output_embeddings()(policy.get_decoder()(input_ids=ids).last_hidden_state) / temperature
+    logp, ent = torch.zeros(len(samples), width, dtype=torch.float64), torch.zeros(len(samples), width,
+                                                                                  dtype=torch.float64)
+    mask = torch.zeros(len(samples), width)
+    for i, s in enumerate(samples):
+        n, p = len(s.response_ids), len(s.prompt_ids)
+        log_probs = torch.log_softmax(logits[i, p - 1: p - 1 + n], -1)
+        logp[i, :n] = log_probs.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        ent[i, :n] = -(log_probs.exp() * log_probs).sum(-1)
+        mask[i, :n] = 1
+    return logp, ent, mask
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_entropy_bonus_gradient_and_value_against_full_logits(policy_and_samples, chunk):
+    """-coef x the aggregated entropy, from the LM head in chunks, against the same loss built from the whole
+    logits. Compared as one loss, in one backward: the decoder's backward is not bitwise additive (the sum of two
+    separately backpropagated terms differs from their joint backward at ~1e-7 relative), so the reference
+    backpropagates the policy-gradient and entropy terms together, as the trainer does."""
+    policy, _, samples, pad = policy_and_samples
+    norm = normalizer([len(s.response_ids) for s in samples], "seq_mean_token_mean", 12)
+    spec = LossSpec(aggregation="seq_mean_token_mean", temperature=0.9, logprob_chunk=chunk, entropy_coef=0.1)
+    ours, stats = grads(policy, samples, spec, norm, 3, pad)
+    policy.zero_grad(set_to_none=True)
+    logp, ent, mask = full_logits_terms(policy, samples, pad, 0.9)
+    assert stats.entropy_sum == pytest.approx((ent * mask).sum().item(), rel=1e-12)
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float64)[:, None]
+    token_mean = lambda x: ((x * mask).sum(1) / mask.sum(1)).sum()  # noqa: E731
+    ((token_mean(-adv * logp) - 0.1 * token_mean(ent)) / norm).backward()
+    for a, b in zip(ours, [p.grad for p in policy.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    # and the bonus is there: without it the gradient is another
+    plain, _ = grads(policy, samples, LossSpec(aggregation="seq_mean_token_mean", temperature=0.9), norm, 3, pad)
+    assert max((a - b).abs().max().item() for a, b in zip(ours, plain, strict=True)) > 1e-3

@@ -228,3 +228,27 @@ def test_unknown_modes_raise():
         normalizer([1], "mean", 8)
     with pytest.raises(ConfigError, match="estimator"):
         kl_estimate(torch.zeros(1), torch.zeros(1), "k4")
+
+
+RATIOS = torch.tensor([0.3, 0.8, 1.0, 1.5, 2.5, 6.0])
+
+
+def test_tis_truncates_and_mis_masks_by_hand():
+    from dash_exp.algorithms.correction import ROLLOUT_CORRECTIONS
+
+    weights, changed = ROLLOUT_CORRECTIONS["tis"](RATIOS, 0.5, 2.0)
+    assert weights.tolist() == pytest.approx([0.3, 0.8, 1.0, 1.5, 2.0, 2.0])
+    assert changed.tolist() == [False, False, False, False, True, True]
+    weights, changed = ROLLOUT_CORRECTIONS["mis"](RATIOS, 0.5, 2.0)
+    assert weights.tolist() == pytest.approx([0.0, 0.8, 1.0, 1.5, 0.0, 0.0])
+    assert changed.tolist() == [True, False, False, False, True, True]
+    weights, changed = ROLLOUT_CORRECTIONS["none"](RATIOS, 0.5, 2.0)
+    assert weights is None and not changed.any()
+
+
+def test_mismatch_sums_count_the_ratio_and_the_tokens_outside_the_matched_band():
+    from dash_exp.algorithms.correction import mismatch_sums
+
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # the last token is padding
+    ratio_sum, outside = mismatch_sums(RATIOS, mask)
+    assert ratio_sum.item() == pytest.approx(0.3 + 0.8 + 1.0 + 1.5 + 2.5) and outside.item() == 4  # not 1.0

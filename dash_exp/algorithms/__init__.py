@@ -4,11 +4,13 @@
 """
 
 from dash_exp.algorithms.advantages import ADVANTAGES
+from dash_exp.algorithms.correction import ROLLOUT_CORRECTIONS
 from dash_exp.algorithms.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from dash_exp.algorithms.registry import Registry
 
 # config key -> its registry; config.validate checks each key against its registry's names
-COMPONENTS: dict[str, Registry] = {r.key: r for r in (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, KL_ESTIMATORS)}
+COMPONENTS: dict[str, Registry] = {r.key: r for r in (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, KL_ESTIMATORS,
+                                                     ROLLOUT_CORRECTIONS)}
 
 
 def components_table() -> str:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dash_exp.algorithms.correction import ROLLOUT_CORRECTIONS, mismatch_sums
 from dash_exp.algorithms.losses import POLICY_LOSSES, Clip, aggregate_sum, kl_estimate
-from dash_exp.batching import TrainSample, microbatches, pad_right, response_logprobs
+from dash_exp.batching import TrainSample, microbatches, pad_right, response_logprobs, to_device
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class LossSpec:
     clip_high: float = 0.2
     beta: float = 0.0
     estimator: str = "k3"
+    # entropy bonus: minus this x the aggregated entropy of the policy at each response token (0: not computed)
+    entropy_coef: float = 0.0
+    # weights for the sampler-vs-trainer gap (correction.ROLLOUT_CORRECTIONS: none, tis, mis) and their band
+    rollout_correction: str = "none"
+    correction_low: float = 0.5
+    correction_high: float = 2.0
     # forward/backward dtype over the fp32 weights (autocast; float32 = off)
     compute_dtype: torch.dtype = torch.float32
     # tokens per LM-head chunk (None: auto)
@@ -30,7 +37,8 @@ class LossSpec:
 
 
 # the float sums of UpdateStats, in the order of UpdateStats.sums
-SUMS = ("loss", "pg", "kl_loss", "kl_sum", "clipped", "approx_kl_sum", "capped")
+SUMS = ("loss", "pg", "kl_loss", "kl_sum", "clipped", "approx_kl_sum", "capped", "entropy_sum", "mismatch_ratio_sum",
+        "mismatch_outside", "mismatch_tokens", "corrected")
 
 
 def _sum(index: int, doc: str) -> property:
@@ -58,6 +66,11 @@ class UpdateStats:
     clipped = _sum(4, "response tokens whose PPO ratio was clipped")
     approx_kl_sum = _sum(5, "per-token approximate KL to the pre-update policy, summed over response tokens")
     capped = _sum(6, "response tokens whose importance ratio was truncated at the cap (samples of older weights)")
+    entropy_sum = _sum(7, "entropy of the policy at each response token, summed (entropy_coef > 0 only)")
+    mismatch_ratio_sum = _sum(8, "pi_trainer / pi_sampler of each sampled response token, summed")
+    mismatch_outside = _sum(9, "sampled response tokens whose trainer / sampler ratio lies outside [0.9, 1.1]")
+    mismatch_tokens = _sum(10, "response tokens that carry the sampler's log-probs")
+    corrected = _sum(11, "response tokens whose rollout-correction weight is not their ratio (truncated or masked)")
 
     def read(self, *extra: torch.Tensor) -> list[float]:
         """The float sums (SUMS order) followed by the values of the 0-dim tensors `extra`, in ONE device read
@@ -98,20 +111,36 @@ def accumulate_gradients(
         if not micro:
             idle_pass(policy, pad_id, spec, backward=True)
             continue
-        logp, mask = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
+        logp, mask, *entropy = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype,
+                                                 spec.logprob_chunk, entropy=spec.entropy_coef > 0)
         stats.forward_samples += len(micro)
         stats.tokens += sum(len(s.response_ids) for s in micro)
         zero = logp.new_zeros(())
-        kl_loss = kl_sum = zero
+        kl_loss = kl_sum = entropy_sum = ratio_sum = outside = sampled = corrected = zero
         old = behaviour_logprobs(micro, logp)
         adv = torch.tensor([s.advantage for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
         cap = torch.tensor([s.ratio_cap for s in micro], dtype=logp.dtype, device=logp.device)[:, None]
         terms = POLICY_LOSSES[spec.policy_loss](logp, old, adv, mask, Clip(spec.clip_low, spec.clip_high, cap))
-        loss = aggregate_sum(terms.loss, mask, spec.aggregation) / norm
+        token_loss = terms.loss
+        sampler = sampler_logprobs(micro, logp)
+        if sampler is not None:  # the sampler's own log-probs of these tokens: measure (and correct) the gap
+            sampled_mask = mask * sampler[1]
+            ratio = torch.exp(old - sampler[0])
+            ratio_sum, outside = mismatch_sums(ratio, sampled_mask)
+            sampled = sampled_mask.sum()
+            weights, changed = ROLLOUT_CORRECTIONS[spec.rollout_correction](ratio, spec.correction_low,
+                                                                            spec.correction_high)
+            if weights is not None:
+                token_loss = token_loss * torch.where(sampler[1] > 0, weights, torch.ones_like(weights))
+                corrected = (changed * sampled_mask).sum()
+        loss = aggregate_sum(token_loss, mask, spec.aggregation) / norm
         clipped_sum = (terms.clipped * mask).sum()
         capped_sum = (terms.capped * mask).sum()
         log_ratio = (logp - old).detach()
         approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * mask).sum()
+        if entropy:
+            loss = loss - spec.entropy_coef * aggregate_sum(entropy[0], mask, spec.aggregation) / norm
+            entropy_sum = (entropy[0].detach() * mask).sum()
         pg = loss.detach()
         if spec.beta > 0:
             if ref is None:
@@ -124,7 +153,8 @@ def accumulate_gradients(
         loss.backward()
         with torch.no_grad():
             # in float64, from 0.0, in micro-batch order: the sums the Python floats once gave, bit for bit
-            stats.sums += torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl, capped_sum]).double()
+            stats.sums += torch.stack([loss, pg, kl_loss, kl_sum, clipped_sum, approx_kl, capped_sum, entropy_sum,
+                                       ratio_sum, outside, sampled, corrected]).double()
     return stats
 
 
@@ -136,6 +166,20 @@ def behaviour_logprobs(micro: Sequence[TrainSample], logp: torch.Tensor) -> torc
     current = logp.detach()
     rows = [s.old_logprobs if s.old_logprobs is not None else row for s, row in zip(micro, current, strict=True)]
     return pad_right(rows, logp.shape[1])
+
+
+def sampler_logprobs(micro: Sequence[TrainSample], logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sampler's log-probs of the micro-batch's response tokens [B, T] and the mask of samples that carry them
+    ([B, 1]: 1 where set), built on the host and sent in one copy; None where no sample carries them (SFT)."""
+    if all(s.sampler_logprobs is None for s in micro):
+        return None
+    rows = torch.zeros(logp.shape, dtype=logp.dtype)
+    has = torch.zeros((len(micro), 1), dtype=logp.dtype)
+    for i, s in enumerate(micro):
+        if s.sampler_logprobs is not None:
+            rows[i, : len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs, dtype=logp.dtype)
+            has[i] = 1.0
+    return to_device(rows, logp.device), to_device(has, logp.device)
 
 
 def idle_pass(policy: torch.nn.Module, pad_id: int, spec: LossSpec, backward: bool) -> None:
