@@ -41,8 +41,8 @@ class AlgorithmConfig:
     advantage: str = "grpo"
     # epsilon added to the std in the advantage denominator (grpo, reinforce_pp)
     adv_eps: float = 1e-4
-    # per-token policy loss (algorithms.losses.POLICY_LOSSES): ppo_clip | gspo | sft (trains on the task's reference
-    # solutions or on traces instead of sampled rollouts)
+    # per-token policy loss (algorithms.losses.POLICY_LOSSES): ppo_clip | gspo | cispo | sft (trains on the task's
+    # reference solutions or on traces instead of sampled rollouts)
     policy_loss: str = "ppo_clip"
     # passes over each step's batch (PPO "Multi" uses 3; policy gradient uses 1)
     ppo_epochs: int = 1

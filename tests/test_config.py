@@ -81,7 +81,7 @@ BAD = [
     (["top_p=1.5"], "top_p=1.5: expected a number in (0, 1]"),
     (["inference_batch=256"], "inference_batch=256: expected <= the step batch"),
     (["algorithm.advantage=gae"], "algorithm.advantage='gae': expected one of grpo, drgrpo, rloo, reinforce_pp"),
-    (["algorithm.policy_loss=dpo"], "algorithm.policy_loss='dpo': expected one of ppo_clip, gspo, sft"),
+    (["algorithm.policy_loss=dpo"], "algorithm.policy_loss='dpo': expected one of ppo_clip, gspo, cispo, sft"),
     (["algorithm.rollout_correction=is"], "algorithm.rollout_correction='is': expected one of none, tis, mis"),
     (["algorithm.correction_high=0.9"], "algorithm.correction_low/correction_high=0.5/0.9: expected 0 <= low <= 1"),
     (["algorithm.overlong_buffer=1.5"], "algorithm.overlong_buffer=1.5: expected a fraction of max_new_tokens"),

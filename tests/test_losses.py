@@ -138,6 +138,20 @@ def test_sft_loss_is_negative_logprob():
     assert torch.equal(terms.loss, torch.tensor([0.5, 2.0])) and not terms.clipped.any() and not terms.capped.any()
 
 
+def test_cispo_clips_the_weight_and_keeps_every_gradient_by_hand():
+    old = torch.zeros(4, dtype=torch.float64)
+    # ratios 1.5, 0.5, 1.0, 1.5 with advantages +1, -1, +2, -1; clip [0.8, 1.3]
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.0, 1.5], dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 2.0, -1.0], dtype=torch.float64)
+    terms = POLICY_LOSSES["cispo"](logp, old, adv, torch.ones(4), Clip(0.2, 0.3))
+    weight = [1.3, 0.8, 1.0, 1.3]  # the clipped ratio, a constant
+    assert terms.loss.tolist() == pytest.approx([-w * a * lp for w, a, lp in zip(weight, adv.tolist(), logp.tolist())])
+    assert terms.clipped.tolist() == [True, True, False, True] and not terms.capped.any()
+    terms.loss.sum().backward()
+    # every token keeps a gradient, -w A (PPO's clip would give the first and last none: the ratio left the region)
+    assert logp.grad.tolist() == pytest.approx([-1.3, 0.8, -2.0, 1.3])
+
+
 def gspo_objective_float64(logp, old, adv, lengths, low, high, cap):
     """GSPO's sequence objective as its paper writes it, summed over sequences of sequence means:
     -min(s_i A_i, clip(s_i) A_i) with s_i = exp(mean over the i-th response of logp - old), -cap A_i where A_i < 0

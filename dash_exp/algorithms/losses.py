@@ -90,6 +90,21 @@ def gspo(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: 
     return _clipped_objective(ratio, advantages, clip)
 
 
+@POLICY_LOSSES.register("cispo", source="MiniMax 2025 (CISPO), arXiv 2506.13585", targets=False)
+def cispo(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+          clip: Clip) -> PolicyTerms:
+    """CISPO: -sg(clip(r_t, 1 - low, 1 + high)) A logp_t: the importance weight is clipped, never the gradient.
+
+    PPO's clip zeroes the gradient of a token whose ratio left the trust region; CISPO keeps every token's gradient
+    and bounds its weight instead (the cap is not needed: the weight never exceeds 1 + high). On-policy (r = 1) it
+    is the policy gradient.
+    """
+    weight = torch.clamp(torch.exp(logp - old), 1 - clip.low, 1 + clip.high).detach()
+    ratio = torch.exp(logp - old).detach()
+    clipped = (ratio < 1 - clip.low) | (ratio > 1 + clip.high)
+    return PolicyTerms(-weight * advantages * logp, clipped, torch.zeros_like(clipped))
+
+
 @POLICY_LOSSES.register("sft", source="cross-entropy (SFT-H on reference solutions, SFT-M on traces)", targets=True)
 def sft(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
         clip: Clip) -> PolicyTerms:
