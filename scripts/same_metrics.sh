@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Does a refactor change what runs do? Runs each algorithm preset for a few steps at git revision REV and in this
-# working tree, with the same seed, and compares their metrics.jsonl step for step (every metric but wall-clock times,
-# throughputs and memory peaks, which no two runs share). Prints one line per preset; exits 1 if any differ.
+# working tree, with the same seed, and compares their metrics.jsonl step for step: every metric REV logged (but
+# wall-clock times, throughputs and memory peaks, which no two runs share) must have the same value; metrics only the
+# working tree logs are listed. Prints one line per preset; exits 1 if any differ.
 #   scripts/same_metrics.sh REV [preset ...]     (default presets: base sft grpo dash dash_nogf ppo ppo_mini)
 #   ARGS="kl=on" scripts/same_metrics.sh f7e1ca5 dash      extra overrides for both sides
 set -euo pipefail
@@ -31,12 +32,13 @@ VARIES = ("time/", "throughput/", "mem/", "_runtime", "_timestamp")
 def rows(path):
     return [{k: v for k, v in json.loads(line).items() if not k.startswith(VARIES)} for line in open(path)]
 a, b = rows(old), rows(new)
-diff = [(i, k, x.get(k), y.get(k)) for i, (x, y) in enumerate(zip(a, b)) for k in sorted(x.keys() | y.keys())
-        if x.get(k) != y.get(k)]
+# every metric the old side logged must be there with the same value; metrics only the new side logs are new knobs'
+diff = [(i, k, x.get(k), y.get(k)) for i, (x, y) in enumerate(zip(a, b)) for k in sorted(x) if x.get(k) != y.get(k)]
 if len(a) != len(b) or diff:
     print(f"{preset}: DIFFERENT ({len(a)} vs {len(b)} rows; first differences {diff[:5]})")
     sys.exit(1)
-print(f"{preset}: same ({len(a)} rows, {sum(len(r) for r in a)} values, bit for bit)")
+added = sorted({k for x, y in zip(a, b) for k in y.keys() - x.keys()})
+print(f"{preset}: same ({len(a)} rows, {sum(len(r) for r in a)} values, bit for bit); new metrics: {added or 'none'}")
 PY
 done
 exit $status
