@@ -115,6 +115,19 @@ learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 		$(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 	$(BIN)/python -m analysis.tables table_learning --runs multirun/smollm2 --latest
 
+# the sampler-vs-trainer mismatch on SmolLM2-135M-Instruct (sweeps/mismatch.yaml): fp32 vLLM rollouts, then bf16
+# rollouts without correction, with TIS and with MIS (10 steps each, one seed), then the report against fp32
+.PHONY: mismatch-smollm2
+mismatch-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
+	$(BIN)/python -m dash_exp.run +sweep=mismatch model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none \
+		rollout.dtype=float32 $(ARGS)
+	$(BIN)/python -m dash_exp.run +sweep=mismatch model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none \
+		rollout.dtype=bfloat16 algorithm.rollout_correction=none,tis,mis $(ARGS)
+	$(BIN)/python -m analysis.ablate --runs multirun/mismatch \
+		--baseline "rollout.dtype=float32, algorithm.rollout_correction=none" --metric final/eval/arith/accuracy \
+		--metric final/eval/arith/sampled_accuracy --metric mismatch/ratio_mean --metric mismatch/outside_frac \
+		--metric time_elapsed
+
 # the whole suite, nothing skipped: installs vLLM (the CPU or CUDA build), the TRL bench environment and the wheel data
 # first, so the vLLM, TRL and HumanEval tests run too (about 3 min more on a fresh clone, once)
 test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP) $(WHEEL_DATA_STAMP)

@@ -145,7 +145,8 @@ def test_cispo_clips_the_weight_and_keeps_every_gradient_by_hand():
     adv = torch.tensor([1.0, -1.0, 2.0, -1.0], dtype=torch.float64)
     terms = POLICY_LOSSES["cispo"](logp, old, adv, torch.ones(4), Clip(0.2, 0.3))
     weight = [1.3, 0.8, 1.0, 1.3]  # the clipped ratio, a constant
-    assert terms.loss.tolist() == pytest.approx([-w * a * lp for w, a, lp in zip(weight, adv.tolist(), logp.tolist())])
+    expected = [-w * a * lp for w, a, lp in zip(weight, adv.tolist(), logp.tolist(), strict=True)]
+    assert terms.loss.tolist() == pytest.approx(expected)
     assert terms.clipped.tolist() == [True, True, False, True] and not terms.capped.any()
     terms.loss.sum().backward()
     # every token keeps a gradient, -w A (PPO's clip would give the first and last none: the ratio left the region)
