@@ -68,17 +68,22 @@ class Metric:
                    "s" if "time" in name else "")
 
 
+def _text(values: pd.Series) -> pd.Series:
+    """Config values as text, a missing one (null in config.yaml, NaN in the frame) as 'null'."""
+    return values.map(lambda v: "null" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+
+
 def arm_keys(runs: pd.DataFrame) -> list[str]:
     """The config keys that tell the arms apart: those that vary across the runs, minus the ones the others
     imply (checked in order, `algorithm.label` first)."""
     config = [c for c in runs.columns if c not in DERIVED and c not in NOT_ARMS
               and not c.startswith((*DERIVED_PREFIXES, *NOT_ARM_PREFIXES))]
-    varying = [c for c in config if runs[c].astype(str).nunique() > 1]
-    varying.sort(key=lambda c: (c != "algorithm.label", c != "kl.name", runs[c].astype(str).nunique(), c))
+    text = {c: _text(runs[c]) for c in config}
+    varying = [c for c in config if text[c].nunique() > 1]
+    varying.sort(key=lambda c: (c != "algorithm.label", c != "kl.name", text[c].nunique(), c))
     kept: list[str] = []
     for key in varying:
-        if kept and (runs.groupby([runs[k].astype(str) for k in kept])[key].agg(lambda s: s.astype(str).nunique())
-                     <= 1).all():
+        if kept and (text[key].groupby([text[k] for k in kept]).nunique() <= 1).all():
             continue  # implied by the keys kept so far
         kept.append(key)
     return kept
@@ -94,7 +99,7 @@ def arm_names(runs: pd.DataFrame, keys: list[str] | None = None) -> pd.Series:
     keys = arm_keys(runs) if keys is None else keys
     if not keys:
         return pd.Series("all", index=runs.index)
-    parts = [runs[k].astype(str) if k == "algorithm.label" else f"{_short(k)}=" + runs[k].astype(str) for k in keys]
+    parts = [_text(runs[k]) if k == "algorithm.label" else f"{_short(k)}=" + _text(runs[k]) for k in keys]
     return pd.concat(parts, axis=1).agg(", ".join, axis=1)
 
 

@@ -90,6 +90,14 @@ def test_arms_are_the_varying_keys_not_implied_by_others(zoo, tmp_path):
                 job += 1
     runs, steps = load_runs(sweep)
     assert arm_keys(runs) == ["algorithm.label", "kl.name"]
+    # a key that is null in some runs (config.yaml null, NaN in the frame) tells arms apart too
+    budget = tmp_path / "budget_sweep"
+    for job, (budget_s, seed) in enumerate([(None, 0), (40.0, 0), (None, 1), (40.0, 1)]):
+        write_run(budget / f"{job}_x", {"name": "dash", "label": "dash"}, seed, 0.5, 10.0, 30.0,
+                  extra={"time_budget_s": budget_s})
+    budget_runs, _ = load_runs(budget)
+    assert arm_keys(budget_runs) == ["time_budget_s"]
+    assert sorted(set(arm_names(budget_runs))) == ["time_budget_s=40.0", "time_budget_s=null"]
     assert sorted(set(arm_names(runs))) == ["dash, kl=off", "dash, kl=on", "grpo, kl=off", "grpo, kl=on"]
     table = ablation(runs, steps, [Metric.parse("final/eval/arith/accuracy")], baseline="dash, kl=off")
     assert set(table["verdict"]) == {"baseline", "inconclusive"}  # every arm the same: no difference anywhere
