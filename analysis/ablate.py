@@ -209,23 +209,28 @@ def figure(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     parts = list(table.groupby("metric", sort=False))
-    fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 0.5 + 0.45 * table["arm"].nunique()),
-                             squeeze=False)
+    # the arm names label the first panel's rows only (long where several keys were swept)
+    names = max((len(str(a)) for a in table["arm"]), default=10)
+    fig, axes = plt.subplots(1, len(parts), figsize=(3.6 * len(parts) + 0.075 * names,
+                                                     1.3 + 0.4 * table["arm"].nunique()),
+                             squeeze=False, sharey=True, layout="constrained")
     colors = {"better": "#2a9d3f", "worse": "#c0392b", "higher": "#2a6f9d", "lower": "#9d6f2a"}
-    for ax, (name, part) in zip(axes[0], parts, strict=True):
-        part = part[part["verdict"] != "baseline"].iloc[::-1]
-        y = range(len(part))
-        for i, r in zip(y, part.itertuples(), strict=True):
-            c = colors.get(r.verdict, "#777777")
-            if math.isfinite(r.low):
-                ax.plot([r.low, r.high], [i, i], color=c, lw=2)
-            ax.plot([r.diff], [i], "o", color=c)
+    arms = [a for a in dict.fromkeys(table["arm"]) if a != table.attrs.get("baseline")][::-1]
+    for i, (ax, (name, part)) in enumerate(zip(axes[0], parts, strict=True)):
+        rows = part.set_index("arm")
+        for y, arm in enumerate(arms):
+            r = rows.loc[arm]
+            c = colors.get(r["verdict"], "#777777")
+            if math.isfinite(r["low"]):
+                ax.plot([r["low"], r["high"]], [y, y], color=c, lw=2)
+            ax.plot([r["diff"]], [y], "o", color=c)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(list(y), list(part["arm"]))
-        unit = part["unit"].iloc[0] if len(part) else ""
+        ax.set_yticks(range(len(arms)), arms)
+        ax.tick_params(labelleft=i == 0)
+        unit = part["unit"].iloc[0]
         ax.set_title(f"{name}" + (f" ({unit})" if unit else ""), fontsize=9)
-        ax.set_xlabel(f"arm − {table.attrs.get('baseline', 'baseline')}")
-    fig.tight_layout()
+        ax.set_xlabel("arm − baseline")
+    fig.suptitle(f"baseline: {table.attrs.get('baseline', '')}; 95% bootstrap intervals over seeds", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
