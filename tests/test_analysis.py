@@ -550,3 +550,19 @@ def test_table_learning_shows_each_seeds_before_and_after_and_the_cli_prints_it(
     assert T.main(["table_learning", "--runs", str(sweeps / "kl"), "--sweep", "kl"]) == 0
     assert "## Held-out accuracy before and after training: sweep kl" in capsys.readouterr().out
     assert T.main(["table_learning", "--runs", str(sweeps / "kl")]) == 1
+
+
+@pytest.mark.slow
+def test_the_ablation_report_runs_on_the_papers_sweep_and_gives_the_findings_numbers(sweeps, frames):
+    """analysis.ablate on a real sweep of the paper (algorithms): it finds the three arms itself, and its DASH − GRPO
+    contrast is the one Finding 4 reports (the Findings read their values through the same engine)."""
+    from analysis.ablate import Metric, ablation, arm_keys
+
+    runs, steps = sweep_frames(*frames, "algorithms")
+    assert arm_keys(runs) == ["algorithm.label"]
+    acc = Metric.parse(f"final/eval/{T.eval_sets(runs)[0]}/accuracy")
+    table = ablation(runs, steps, [acc], baseline="grpo").set_index("arm")
+    assert set(table.index) == {"grpo", "no_gf", "dash"} and table.loc["grpo", "verdict"] == "baseline"
+    finding = FD.finding4(runs, steps)
+    c = finding.comparisons["equal accuracy"]
+    assert (table.loc["dash", "diff"], table.loc["dash", "low"], table.loc["dash", "high"]) == (c.diff, c.low, c.high)
