@@ -35,6 +35,7 @@ import pandas as pd
 from analysis.figures import auto_window
 from analysis.runs import ALIASES, latest_sweeps, load_runs, load_wandb
 from analysis.stats import CONFIDENCE, Comparison, compare
+from analysis.tables import by_seed
 
 # config keys that never define an arm: the seed (the pairing key), paths, logging, threads and caches
 NOT_ARMS = ("seed", "run_dir", "sweep_name", "threads", "resume")
@@ -119,9 +120,10 @@ def arm_values(runs: pd.DataFrame, steps: pd.DataFrame, arm: object, metric: Met
     """{seed: value} of `metric` over the runs whose column `by` is `arm` (scaled: accuracies in points; the last
     run of a seed wins; missing and non-finite values are left out)."""
     sel = runs[runs[by] == arm]
-    values = sel[metric.name] if metric.name in runs else sel["run_dir"].map(last_steps_mean(steps, metric.name))
-    return {seed: metric.scale * float(v) for seed, v in zip(sel["seed"], values, strict=True)
-            if v is not None and math.isfinite(float(v))}
+    if metric.name not in runs:  # a training metric: its last steps, over this arm's runs only
+        mine = steps[steps["run_dir"].isin(sel["run_dir"])] if "run_dir" in steps else steps
+        sel = sel.assign(**{metric.name: sel["run_dir"].map(last_steps_mean(mine, metric.name))})
+    return by_seed(sel, metric.name, metric.scale)
 
 
 def last_steps_mean(steps: pd.DataFrame, metric: str, first: bool = False) -> pd.Series:

@@ -22,12 +22,18 @@ def auto_chunk(vocab_size: int) -> int:
     return max(1, _AUTO_CHUNK_ELEMENTS // vocab_size)
 
 
-def _logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The plain math on all rows at once: hidden [n, H], targets [n] -> [n]."""
+def _scaled_logits(hidden: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
+    """head(hidden) / temperature, at least fp32: [n, V]."""
     logits = head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature
+    return logits
+
+
+def _logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The plain math on all rows at once: hidden [n, H], targets [n] -> [n]."""
+    logits = _scaled_logits(hidden, head, temperature)
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -35,10 +41,7 @@ def _logprobs_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
                       temperature: float) -> torch.Tensor:
     """`_logprobs` and the entropy of each row's distribution, H = logsumexp(z) - sum_v softmax(z)_v z_v, from the
     same logits: [n, 2]."""
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _scaled_logits(hidden, head, temperature)
     lse = logits.logsumexp(-1)
     entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
     return torch.stack([logits.gather(-1, targets[..., None]).squeeze(-1) - lse, entropy], dim=-1)

@@ -310,7 +310,7 @@ class Trainer:
         rollouts = [r for d in draws for r in d.rollouts]
         rewards = torch.tensor([x for d in draws for x in d.graded.rewards])
         lags = [lag for d in draws for lag in (d.lags or [0] * len(d.rollouts))]
-        metrics = {**first.metrics, **self.draw_metrics(first, draws)}
+        metrics = {**first.metrics, **self.draw_metrics(draws)}
         if a.dynamic_sampling_rounds:
             groups = informative_groups(rewards, cfg.group_size).nonzero().flatten().tolist()[: cfg.prompts_per_step]
             groups = groups or list(range(len(first.rollouts) // cfg.group_size))  # none differ: the step's own
@@ -340,8 +340,9 @@ class Trainer:
         metrics.update({"adv/abs_mean": float(adv.abs().mean()), "filter/kept_frac": float(keep.float().mean())})
         return samples, keep.tolist(), metrics
 
-    def draw_metrics(self, first: Draw, draws: list[Draw]) -> dict[str, float]:
+    def draw_metrics(self, draws: list[Draw]) -> dict[str, float]:
         """reward/* and response/* of the first draw (the step's own prompts); generation throughput over all."""
+        first = draws[0]
         rewards = torch.tensor(first.graded.rewards)
         lengths = [len(r.response_ids) for r in first.rollouts]
         drawn = sum(len(r.response_ids) for d in draws for r in d.rollouts)

@@ -204,7 +204,7 @@ def test_gspo_on_policy_is_the_policy_gradient_of_sequence_means():
 def test_registries_name_their_key_and_options_and_refuse_doubles():
     with pytest.raises(ConfigError, match=r"^algorithm\.advantage='ppo': expected one of grpo, drgrpo, rloo"):
         ADVANTAGES.entry("ppo")
-    demo: Registry = Registry("demo.key", "demo")
+    demo: Registry = Registry("demo.key")
     demo.register("a", source="here")(len)
     with pytest.raises(ValueError, match="registered twice"):
         demo.register("a", source="there")(len)

@@ -17,7 +17,7 @@ from dash_exp.batching import TrainSample
 
 # (rewards [B], group_size, eps) -> advantages [B]
 Estimator = Callable[[torch.Tensor, int, float], torch.Tensor]
-ADVANTAGES: Registry[Estimator] = Registry("algorithm.advantage", "advantage estimator")
+ADVANTAGES: Registry[Estimator] = Registry("algorithm.advantage")
 
 
 def _centered(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

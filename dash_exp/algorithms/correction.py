@@ -23,7 +23,7 @@ MATCHED = (0.9, 1.1)
 
 # (ratio [B, T], low, high) -> (weights [B, T] or None: no weighting, mask of tokens whose weight was changed)
 Correction = Callable[[torch.Tensor, float, float], tuple[torch.Tensor | None, torch.Tensor]]
-ROLLOUT_CORRECTIONS: Registry[Correction] = Registry("algorithm.rollout_correction", "rollout correction")
+ROLLOUT_CORRECTIONS: Registry[Correction] = Registry("algorithm.rollout_correction")
 
 
 @ROLLOUT_CORRECTIONS.register("none", source="the sampler's samples taken as the trainer's own")

@@ -8,6 +8,7 @@ Policy losses (`algorithm.policy_loss`), each (logp, old, A, mask, clip) -> Poli
   ppo_clip:  l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A); where A < 0 and ratio > cap,
              l = -cap * A (dual-clip PPO, the bound on samples of older weights in overlapped rollout)
   gspo:      the same with the sequence's ratio s_i = exp(mean_t (logp - old)) in place of the token's
+  cispo:     l = -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp (the weight is clipped, not the gradient)
   sft:       l = -logp (cross-entropy on the target tokens; A and old unused)
 KL penalty (`kl.estimator`), estimators of KL(pi_theta || pi_ref) from samples of pi_theta, log_r = ref - logp:
   k1 = -log_r      k2 = log_r^2 / 2      k3 = exp(log_r) - 1 - log_r
@@ -55,7 +56,7 @@ class PolicyTerms(NamedTuple):
 # (logp [B, T], old [B, T], advantages [B, 1], mask [B, T], clip) -> PolicyTerms
 PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Clip], PolicyTerms]
 # trait `targets`: the loss trains on given target tokens (reference solutions or traces), not on sampled rollouts
-POLICY_LOSSES: Registry[PolicyLoss] = Registry("algorithm.policy_loss", "policy loss")
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("algorithm.policy_loss")
 
 
 def _clipped_objective(ratio: torch.Tensor, advantages: torch.Tensor, clip: Clip) -> PolicyTerms:
@@ -99,8 +100,8 @@ def cispo(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask:
     and bounds its weight instead (the cap is not needed: the weight never exceeds 1 + high). On-policy (r = 1) it
     is the policy gradient.
     """
-    weight = torch.clamp(torch.exp(logp - old), 1 - clip.low, 1 + clip.high).detach()
     ratio = torch.exp(logp - old).detach()
+    weight = torch.clamp(ratio, 1 - clip.low, 1 + clip.high)
     clipped = (ratio < 1 - clip.low) | (ratio > 1 + clip.high)
     return PolicyTerms(-weight * advantages * logp, clipped, torch.zeros_like(clipped))
 
@@ -115,7 +116,7 @@ def sft(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: t
 
 # (logp [B, T], ref [B, T]) -> per-token estimate [B, T]
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl.estimator", "KL estimator")
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl.estimator")
 SCHULMAN = "Schulman 2020, joschu.net/blog/kl-approx.html"
 
 
@@ -155,7 +156,7 @@ class Aggregation:
     sample_weight: Callable[[int], float]
 
 
-AGGREGATIONS: Registry[Aggregation] = Registry("algorithm.aggregation", "loss aggregation")
+AGGREGATIONS: Registry[Aggregation] = Registry("algorithm.aggregation")
 AGGREGATIONS.register("token_mean", source="Yu et al. 2025 (DAPO), arXiv 2503.14476")(Aggregation(
     "sum of token losses / the step's response tokens: every token weighs the same",
     total=lambda masked, mask: masked.sum(),

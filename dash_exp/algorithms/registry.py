@@ -1,6 +1,6 @@
 """A registry: the named implementations of one algorithm component, chosen by one config key.
 
-    ADVANTAGES = Registry("algorithm.advantage", "advantage estimator")
+    ADVANTAGES = Registry("algorithm.advantage")
 
     @ADVANTAGES.register("rloo", source="Ahmadian et al. 2024, arXiv 2402.14740")
     def rloo(rewards, group_size, eps): ...
@@ -46,8 +46,8 @@ class Entry(Generic[F]):
 class Registry(Generic[F]):
     """The options of one config key (`key`), in registration order."""
 
-    def __init__(self, key: str, kind: str) -> None:
-        self.key, self.kind = key, kind
+    def __init__(self, key: str) -> None:
+        self.key = key
         self._entries: dict[str, Entry[F]] = {}
 
     def register(self, name: str, *, source: str, **traits: Any) -> Callable[[F], F]:
