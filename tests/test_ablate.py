@@ -54,6 +54,7 @@ def zoo(tmp_path):
     return sweep
 
 
+@pytest.mark.unit
 def test_improvement_regression_and_tie_get_their_verdicts(zoo):
     runs, steps = load_runs(zoo)
     table = ablation(runs, steps)
@@ -76,6 +77,7 @@ def test_improvement_regression_and_tie_get_their_verdicts(zoo):
     assert length.loc["dash", "mean"] == pytest.approx(30 + 4 + 10 * sum(NOISE) / 5)
 
 
+@pytest.mark.unit
 def test_arms_are_the_varying_keys_not_implied_by_others(zoo, tmp_path):
     runs, _ = load_runs(zoo)
     # label implies algorithm.name and algorithm.advantage; the seed never makes an arm
@@ -103,6 +105,7 @@ def test_arms_are_the_varying_keys_not_implied_by_others(zoo, tmp_path):
     assert set(table["verdict"]) == {"baseline", "inconclusive"}  # every arm the same: no difference anywhere
 
 
+@pytest.mark.unit
 def test_metrics_parse_their_direction_and_scale():
     assert Metric.parse("final/eval/arith/accuracy") == Metric("final/eval/arith/accuracy", "higher", 100.0, "points")
     assert Metric.parse("time_elapsed").better == "lower"
@@ -111,6 +114,7 @@ def test_metrics_parse_their_direction_and_scale():
         Metric.parse("kl/mean:smaller")
 
 
+@pytest.mark.unit
 def test_the_command_writes_table_csv_and_figure(zoo, capsys):
     assert main(["--runs", str(zoo), "--baseline", "rloo", "--metric", "final/eval/arith/sampled_accuracy",
                  "--metric", "kl/absent"]) == 0
@@ -128,6 +132,7 @@ def test_the_command_writes_table_csv_and_figure(zoo, capsys):
         main(["--runs", str(zoo), "--baseline", "ppo"])
 
 
+@pytest.mark.unit
 def test_markdown_lists_every_arm_per_metric(zoo):
     runs, steps = load_runs(zoo)
     text = markdown(ablation(runs, steps))

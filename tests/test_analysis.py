@@ -1,5 +1,7 @@
-"""analysis/: real (tiny, few-step) runs of every sweep with the real CLI, then the loaders, every figure and
-table, the make_figures CLI and every notebook executed headless."""
+"""analysis/: the loaders, every figure and table, the make_figures CLI and every notebook executed headless, on
+real (tiny, few-step) runs of every sweep made with the real CLI and committed in tests/data/analysis_runs
+(config.yaml, summary.json, metrics.jsonl of each run; remade by scripts/make_analysis_fixture.py), and on
+hand-built runs with known answers."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, TEST_OVERRIDES
+from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # analysis/ is not an installed package: import it from the checkout
 
@@ -20,22 +22,12 @@ from analysis import figures as F  # noqa: E402
 from analysis import findings as FD  # noqa: E402
 from analysis import tables as T  # noqa: E402
 from analysis.make_figures import FINDINGS, main, make_finding  # noqa: E402
-from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames  # noqa: E402
+from analysis.runs import find_run_dirs, latest_sweeps, load_runs, load_wandb, sweep_frames  # noqa: E402
 
-SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
-SEEDS = "seed=0,1"
-# per sweep: overrides after the small sizes (the sweep's own knobs cut down to them)
-SWEEP_ARGS = {
-    "sft_vs_rl": ["steps=2", SEEDS],
-    "algorithms": ["steps=2", "eval_every=1", SEEDS],
-    "kl": ["steps=2", SEEDS],
-    # ppo_mini needs a step batch divisible by its 32 mini-batches; the time budget is not reached in 3 steps
-    "pg_vs_ppo": ["steps=3", "time_budget_s=60", "prompts_per_step=8", SEEDS],
-    "batch_sizes": ["steps=3", "inference_batch=8,16", "train_microbatch=1,4"],
-    # the code task's base at a short warm-up (its own cache key: about a minute to build)
-    "code": ["steps=2", SEEDS, "model.tiny.warmup_steps=50", "max_new_tokens=64"],
-}
 NOTEBOOKS = REPO / "analysis" / "notebooks"
+# real outputs of every sweep at the test sizes, 2 seeds (scripts/make_analysis_fixture.py says when to remake them)
+COMMITTED_RUNS = REPO / "tests" / "data" / "analysis_runs"
+REMAKE = "remake it: python scripts/make_analysis_fixture.py"
 
 
 def cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -47,19 +39,30 @@ def cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory) -> Path:
-    """Every sweep of sweeps/ with 2 seeds and a few steps at test sizes (~1.5 min on 2 busy cores)."""
-    root = tmp_path_factory.mktemp("multirun")
-    env = dict(os.environ)
-    env.pop("WANDB_API_KEY", None)
-    env.update({"WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"})
-    traces = root.parent / "traces.jsonl"
-    # the first command may build the tiny base model (about 4 min on 2 idle cores, an empty model cache)
-    cli(["dash_exp.traces", "--out", str(traces), "--samples", "4", "--max-prompts", "16", *SMALL,
-         f"run_dir={root.parent}/unused"], env, timeout=1200)
-    for sweep, extra in SWEEP_ARGS.items():
-        more = [f"algorithm.traces_path={traces}"] if sweep == "sft_vs_rl" else []
-        cli(["dash_exp.run", f"+sweep={sweep}", f"hydra.sweep.dir={root / sweep}", *SMALL, *extra, *more], env)
+    """A copy of the committed runs (one directory per sweep, as a multirun lays them out): nothing trains."""
+    root = tmp_path_factory.mktemp("analysis") / "multirun"
+    shutil.copytree(COMMITTED_RUNS, root, ignore=shutil.ignore_patterns("README.md"))
     return root
+
+
+@pytest.mark.unit
+def test_committed_runs_still_fit_todays_config():
+    """The committed runs are not stale: every sweep analysis/ reads has them, and each run's config.yaml still
+    loads into today's schema (a renamed, removed or retyped key fails here) and passes its validation."""
+    from omegaconf import OmegaConf
+
+    from dash_exp.config import Config, validate
+
+    assert sorted(p.name for p in COMMITTED_RUNS.iterdir() if p.is_dir()) == sorted(f.sweep for f in FINDINGS), REMAKE
+    run_dirs = find_run_dirs(COMMITTED_RUNS)
+    assert len(run_dirs) == 38
+    for run_dir in run_dirs:
+        assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+        assert (REPO / "sweeps" / f"{run_dir.parent.name}.yaml").is_file(), f"{run_dir}: its sweep is gone; {REMAKE}"
+        try:
+            validate(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml")))
+        except Exception as exc:
+            raise AssertionError(f"{run_dir / 'config.yaml'} no longer fits dash_exp.config ({exc}); {REMAKE}") from exc
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def frames(sweeps):
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
-@pytest.mark.slow
+@pytest.mark.unit
 def test_load_runs_one_row_per_run_with_config_and_summary(sweeps, frames):
     runs, steps = frames
     assert runs.attrs["skipped"] == []
@@ -90,7 +93,7 @@ def test_load_runs_one_row_per_run_with_config_and_summary(sweeps, frames):
     # the traces file reached SFT-M
     sft_m = runs[runs["label"] == "sft_m"]
     assert len(sft_m) == 2 and (sft_m["algorithm.sft_source"] == "traces").all()
-    assert (sft_m["algorithm.traces_path"] == str(sweeps.parent / "traces.jsonl")).all()
+    assert (sft_m["algorithm.traces_path"] == "traces.jsonl").all()  # made relative by the fixture script
     # steps: every metrics.jsonl row, training rows marked; the grouping columns are on every row
     n_rows = sum(len((Path(d) / "metrics.jsonl").read_text().splitlines()) for d in runs["run_dir"])
     assert len(steps) == n_rows
@@ -106,7 +109,7 @@ def _copy_run(src: str, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_load_runs_skips_failed_and_unfinished_runs_with_a_note(frames, tmp_path):
     runs, _ = frames
     ok = _copy_run(runs["run_dir"].iloc[0], tmp_path / "ok")
@@ -129,6 +132,7 @@ def test_load_runs_skips_failed_and_unfinished_runs_with_a_note(frames, tmp_path
     assert "failed: RuntimeError: boom" in (tmp_path / "figures" / "README.md").read_text()
 
 
+@pytest.mark.unit
 def test_no_runs_prints_the_sweeps_to_run_and_exits_1(tmp_path, capsys):
     assert main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "figures")]) == 1
     out = capsys.readouterr().out
@@ -138,7 +142,7 @@ def test_no_runs_prints_the_sweeps_to_run_and_exits_1(tmp_path, capsys):
     assert not (tmp_path / "figures").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_latest_sweeps_keeps_the_newest_multirun_of_each_sweep(frames):
     runs, steps = frames
     old = runs[runs["sweep"] == "kl"].assign(sweep_dir="/x/kl/2099-01-01_00-00-00", finished_at=1.0,
@@ -185,7 +189,7 @@ class _FakeApi:
         return self._runs
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_load_wandb_gives_the_same_frames_as_local_runs(frames, tmp_path):
     runs, _ = frames
     kl, _ = sweep_frames(*frames, "kl")
@@ -199,6 +203,7 @@ def test_load_wandb_gives_the_same_frames_as_local_runs(frames, tmp_path):
     assert set(data["kl"]) == {"on", "off"}
 
 
+@pytest.mark.unit
 def test_load_wandb_without_credentials_raises_a_clear_error(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
@@ -215,7 +220,7 @@ def test_load_wandb_without_credentials_raises_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- figures and tables
-@pytest.mark.slow
+@pytest.mark.unit
 def test_every_figure_plots_non_empty_series(frames, tmp_path):
     runs, steps = frames
     datas = {}
@@ -249,7 +254,7 @@ def test_every_figure_plots_non_empty_series(frames, tmp_path):
     assert set(bs.loc[bs["metric"] == "train_tokens_per_s", "x"]) == {1, 4} and (bs["median"] > 0).all()
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_tables_put_the_papers_numbers_beside_ours(frames):
     runs, steps = frames
     t1 = T.table1(runs, steps)
@@ -276,7 +281,7 @@ def test_tables_put_the_papers_numbers_beside_ours(frames):
         T.table1(runs[runs["sweep"] == "kl"], steps)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_make_figures_cli_writes_every_figure_table_and_the_index(sweeps, tmp_path):
     out = tmp_path / "figures"
     env = {**os.environ, "MPLBACKEND": "Agg"}
@@ -297,7 +302,7 @@ def test_make_figures_cli_writes_every_figure_table_and_the_index(sweeps, tmp_pa
     assert index.count("Reproduced: **") == 6 and "not run" not in index
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_make_finding_reports_what_a_partial_sweep_cannot_make(frames, tmp_path):
     runs, steps = frames
     only_grpo = runs[(runs["sweep"] != "algorithms") | (runs["label"] == "grpo")]
@@ -350,6 +355,7 @@ CROSSINGS = [("dash", 0, {0: 0.40, 10: 0.50, 20: 0.60, 30: 0.60}, 1.0),
              ("grpo", 1, {0: 0.40, 10: 0.42, 20: 0.44, 30: 0.46}, 3.0)]
 
 
+@pytest.mark.unit
 def test_time_to_accuracy_finds_the_first_crossing_and_counts_runs_that_never_get_there(tmp_path):
     for label, seed, evals, step_s in CROSSINGS:
         write_run(tmp_path, "algorithms", label, seed, evals, step_s)
@@ -397,6 +403,7 @@ def _load(root: Path, sweep: str, specs: list[tuple], seeds: tuple[int, ...] = (
     return load_runs(root)
 
 
+@pytest.mark.unit
 def test_finding1_verdict_follows_dash_vs_sft(tmp_path):
     def verdict(sft_m: float, sft_h: float, name: str) -> FD.Verdict:
         specs = [("dash", 0.4, 0.6, {}), ("sft_m", 0.4, sft_m, {}), ("sft_h", 0.4, sft_h, {}), ("base", 0.4, 0.4, {})]
@@ -412,6 +419,7 @@ def test_finding1_verdict_follows_dash_vs_sft(tmp_path):
     assert verdict(0.7, 0.7, "c").verdict == "no"
 
 
+@pytest.mark.unit
 def test_finding2_verdict_follows_ppo_accuracy_and_collapse(tmp_path):
     def verdict(multi: float, mini: float, name: str) -> FD.Verdict:
         specs = [("dash", 0.4, 0.55, {}), ("ppo_multi", 0.4, multi, {}), ("ppo_mini", 0.4, mini, {})]
@@ -429,6 +437,7 @@ def test_finding2_verdict_follows_ppo_accuracy_and_collapse(tmp_path):
     assert "Inconclusive (stability)" in no.evidence and "SEEDS=5" in no.evidence
 
 
+@pytest.mark.unit
 def test_finding3_verdict_follows_length_and_accuracy_without_kl(tmp_path):
     def verdict(off_final: float, off_lengths: tuple, name: str) -> FD.Verdict:
         specs = [("dash", 0.4, 0.5, {"kl": "on", "lengths": (30.0, 40.0)}),
@@ -443,6 +452,7 @@ def test_finding3_verdict_follows_length_and_accuracy_without_kl(tmp_path):
     assert no.verdict == "no" and "Why not (length)" in no.evidence and "Why not (accuracy)" in no.evidence
 
 
+@pytest.mark.unit
 def test_finding4_verdict_follows_time_and_accuracy(tmp_path):
     def verdict(dash_step_s: float, dash_final: float, name: str) -> FD.Verdict:
         specs = [("grpo", 0.4, 0.5, {"step_s": 3.0}), ("dash", 0.4, dash_final, {"step_s": dash_step_s})]
@@ -456,6 +466,7 @@ def test_finding4_verdict_follows_time_and_accuracy(tmp_path):
     assert verdict(4.0, 0.3, "c").verdict == "no"
 
 
+@pytest.mark.unit
 def test_code_tables_and_findings_use_pass_at_k_beside_the_papers_numbers(tmp_path):
     finals = {"base": 0.2, "sft_h": 0.3, "grpo": 0.5, "no_gf": 0.5, "dash": 0.5}
     for label, final in finals.items():
@@ -476,6 +487,7 @@ def test_code_tables_and_findings_use_pass_at_k_beside_the_papers_numbers(tmp_pa
     assert code[1].verdict.startswith("not run")  # the math sweeps did not run
 
 
+@pytest.mark.unit
 def test_findings_section_says_which_sweeps_were_not_run(tmp_path):
     for label, seed, evals, step_s in CROSSINGS:
         write_run(tmp_path / "runs", "algorithms", label, seed, evals, step_s)
@@ -504,6 +516,7 @@ def test_findings_section_says_which_sweeps_were_not_run(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- notebooks
+@pytest.mark.unit
 def test_notebooks_are_generated_and_have_no_outputs(tmp_path):
     import nbformat
 
@@ -517,7 +530,7 @@ def test_notebooks_are_generated_and_have_no_outputs(tmp_path):
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(f.sweep for f in FINDINGS)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("sweep", [f.sweep for f in FINDINGS])
 def test_notebook_executes_headless_and_shows_figures_and_tables(sweep, sweeps, tmp_path, monkeypatch):
     import nbformat
@@ -537,7 +550,7 @@ def test_notebook_executes_headless_and_shows_figures_and_tables(sweep, sweeps, 
     assert len(images) == len(finding.figures) and len(tables) == len(finding.tables)
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_table_learning_shows_each_seeds_before_and_after_and_the_cli_prints_it(frames, sweeps, capsys):
     runs, steps = frames
     off = runs[(runs["sweep"] == "kl") & (runs["kl"] == "off")]
@@ -552,7 +565,7 @@ def test_table_learning_shows_each_seeds_before_and_after_and_the_cli_prints_it(
     assert T.main(["table_learning", "--runs", str(sweeps / "kl")]) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_the_ablation_report_runs_on_the_papers_sweep_and_gives_the_findings_numbers(sweeps, frames):
     """analysis.ablate on a real sweep of the paper (algorithms): it finds the three arms itself, and its DASH − GRPO
     contrast is the one Finding 4 reports (the Findings read their values through the same engine)."""
