@@ -42,6 +42,24 @@ def smollm2_gguf() -> Path:
     return path
 
 
+# the test tiers (pyproject.toml's markers): `make test-fast` runs -m unit, `make test` everything
+TIERS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """Collection fails naming each test that carries no tier marker, or both: a test cannot land untiered."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {' and '.join(tiers) if tiers else 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) need exactly one tier marker, @pytest.mark.unit or @pytest.mark.integration "
+            "(or a module-level pytestmark; pyproject.toml lists the markers):\n" + "\n".join(wrong))
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """Compose + validate the real Hydra config with test sizes and a per-test run dir."""

@@ -11,6 +11,8 @@ from dash_exp.bench import backprop, generation, profile, train
 from dash_exp.bench.__main__ import TRL_PYTHON
 from dash_exp.bench.table import real_model_rows
 
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
+
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith(("logger", "eval_every"))]
 
 
@@ -50,7 +52,6 @@ def test_real_model_rows_come_from_the_train_and_generation_benches(tmp_path):
     assert "harness vs raw LLM.generate" not in rows  # no vLLM row without a vLLM measurement
 
 
-@pytest.mark.slow
 def test_bench_all_writes_every_result_and_the_table(tmp_path, cli_env):
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -78,7 +79,6 @@ def test_bench_all_writes_every_result_and_the_table(tmp_path, cli_env):
         assert "DASH vs TRL" in table and "GRPO vs TRL" in table
 
 
-@pytest.mark.slow
 def test_gpu_check_cpu_flavour(tmp_path, cli_env):
     # the prepared GPU check's own code at test size (model=qwen2.5-test: Qwen2.5's vocab, tiny depth), so it never
     # rots between the days a GPU is lent

@@ -10,8 +10,9 @@ from conftest import REPO
 
 from dash_exp.bench.__main__ import TRL_PYTHON
 
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
-@pytest.mark.slow
+
 def test_trl_grpo_bench_one_step(tmp_path, cli_env):
     if not TRL_PYTHON.exists():
         pytest.skip(f"{TRL_PYTHON.relative_to(REPO)} not found: create the TRL environment first (see "

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TEST_OVERRIDES
 
 from dash_exp.tasks.traces import load_traces
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith(("logger=", "run_dir="))]

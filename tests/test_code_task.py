@@ -37,11 +37,15 @@ def rows(split: str, root: Path = FIXTURES) -> list[dict]:
     return [json.loads(line) for line in (root / f"{split}.jsonl").open()]
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_the_prompt_is_the_authors(grader):
     row = rows("train")[0]
     assert mbpp_problem(row).prompt == f'"""\n{row["prompt"]}\n{row["test_list"][0]}\n"""\n'
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_every_fixture_reference_passes_and_a_wrong_one_fails(grader):
     problems = [mbpp_problem(r, 30.0) for r in rows("train") + rows("test")]
     result = grader.grade([p.solution for p in problems], problems)
@@ -51,6 +55,8 @@ def test_every_fixture_reference_passes_and_a_wrong_one_fails(grader):
     assert shifted.rewards == [0.0] * len(problems)
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_program_that_returns_the_wrong_type_fails_where_the_mbpp_test_would(grader):
     # task 2 compares sets of the returned elements: a list with the right elements passes, a string does not
     row = next(r for r in rows("train") if r["task_id"] == 2)
@@ -60,6 +66,7 @@ def test_a_program_that_returns_the_wrong_type_fails_where_the_mbpp_test_would(g
     assert grader.grade([as_list, as_text], [problem, problem]).rewards == [1.0, 0.0]
 
 
+@pytest.mark.unit
 def test_the_split_is_selected_from_the_hub_rows_by_task_id(tmp_path):
     """A single file of all rows (the hub's shape) gives the authors' split; missing ids are named."""
     all_rows = rows("train") + rows("test")
@@ -76,11 +83,14 @@ def test_the_split_is_selected_from_the_hub_rows_by_task_id(tmp_path):
         assert (len(train), len(test)) == (264, 114)
 
 
+@pytest.mark.unit
 def test_time_limits_are_calibrated_from_the_reference_with_a_floor():
     assert time_limits([0.01, 2.0, float("inf")], 3.0, 4.0) == [3.0, 8.0, 3.0]
     assert time_limits([0.01, 2.0], 3.0, None) == [3.0, 3.0]
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_reference_times_are_measured_once_and_cached(grader, tmp_path):
     problems = [mbpp_problem(r) for r in rows("test")]
     cache = tmp_path / "seconds.json"
@@ -89,7 +99,9 @@ def test_reference_times_are_measured_once_and_cached(grader, tmp_path):
     assert reference_seconds(problems, grader, cache) == first  # read back, not re-measured
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.real_model
+@pytest.mark.sandbox
 def test_every_mbpp_reference_passes_under_the_default_limits(tmp_path):
     """Every reference solution (all 378 where the full split is present, else the fixtures), graded under
     task=mbpp's calibrated limits; the exceptions are listed above with their reasons."""
@@ -114,6 +126,7 @@ def test_every_mbpp_reference_passes_under_the_default_limits(tmp_path):
         task.close()
 
 
+@pytest.mark.unit
 def test_the_code_recipe_is_the_authors():
     from dash_exp.config import compose_config
 
@@ -126,7 +139,8 @@ def test_the_code_recipe_is_the_authors():
     assert compose_config(["task=math", "model=qwen2.5-0.5b", "run_dir=x"]).filter_threshold == 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_a_two_step_mbpp_run_on_the_qwen_shaped_proxy_completes_on_cpu(tmp_path, cli_env):
     run_dir = tmp_path / "run"
     env = dict(cli_env, DASH_EXP_DATA=str(REPO / "tests" / "data"))
@@ -146,6 +160,8 @@ def test_a_two_step_mbpp_run_on_the_qwen_shaped_proxy_completes_on_cpu(tmp_path,
     assert final["eval/humaneval/problems"] == 8 and 0 <= final["eval/humaneval/pass@1"] <= 1
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_pycode_splits_are_fixed_and_disjoint_and_references_pass(make_cfg):
     cfg = make_cfg("task=pycode", "task.n_train=300", "task.n_test=100").task
     train, test = make_splits(cfg)

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "algorithm").glob("*.yaml"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("algorithm", "kl"), [(a, k) for a in PRESETS for k in ("on", "off")])
 def test_every_algorithm_kl_combination_composes(algorithm, kl):
     cfg = compose_config([f"algorithm={algorithm}", f"kl={kl}", "run_dir=x"])
@@ -22,6 +23,7 @@ def test_every_algorithm_kl_combination_composes(algorithm, kl):
     assert cfg.kl.name == kl and cfg.kl.beta == (0.04 if kl == "on" else 0.0)
 
 
+@pytest.mark.unit
 def test_the_presets_beyond_the_paper_are_compositions_of_components():
     def pick(name):
         a = compose_config([f"algorithm={name}", "run_dir=x"]).algorithm
@@ -39,6 +41,8 @@ def test_the_presets_beyond_the_paper_are_compositions_of_components():
                            "run_dir=x"]).algorithm.advantage == "rloo"
 
 
+@pytest.mark.integration  # quick, but auto picks vLLM for SmolLM2 on CPU only where vLLM is installed
+@pytest.mark.vllm
 def test_rollout_auto_is_vllm_with_cuda_and_on_cpu_for_large_models():
     import torch
 
@@ -53,6 +57,7 @@ def test_rollout_auto_is_vllm_with_cuda_and_on_cpu_for_large_models():
         assert resolved_rollout("hf", 134_515_008) == "hf"
 
 
+@pytest.mark.unit
 def test_presets_follow_the_paper():
     grpo, dash = compose_config(["algorithm=grpo", "run_dir=x"]), compose_config(["algorithm=dash", "run_dir=x"])
     assert grpo.inference_batch == grpo.train_microbatch and grpo.filter_threshold is None
@@ -104,6 +109,7 @@ BAD = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_config_is_rejected_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -115,6 +121,7 @@ def test_bad_config_is_rejected_naming_the_key(overrides, message):
 HYDRA_BAD = [(["steps=abc"], "steps"), (["rollout=sglang"], "rollout")]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("overrides", "message"), [*BAD, *HYDRA_BAD],
                          ids=[" ".join(o) for o, _ in BAD + HYDRA_BAD])
 def test_cli_rejects_bad_config_before_any_model_loads(tmp_path, cli_env, overrides, message):

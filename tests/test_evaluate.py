@@ -34,6 +34,7 @@ def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
     return sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
 
 
+@pytest.mark.unit
 def test_pass_at_k_equals_brute_force_on_every_small_case():
     for n in range(1, 11):
         for c in range(n + 1):
@@ -41,6 +42,7 @@ def test_pass_at_k_equals_brute_force_on_every_small_case():
                 assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
 
 
+@pytest.mark.unit
 def test_pass_at_k_random_cases_and_properties():
     rng = random.Random(0)
     for _ in range(200):
@@ -54,6 +56,7 @@ def test_pass_at_k_random_cases_and_properties():
             assert pass_at_k(n, c, k) <= pass_at_k(n, c, k + 1)  # more tries never hurt
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 64])
 def test_pass_at_k_edge_cases(n):
     for k in range(1, n + 1):
@@ -78,7 +81,7 @@ def check_metrics(metrics: dict[str, float], name: str, n: int, max_new_tokens: 
     assert not any(key.startswith(f"eval/{name}/pass@{2 * n}") for key in metrics)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_evaluate_cli_on_math500_and_gsm8k(tmp_path, cli_env):
     out = tmp_path / "eval.json"
     args = ["task=math", "task.eval_size=20", "n=4", f"out={out}", "logger=none", "threads=1", "max_new_tokens=32"]
@@ -120,7 +123,7 @@ def trained_run(tmp_path_factory):
 GREEDY = ("accuracy", "length_mean", "truncated_frac", "unparsed_frac", "timeouts")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_evaluating_a_checkpoint_reproduces_the_runs_final_evaluation(trained_run, tmp_path):
     run_dir, summary = trained_run
     written = json.loads((run_dir / "summary.json").read_text())
@@ -142,7 +145,7 @@ def test_evaluating_a_checkpoint_reproduces_the_runs_final_evaluation(trained_ru
     assert again["step"] == 2 and again["metrics"] == metrics
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_evaluating_without_a_checkpoint_reproduces_the_runs_initial_evaluation(trained_run, tmp_path):
     _, summary = trained_run
     result = evaluate_main(["n=1", f"out={tmp_path}/base.json", *SMALL])
@@ -151,7 +154,7 @@ def test_evaluating_without_a_checkpoint_reproduces_the_runs_initial_evaluation(
     assert result["metrics"] == initial  # n=1 = the run's eval_samples: sampled numbers match too
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_checkpoint_of_another_architecture_does_not_fit(trained_run, tmp_path):
     run_dir, _ = trained_run
     ckpt = latest_checkpoint(run_dir)
@@ -169,6 +172,7 @@ def test_a_checkpoint_of_another_architecture_does_not_fit(trained_run, tmp_path
     assert not (tmp_path / "bad.json").exists()
 
 
+@pytest.mark.unit
 def test_load_policy_weights_errors(tmp_path):
     from dash_exp.checkpoint import save_checkpoint
 
@@ -186,6 +190,7 @@ def test_load_policy_weights_errors(tmp_path):
         load_policy_weights(policy, tmp_path / "run")
 
 
+@pytest.mark.unit
 def test_pass_at_k_rejects_k_outside_1_to_n():
     for n, k in ((2, 4), (3, 0)):
         with pytest.raises(ValueError, match="1 <= k <= n"):

@@ -12,6 +12,8 @@ from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample
 from dash_exp.factory import build
 
+pytestmark = pytest.mark.integration
+
 # the tests' short ids -> the registered policy losses
 LOSSES = {"pg": "ppo_clip", "sft": "sft"}
 

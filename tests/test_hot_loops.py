@@ -89,6 +89,7 @@ def make_samples(parts, n=8):
             for _ in range(n)]
 
 
+@pytest.mark.integration
 def test_accumulate_gradients_reads_nothing_per_micro_batch(parts):
     pad = parts.tokenizer.pad_token_id
     samples = make_samples(parts)
@@ -110,6 +111,7 @@ def test_accumulate_gradients_reads_nothing_per_micro_batch(parts):
         assert other == pytest.approx(sums[0], rel=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_update_reads_once_per_optimizer_step(parts, make_cfg, tmp_path, algorithm):
     cfg = make_cfg("kl=on", f"algorithm={algorithm}")
@@ -131,6 +133,7 @@ def test_update_reads_once_per_optimizer_step(parts, make_cfg, tmp_path, algorit
     assert metrics["grad/norm"] > 0
 
 
+@pytest.mark.integration
 def test_generate_reads_once_per_eight_decode_steps(parts):
     # an EOS that never comes: exactly max_new_tokens decode steps, no row stops
     sampler = HFSampler(parts.policy, parts.tokenizer.pad_token_id, eos_ids=[-1])
@@ -148,6 +151,7 @@ def test_generate_reads_once_per_eight_decode_steps(parts):
     assert ours(reads[64]) == Counter({"hf.py:_generate": 7})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("top_k", "top_p", "bound"), [(0, 1.0, 2.0), (50, 1.0, 2.3), (0, 0.9, 5.3)])
 def test_sampling_memory_per_decode_step(top_k, top_p, bound):
     batch, vocab = 64, 151_936  # Qwen2.5's vocabulary

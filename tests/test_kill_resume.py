@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TEST_OVERRIDES
 
 from dash_exp.checkpoint import latest_checkpoint
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["algorithm=dash", "steps=6", "save_every=3", *[o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]]

@@ -12,6 +12,8 @@ from conftest import REPO, TEST_OVERRIDES
 from analysis.make_figures import main as make_figures
 from analysis.runs import load_runs
 
+pytestmark = pytest.mark.integration
+
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
 
 
@@ -30,7 +32,6 @@ def step_rewards(run_dir: Path) -> list[float]:
     return [r["reward/mean"] for r in rows if "time/step" in r]
 
 
-@pytest.mark.slow
 def test_submitit_local_records_a_failed_job_and_completes_the_other(tmp_path, cli_env):
     sweep_dir = tmp_path / "sweep"
     # job 1 asks for more held-out problems than there are: it raises inside the job
@@ -48,7 +49,7 @@ def test_submitit_local_records_a_failed_job_and_completes_the_other(tmp_path, c
     assert "task.eval_size=500" in (tmp_path / "figures" / "README.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_a_submitit_job_of_two_tasks_is_one_data_parallel_run(tmp_path, cli_env):
     # what hydra/launcher=slurm with tasks_per_node=8 does on a GPU node: each task a rank
     sweep_dir = tmp_path / "sweep"
@@ -59,7 +60,6 @@ def test_a_submitit_job_of_two_tasks_is_one_data_parallel_run(tmp_path, cli_env)
     assert len(step_rewards(job)) == 2  # rank 0 alone logged
 
 
-@pytest.mark.slow
 def test_joblib_runs_jobs_concurrently_with_the_basic_launchers_results(tmp_path, cli_env):
     basic, parallel = tmp_path / "basic", tmp_path / "parallel"
     assert sweep(basic, cli_env, "seed=0,1").returncode == 0

@@ -25,6 +25,7 @@ def grads(loss: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...
     return torch.autograd.grad(loss, tensors)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [1, 5, 8, 37, 100, None])
 @pytest.mark.parametrize("bias", [False, True])
@@ -46,6 +47,7 @@ def test_matches_full_logits_values_and_grads(chunk, temperature, bias):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunk", [1, 6, None])
 def test_tied_embedding_grad_accumulates(chunk):
     """head.weight is the embedding's Parameter, which also produces the hidden states and another loss term."""
@@ -69,6 +71,7 @@ def test_tied_embedding_grad_accumulates(chunk):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_frozen_hidden_grads_reach_head_only():
     gen = torch.Generator().manual_seed(2)
     head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64)
@@ -79,6 +82,7 @@ def test_frozen_hidden_grads_reach_head_only():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunk", [1, 5, None])
 def test_no_grad_same_values(chunk):
     gen = torch.Generator().manual_seed(3)
@@ -92,6 +96,7 @@ def test_no_grad_same_values(chunk):
     torch.testing.assert_close(logp, ref, rtol=0, atol=1e-9)
 
 
+@pytest.mark.unit
 def test_leading_dims_are_kept():
     gen = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(H, V, dtype=torch.float64)
@@ -107,6 +112,7 @@ def test_leading_dims_are_kept():
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunk", [0, -3])
 def test_bad_chunk_raises(chunk):
     head = torch.nn.Linear(H, V)
@@ -114,6 +120,7 @@ def test_bad_chunk_raises(chunk):
         token_logprobs(torch.randn(N, H), head, torch.zeros(N, dtype=torch.long), chunk=chunk)
 
 
+@pytest.mark.unit
 def test_auto_chunk():
     assert auto_chunk(151_936) == 441  # ~256 MiB of fp32 logits per chunk for Qwen2.5
     assert auto_chunk(100) >= 100_000  # a tiny vocab is effectively unchunked
@@ -140,6 +147,7 @@ def _measure(chunk: int, hidden: torch.Tensor, head: torch.nn.Module, targets: t
     return sum(storages.values()), peak
 
 
+@pytest.mark.integration
 def test_chunking_bounds_memory():
     """Qwen2.5's vocab: the full [N, V] logits (and their grads) at once vs chunks of N / 8 tokens.
 
@@ -170,6 +178,7 @@ def test_chunking_bounds_memory():
     torch.testing.assert_close((hidden.grad, head.weight.grad), full_grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_bf16_autocast_chunked_matches_unchunked():
     gen = torch.Generator().manual_seed(6)
     head = torch.nn.Linear(H, V, bias=False)
@@ -192,6 +201,7 @@ def test_bf16_autocast_chunked_matches_unchunked():
         assert not torch.allclose(full, reference(hidden, head.weight, None, targets, 0.7), rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_bf16_autocast_head_grad_not_noisier_when_chunked():
     """Many chunks: the head weight's grad sums them in fp32 (not in one shared bf16 cast of the weight)."""
     n, h, v = 2048, 32, 200

@@ -13,6 +13,8 @@ from dash_exp.algorithms.losses import POLICY_LOSSES, Clip, aggregate_sum, kl_es
 from dash_exp.algorithms.registry import Registry
 from dash_exp.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 # group 1: rewards 1,0,0,1 (mean .5, sample std sqrt(1/3)); group 2 all equal
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 
@@ -216,8 +218,10 @@ def test_every_option_has_a_summary_and_a_source_and_the_readme_lists_them_all()
     for registry in COMPONENTS.values():
         for entry in registry:
             assert entry.summary and entry.source, (registry.key, entry.name)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert components_table() in readme, "README component table is stale: paste `python -m dash_exp.algorithms`"
+    for page in ("README.md", "docs/algorithms.md"):
+        text = (Path(__file__).parent.parent / page).read_text()
+        assert components_table() in text, (f"{page}: component table is stale: run `python -m dash_exp.algorithms "
+                                            "--readme README.md --readme docs/algorithms.md`")
 
 
 # two sequences: lengths 2 and 3 (mask), per-token losses below

@@ -69,6 +69,7 @@ def gsm8k_test_rows() -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ the references grade as correct
+@pytest.mark.unit
 def test_math500_solutions_grade_against_their_own_answers(grader, math500_rows):
     result = grader.grade([r["solution"] for r in math500_rows], [r["answer"] for r in math500_rows])
     correct = sum(result.rewards)
@@ -79,6 +80,7 @@ def test_math500_solutions_grade_against_their_own_answers(grader, math500_rows)
     assert result.unparsed == 0 and result.timeouts == 0
 
 
+@pytest.mark.unit
 def test_math500_answers_are_the_last_box_of_the_solution(math500_rows):
     # math_problem falls back to the last \boxed{} when a row has no `answer` (e.g. the MATH train split)
     same = sum(extract_boxed(r["solution"]).strip() == r["answer"].strip() for r in math500_rows)
@@ -87,6 +89,7 @@ def test_math500_answers_are_the_last_box_of_the_solution(math500_rows):
     assert math_problem({"problem": row["problem"], "solution": row["solution"]})[1] == extract_boxed(row["solution"])
 
 
+@pytest.mark.unit
 def test_gsm8k_references_grade_as_correct(grader, gsm8k_test_rows):
     finals = [gsm8k_final(r["answer"]) for r in gsm8k_test_rows]
     assert all(re.fullmatch(r"-?\d+(\.\d+)?", f) for f in finals), [f for f in finals if not f.isdigit()][:5]
@@ -99,6 +102,7 @@ def test_gsm8k_references_grade_as_correct(grader, gsm8k_test_rows):
     assert result.rewards == [1.0] * len(gsm8k_test_rows) and result.unparsed == 0
 
 
+@pytest.mark.unit
 def test_gsm8k_final_strips_thousands_separators_and_requires_the_marker():
     assert gsm8k_final("She pays 1,200 + 34 = <<1200+34=1234>>1,234 dollars.\n#### 1,234") == "1234"
     assert gsm8k_final("#### -5") == "-5"
@@ -200,6 +204,7 @@ DIFFERENT = [
 PAIRS = [(a, b, 1.0) for a, b in EQUIVALENT] + [(a, b, 0.0) for a, b in DIFFERENT]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("answer", "reference", "reward"), PAIRS, ids=[f"{a} vs {b}" for a, b, _ in PAIRS])
 def test_hand_made_pairs(grader, answer, reference, reward):
     result = grader.grade([f"Some work first. So the answer is $\\boxed{{{answer}}}$."], [reference])
@@ -207,10 +212,12 @@ def test_hand_made_pairs(grader, answer, reference, reward):
     assert result.unparsed == 0 and result.timeouts == 0
 
 
+@pytest.mark.unit
 def test_enough_pairs_of_both_kinds():
     assert len(PAIRS) >= 30 and len(EQUIVALENT) >= 15 and len(DIFFERENT) >= 15
 
 
+@pytest.mark.unit
 def test_a_response_without_a_box_gets_zero_and_counts_as_unparsed(grader):
     result = grader.grade(["The answer is 5.", "so \\boxed{5}", "5"], ["5", "5", "5"])
     assert result.rewards == [0.0, 1.0, 0.0]
@@ -218,6 +225,7 @@ def test_a_response_without_a_box_gets_zero_and_counts_as_unparsed(grader):
 
 
 # ------------------------------------------------------------------ loaders
+@pytest.mark.unit
 def test_read_jsonl_reads_every_line_of_the_local_files():
     full = n_rows(MATH500) == FULL_SIZES[MATH500]
     for path, fields in ((MATH500, MATH_FIELDS), (GSM8K_TRAIN, GSM8K_FIELDS), (GSM8K_TEST, GSM8K_FIELDS)):
@@ -234,6 +242,7 @@ def test_read_jsonl_reads_every_line_of_the_local_files():
 GOOD = json.dumps({"problem": "p", "solution": "s"})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("lines", "where", "expected"),
     [
@@ -257,6 +266,7 @@ def test_malformed_line_names_path_line_and_expectation(tmp_path, lines, where, 
         load_rows(str(path), MATH_FIELDS)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
 def test_empty_and_missing_files_raise(tmp_path, content):
     path = tmp_path / "empty.jsonl"
@@ -269,6 +279,7 @@ def test_empty_and_missing_files_raise(tmp_path, content):
         load_rows(str(tmp_path / "nope.parquet"), MATH_FIELDS)
 
 
+@pytest.mark.unit
 def test_load_rows_from_a_local_parquet(tmp_path, math500_rows):
     import pandas as pd
 
@@ -285,6 +296,7 @@ def test_load_rows_from_a_local_parquet(tmp_path, math500_rows):
         load_rows(str(bad), MATH_FIELDS)
 
 
+@pytest.mark.unit
 def test_load_rows_from_a_local_dataset_dir_through_datasets(tmp_path, monkeypatch, math500_rows):
     import datasets
 
@@ -297,6 +309,7 @@ def test_load_rows_from_a_local_dataset_dir_through_datasets(tmp_path, monkeypat
         load_rows(str(tmp_path / "ds"), MATH_FIELDS, "test")
 
 
+@pytest.mark.unit
 def test_parquet_row_without_answer_falls_back_to_the_box(tmp_path):
     import pandas as pd
 
@@ -339,6 +352,7 @@ def train_files(tmp_path, math500_rows) -> dict[str, Path]:
     return {"jsonl": tmp_path / "train.jsonl", "parquet": tmp_path / "train.parquet"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_math_task_drops_math500_duplicates_and_evaluates_on_math500_and_gsm8k(train_files, math500_rows,
                                                                                    gsm8k_test_rows, kind):
@@ -361,6 +375,7 @@ def test_math_task_drops_math500_duplicates_and_evaluates_on_math500_and_gsm8k(t
         task.close()
 
 
+@pytest.mark.unit
 def test_math_prompt_formats(train_files, math500_rows):
     question = math500_rows[0]["problem"]
     task = build_task(math_cfg(train_files["jsonl"], prompt_format="instruct"))
@@ -389,6 +404,7 @@ def test_math_prompt_formats(train_files, math500_rows):
         PromptFormatter("nope")
 
 
+@pytest.mark.unit
 def test_math_evaluation_only_never_loads_the_train_split(math500_rows):
     # the default train_path is a hub id: offline and not cached, training fails with the one-line error ...
     with pytest.raises(DataError, match=re.escape("task.train_path=DigitalLearningGmbH/MATH-lighteval: split 'train'")):
@@ -403,6 +419,7 @@ def test_math_evaluation_only_never_loads_the_train_split(math500_rows):
         task.close()
 
 
+@pytest.mark.unit
 def test_math_train_path_from_a_dataset_dir(tmp_path, monkeypatch, math500_rows):
     import datasets
 
@@ -416,6 +433,7 @@ def test_math_train_path_from_a_dataset_dir(tmp_path, monkeypatch, math500_rows)
         task.close()
 
 
+@pytest.mark.unit
 def test_gsm8k_task_trains_on_gsm8k_train(gsm8k_test_rows):
     train_rows = read_jsonl(GSM8K_TRAIN, GSM8K_FIELDS)
     task = build_task(TaskConfig(name="gsm8k", **local_sources()))
@@ -437,6 +455,7 @@ def test_gsm8k_task_trains_on_gsm8k_train(gsm8k_test_rows):
         task.close()
 
 
+@pytest.mark.unit
 def test_few_shot_eval_without_training_rows():
     task = build_task(TaskConfig(name="gsm8k", **local_sources(prompt_format="few_shot")), need_train=False)
     task.close()
@@ -447,6 +466,7 @@ def test_few_shot_eval_without_training_rows():
 HUB = {"math500": "HuggingFaceH4/MATH-500", "gsm8k": "openai/gsm8k", "train_path": "DigitalLearningGmbH/MATH-lighteval"}
 
 
+@pytest.mark.unit
 def test_the_hub_datasets_are_the_default_sources(monkeypatch):
     monkeypatch.delenv("DASH_EXP_DATA")
     cfg = compose_config(["task=math"])
@@ -455,6 +475,7 @@ def test_the_hub_datasets_are_the_default_sources(monkeypatch):
     assert compose_config(["task=gsm8k"]).task.gsm8k == HUB["gsm8k"]
 
 
+@pytest.mark.unit
 def test_dash_exp_data_points_each_source_that_it_holds_at_the_local_copy(monkeypatch, tmp_path):
     (tmp_path / "math500").mkdir()
     monkeypatch.setenv("DASH_EXP_DATA", str(tmp_path))
@@ -482,6 +503,7 @@ def load_dataset_calls(monkeypatch) -> list[tuple[Any, ...]]:
     return calls
 
 
+@pytest.mark.unit
 def test_the_datasets_call_receives_the_hub_id_config_and_split(monkeypatch, load_dataset_calls):
     monkeypatch.delenv("DASH_EXP_DATA")
     cfg = compose_config(["task=gsm8k", "task.prompt_format=raw"])
@@ -494,6 +516,7 @@ def test_the_datasets_call_receives_the_hub_id_config_and_split(monkeypatch, loa
     assert load_dataset_calls[1:] in ([], [("openai/gsm8k", "main", "test")])
 
 
+@pytest.mark.unit
 def test_a_local_source_wins_over_the_hub(monkeypatch, load_dataset_calls, math500_rows):
     monkeypatch.delenv("DASH_EXP_DATA")
     cfg = compose_config(["task=math", f"task.math500={MATH500}", f"task.gsm8k={GSM8K_TEST.parent}",
@@ -506,11 +529,13 @@ def test_a_local_source_wins_over_the_hub(monkeypatch, load_dataset_calls, math5
     assert task.train == []  # trained on MATH-500 itself: every problem is a MATH-500 duplicate, so all dropped
 
 
+@pytest.mark.unit
 def test_a_missing_local_path_names_the_key(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"task.math500={tmp_path}/nope: no such file or directory")):
         build_task(TaskConfig(name="math", math500=f"{tmp_path}/nope"), need_train=False)
 
 
+@pytest.mark.integration
 def test_offline_without_a_cache_fails_in_one_line_naming_the_dataset_before_any_model_loads(tmp_path, cli_env):
     env = {k: v for k, v in cli_env.items() if k != "DASH_EXP_DATA"}
     # an empty HF cache and an empty model cache: the tiny model would be built first if the data came after it

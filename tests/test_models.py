@@ -1,5 +1,6 @@
 """Tokenizer round trip through every loading path; the tiny model loads through the hub code path."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -8,6 +9,7 @@ from dash_exp.models import build_char_tokenizer, eos_token_ids, load_policy, lo
 TEXT = "12 + 7=?\n12+7=19\n\\boxed{19}\t(x, y) {a_b} ~!"
 
 
+@pytest.mark.unit
 def test_char_tokenizer_round_trip_through_every_loading_path(tmp_path):
     tok = build_char_tokenizer()
     ids = tok.encode(TEXT, add_special_tokens=False)
@@ -22,11 +24,13 @@ def test_char_tokenizer_round_trip_through_every_loading_path(tmp_path):
     assert load_tokenizer(str(tmp_path)).padding_side == "left"
 
 
+@pytest.mark.unit
 def test_unknown_characters_map_to_unk():
     tok = build_char_tokenizer()
     assert tok.encode("é", add_special_tokens=False) == [tok.unk_token_id]
 
 
+@pytest.mark.integration
 def test_tiny_base_model_is_cached_and_loads_like_a_hub_model(make_cfg):
     cfg = make_cfg()
     path = resolve_model_path(cfg.model, cfg.task)
@@ -40,6 +44,7 @@ def test_tiny_base_model_is_cached_and_loads_like_a_hub_model(make_cfg):
     assert tok.decode(ids) == TEXT
 
 
+@pytest.mark.unit
 def test_cache_key_changes_with_the_config(make_cfg):
     from dash_exp.models import tiny_model_key
 
@@ -48,6 +53,7 @@ def test_cache_key_changes_with_the_config(make_cfg):
     assert tiny_model_key(a.model.tiny, a.task) == tiny_model_key(make_cfg().model.tiny, a.task)
 
 
+@pytest.mark.unit
 def test_the_sft_m_teacher_is_a_larger_longer_trained_tiny_model_cached_apart(make_cfg):
     """model=tiny-teacher (what `make traces` samples) composes to a wider, deeper tiny model warmed up longer on
     cleaner traces of the same task, under its own cache key; the student keeps the base."""
@@ -79,6 +85,7 @@ print(hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest(), pat
 """
 
 
+@pytest.mark.integration
 def test_the_base_model_holds_the_same_weights_whatever_process_builds_it(tmp_path, cli_env):
     """The same key, built by a one-thread process (as the suite and make reproduce run: OMP_NUM_THREADS=1,
     threads=1) and by a two-thread one (as make run: no OMP_NUM_THREADS, threads=2), holds bit-identical weights."""
@@ -99,6 +106,7 @@ def test_the_base_model_holds_the_same_weights_whatever_process_builds_it(tmp_pa
     assert one == two  # same key, same sha256 of model.safetensors
 
 
+@pytest.mark.integration
 def test_building_the_base_leaves_the_callers_threads_and_random_state_alone(tmp_path, make_cfg):
     """The warm-up runs on model.tiny.warmup_threads from its own seed; afterwards the caller's thread count and torch
     RNG are as before, so a run that found the base cached and one that built it go on identically."""

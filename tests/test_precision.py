@@ -20,6 +20,8 @@ from dash_exp.rollout.base import SamplingParams
 from dash_exp.rollout.hf import HFSampler
 from dash_exp.run import train
 
+pytestmark = pytest.mark.integration
+
 # the tests' short ids -> the registered policy losses
 LOSSES = {"pg": "ppo_clip", "sft": "sft"}
 

@@ -35,6 +35,7 @@ def proxy(tmp_path_factory) -> str:
     return resolve_random_model(ARCH, str(tmp_path_factory.mktemp("cache")), "bfloat16")
 
 
+@pytest.mark.unit
 def test_proxy_loads_like_a_hub_qwen_checkpoint(proxy):
     with safe_open(Path(proxy) / "model.safetensors", "pt") as f:  # saved in bf16, like the hub's Qwen2.5 files
         names = f.keys()
@@ -56,6 +57,7 @@ def test_proxy_loads_like_a_hub_qwen_checkpoint(proxy):
     assert logits.shape == (2, batch["input_ids"].shape[1], 151936) and torch.isfinite(logits).all()
 
 
+@pytest.mark.unit
 def test_proxy_tokenizer_is_the_character_tokenizer(proxy):
     char = build_char_tokenizer()
     for tok in (load_tokenizer(proxy), AutoTokenizer.from_pretrained(proxy),
@@ -76,6 +78,7 @@ def test_proxy_tokenizer_is_the_character_tokenizer(proxy):
     assert len(ids) == 5 and min(ids) >= len(char) and max(ids) < ARCH["vocab_size"] and tok.decode(ids) == "é∞"
 
 
+@pytest.mark.unit
 def test_plain_character_tokenizer_in_a_qwen2_directory_loses_whitespace(tmp_path):
     """Why the proxy tokenizer is a byte-level Qwen2Tokenizer: a qwen2 config makes AutoTokenizer rebuild the saved
     tokenizer as Qwen2Tokenizer, even with tokenizer_class PreTrainedTokenizerFast, and " ", "\\n", "\\t" vanish."""
@@ -90,6 +93,7 @@ def test_plain_character_tokenizer_in_a_qwen2_directory_loses_whitespace(tmp_pat
     assert tok.decode(tok.encode("a b\nc\td", add_special_tokens=False)) == "abcd"
 
 
+@pytest.mark.unit
 def test_proxy_is_built_once_per_arch_and_dtype(proxy):
     cache_dir = str(Path(proxy).parent)
     stamps = [os.stat(Path(proxy) / f).st_mtime_ns for f in ("config.json", "model.safetensors")]
@@ -104,6 +108,7 @@ def test_proxy_is_built_once_per_arch_and_dtype(proxy):
     assert random_model_key(OmegaConf.create(ARCH), "bfloat16") == random_model_key(ARCH, "bfloat16")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "n_params"), [
     ("qwen2.5-0.5b", 494_032_768), ("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-3b", 3_085_938_688),
 ])
@@ -114,13 +119,15 @@ def test_qwen2_5_arch_has_the_real_parameter_count(name, n_params):
     assert sum(p.numel() for p in model.parameters()) == n_params
 
 
+@pytest.mark.unit
 def test_every_config_arch_has_an_architecture():
     from dash_exp.config import ARCHS
 
     assert set(ARCHS) == set(QWEN2_5_ARCH)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.real_model
 def test_a_run_on_the_random_qwen2_5_0_5b_proxy_trains_two_steps_on_cpu(tmp_path, cli_env):
     # the GPU recipe's model (exact Qwen2.5-0.5B shapes, bf16 compute, gradient checkpointing, chunked log-probs)
     # through the real entrypoint, at tiny step sizes

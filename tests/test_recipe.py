@@ -21,6 +21,7 @@ from dash_exp.trainer import Trainer
 QWEN = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model", QWEN)
 @pytest.mark.parametrize("algorithm", ["dash", "grpo", "dash_nogf", "ppo", "ppo_mini", "base"])
 def test_qwen_presets_carry_the_authors_recipe(model, algorithm):
@@ -34,12 +35,14 @@ def test_qwen_presets_carry_the_authors_recipe(model, algorithm):
     assert (evaluation.temperature, evaluation.top_p) == (0.7, 0.95)
 
 
+@pytest.mark.unit
 def test_sft_keeps_a_token_mean_under_the_qwen_presets():
     for algorithm in ("sft", "sft_m"):
         assert compose_config(["model=qwen2.5-0.5b", f"algorithm={algorithm}", "run_dir=x"]).algorithm.aggregation \
             == "token_mean"
 
 
+@pytest.mark.unit
 def test_kl_on_the_command_line_wins_over_the_preset_and_sweeps_give_both():
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -54,6 +57,7 @@ def test_kl_on_the_command_line_wins_over_the_preset_and_sweeps_give_both():
         ("on", 0.04), ("off", 0.0)]
 
 
+@pytest.mark.unit
 def test_the_tiny_default_is_unchanged():
     cfg = compose_config(["run_dir=x"])
     assert (cfg.model.name, cfg.kl.name, cfg.kl.beta) == ("tiny", "off", 0.0)
@@ -69,6 +73,7 @@ def prompt_tokens(problems: list) -> list[int]:
     return [len(tokenizer.encode(p.prompt, add_special_tokens=False)) for p in problems]
 
 
+@pytest.mark.unit
 def test_drop_long_prompts_drops_exactly_the_longer_ones():
     task = build_task(compose_config([*TEST_OVERRIDES, "run_dir=x"]).task)
     lengths = prompt_tokens(task.train)
@@ -83,6 +88,7 @@ def test_drop_long_prompts_drops_exactly_the_longer_ones():
                                f"prompts is longer (the shortest has {min(lengths)} tokens)")
 
 
+@pytest.mark.integration
 def test_a_run_drops_long_training_prompts_counts_them_and_never_filters_evaluation(make_cfg, tmp_path, capsys):
     reference = build_task(make_cfg().task)
     limit = 11
@@ -104,6 +110,7 @@ def test_a_run_drops_long_training_prompts_counts_them_and_never_filters_evaluat
     assert "eval/arith/accuracy" in summary["final"]
 
 
+@pytest.mark.integration
 def test_every_prompt_dropped_is_a_one_line_config_error_and_evaluation_drops_nothing(make_cfg):
     with pytest.raises(ConfigError, match=r"^max_prompt_tokens=1: every one of the 64 training prompts is longer"):
         build(make_cfg("max_prompt_tokens=1"))
@@ -113,6 +120,7 @@ def test_every_prompt_dropped_is_a_one_line_config_error_and_evaluation_drops_no
     assert parts.dropped_prompts == 0 and len(parts.task.train) == 64
 
 
+@pytest.mark.integration
 def test_eval_temperature_reaches_the_sampler_for_the_sampled_evaluation(make_cfg, tmp_path):
     cfg = make_cfg("temperature=0.9", "eval_temperature=0.7", "eval_top_p=0.95", "eval_samples=2")
     parts = build(cfg)
@@ -137,6 +145,7 @@ def test_eval_temperature_reaches_the_sampler_for_the_sampled_evaluation(make_cf
         parts.close()
 
 
+@pytest.mark.integration
 def test_the_evaluate_cli_samples_at_eval_temperature(tmp_path):
     from dash_exp.evaluate import main as evaluate_main
 

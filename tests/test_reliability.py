@@ -11,6 +11,7 @@ from dash_exp.run import train
 from dash_exp.trainer import NonFiniteError
 
 
+@pytest.mark.integration
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(make_cfg, tmp_path):
     # an absurd learning rate without clipping blows the weights up after the first step
     cfg = make_cfg("algorithm=grpo", "lr=1e6", "grad_clip=null", "steps=8", "max_nonfinite_steps=2")
@@ -31,6 +32,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(make_cfg, tmp_path
     assert state["stream"]["consumed"] == logged[-1] * cfg.prompts_per_step
 
 
+@pytest.mark.integration
 def test_a_nonfinite_stop_inside_a_ppo_step_resumes_with_the_next_steps_prompts(make_cfg, tmp_path, monkeypatch):
     """PPO Mini, 4 mini-batch steps per step; from the 6th on, every loss is NaN: step 2's first mini-batch step
     applies, the next two are skipped, the run stops at step 2's end with a checkpoint of step 2 (its prompts
@@ -64,6 +66,7 @@ def test_a_nonfinite_stop_inside_a_ppo_step_resumes_with_the_next_steps_prompts(
     assert [r["step"] for r in rows if "time/step" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path, cli_env):
     import subprocess
     import sys
@@ -84,6 +87,7 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path, cli_env):
     assert "1 job(s) of the sweep failed" in proc.stderr
 
 
+@pytest.mark.integration
 def test_unreachable_wandb_warns_once_and_the_run_completes(make_cfg, tmp_path, monkeypatch):
     # a key, a bad entity, and a server that refuses connections (loopback port 9)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -98,6 +102,7 @@ def test_unreachable_wandb_warns_once_and_the_run_completes(make_cfg, tmp_path, 
     assert (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.integration
 def test_online_without_a_key_falls_back_to_offline(make_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = make_cfg("logger=wandb", "logger.mode=online", "steps=1")
@@ -106,6 +111,7 @@ def test_online_without_a_key_falls_back_to_offline(make_cfg, tmp_path, monkeypa
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.integration
 def test_resuming_a_checkpoint_of_another_model_fails_clearly(make_cfg, tmp_path):
     train(make_cfg("algorithm=grpo", "steps=1"))
     ckpt = latest_checkpoint(tmp_path / "run")
@@ -116,6 +122,7 @@ def test_resuming_a_checkpoint_of_another_model_fails_clearly(make_cfg, tmp_path
         train(make_cfg("algorithm=grpo", "steps=2"))
 
 
+@pytest.mark.integration
 def test_unreadable_checkpoint_names_the_file(make_cfg, tmp_path):
     train(make_cfg("algorithm=grpo", "steps=1"))
     ckpt = latest_checkpoint(tmp_path / "run")
@@ -124,12 +131,14 @@ def test_unreadable_checkpoint_names_the_file(make_cfg, tmp_path):
         train(make_cfg("algorithm=grpo", "steps=2"))
 
 
+@pytest.mark.integration
 def test_keep_checkpoints_keeps_the_newest(make_cfg, tmp_path):
     train(make_cfg("algorithm=grpo", "steps=4", "save_every=1", "keep_checkpoints=3"))
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step_00000002", "step_00000003", "step_00000004"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("content", "message"), [
     ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', "traces.jsonl:2: invalid JSON"),
     ('{"prompt": "a"}\n', "traces.jsonl:1: field 'response' must be a string (got missing)"),
@@ -145,6 +154,7 @@ def test_bad_traces_file_names_file_line_and_expectation(tmp_path, content, mess
         load_traces(path)
 
 
+@pytest.mark.unit
 def test_missing_traces_file_is_named(tmp_path):
     from dash_exp.tasks.traces import load_traces
 
@@ -152,6 +162,7 @@ def test_missing_traces_file_is_named(tmp_path):
         load_traces(tmp_path / "nope.jsonl")
 
 
+@pytest.mark.unit
 def test_peak_memory_window_resets_between_runs():
     from dash_exp.tracking import peak_memory_mb, reset_peak_memory
 

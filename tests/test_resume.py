@@ -51,6 +51,7 @@ def resumed_pair(make_cfg, tmp_path):
     return _PAIRS["dash"]
 
 
+@pytest.mark.integration
 def test_resumed_run_ends_bit_identical_to_uninterrupted_run(resumed_pair):
     dir_a, dir_b, summary_a, first_b, second_b = resumed_pair
     assert summary_a["resumed"] is False and first_b["resumed"] is False
@@ -76,6 +77,7 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted_run(resumed_pair):
     assert read_meta(dir_b / "checkpoints" / "step_00000004")["initial_eval"] == first_b["initial"]
 
 
+@pytest.mark.integration
 def test_resumed_run_metrics_match_uninterrupted_run(resumed_pair):
     dir_a, dir_b = resumed_pair[:2]
     rows_a, rows_b = metrics(dir_a), metrics(dir_b)
@@ -84,6 +86,7 @@ def test_resumed_run_metrics_match_uninterrupted_run(resumed_pair):
         assert untimed(row_b) == untimed(row_a), row_a["step"]  # tolerance 0: the resumed run replays bit-exactly
 
 
+@pytest.mark.unit
 def test_save_checkpoint_keeps_newest_and_latest_ignores_incomplete(tmp_path):
     rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
@@ -120,6 +123,7 @@ def test_save_checkpoint_keeps_newest_and_latest_ignores_incomplete(tmp_path):
         torch.set_rng_state(rng_states[2])
 
 
+@pytest.mark.integration
 def test_resume_never_starts_from_scratch(make_cfg, tmp_path):
     run_dir = tmp_path / "run"
     common = ["algorithm=grpo", f"run_dir={run_dir}"]
@@ -141,6 +145,7 @@ def test_resume_never_starts_from_scratch(make_cfg, tmp_path):
     assert len(archived) == 1 and [r["step"] for r in metrics(archived[0].parent.parent)][-1] == 4
 
 
+@pytest.mark.integration
 def test_a_bf16_compute_run_resumes_bit_exactly_from_its_fp32_masters(make_cfg, tmp_path):
     # model.dtype=bfloat16: checkpoints hold the fp32 master weights and fp32 AdamW moments; resuming them gives
     # the uninterrupted run's weights bit for bit
@@ -191,7 +196,7 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
     return history
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_killed_and_resumed_wandb_run_has_exactly_the_history_of_metrics_jsonl(tmp_path, cli_env):
     """Offline W&B: the killed attempt logged steps past its last checkpoint; the resumed attempt's W&B run (the
     one left to sync) holds exactly metrics.jsonl's steps and values, and the killed one is set aside."""
@@ -233,6 +238,7 @@ def test_a_killed_and_resumed_wandb_run_has_exactly_the_history_of_metrics_jsonl
         assert history[step] == pytest.approx(values), step
 
 
+@pytest.mark.unit
 def test_every_earlier_attempts_offline_wandb_run_is_set_aside(make_cfg, tmp_path):
     """Resumed twice: the checkpoint names attempt A, but attempt B was killed before its first checkpoint; both
     offline runs leave what `wandb sync` would upload."""

@@ -29,6 +29,7 @@ def grader() -> Iterator[Grader]:
 # --- extract_boxed ---------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -49,6 +50,7 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
     assert extract_boxed(text) == expected
 
 
+@pytest.mark.unit
 def test_extract_boxed_deep_and_huge_inputs_are_fast() -> None:
     start = time.monotonic()
     deep = "{" * 10_000 + "x" + "}" * 10_000
@@ -64,6 +66,7 @@ def test_extract_boxed_deep_and_huge_inputs_are_fast() -> None:
 # --- Grader: correctness ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("response", "reference", "reward"),
     [
@@ -87,6 +90,7 @@ def test_grade_single(grader: Grader, response: str, reference: str, reward: flo
     assert grader.grade([response], [reference]) == GradeResult(rewards=[reward], timeouts=0, unparsed=0)
 
 
+@pytest.mark.unit
 def test_unboxed_empty_and_oversized_answers_are_unparsed(grader: Grader) -> None:
     responses = [
         "the answer is 23",
@@ -101,6 +105,7 @@ def test_unboxed_empty_and_oversized_answers_are_unparsed(grader: Grader) -> Non
     assert result == GradeResult(rewards=[0.0] * 6 + [1.0], timeouts=0, unparsed=6)
 
 
+@pytest.mark.unit
 def test_batch_with_duplicates_and_non_string_inputs(grader: Grader) -> None:
     responses = ["\\boxed{0.5}", "\\boxed{0.5}", "\\boxed{3}", None, "\\boxed{12}", "\\boxed{0.5}"]
     references = ["\\frac12", "\\frac12", "\\frac12", "1", 12, "0.25"]
@@ -108,12 +113,14 @@ def test_batch_with_duplicates_and_non_string_inputs(grader: Grader) -> None:
     assert result == GradeResult(rewards=[1.0, 1.0, 0.0, 0.0, 1.0, 0.0], timeouts=0, unparsed=1)
 
 
+@pytest.mark.unit
 def test_empty_batch_and_length_mismatch(grader: Grader) -> None:
     assert grader.grade([], []) == GradeResult(rewards=[], timeouts=0, unparsed=0)
     with pytest.raises(ValueError):
         grader.grade(["\\boxed{1}"], [])
 
 
+@pytest.mark.unit
 def test_exact_matches_and_unparsed_never_start_a_worker() -> None:
     before = workers()
     with Grader() as g:
@@ -125,6 +132,7 @@ def test_exact_matches_and_unparsed_never_start_a_worker() -> None:
 # --- Grader: hostile inputs and timeouts -----------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_hostile_answer_times_out_without_output(capfd: pytest.CaptureFixture[str]) -> None:
     with Grader(timeout_s=2) as g:  # a fresh worker, so that it writes to capfd's stderr
         g.grade(["\\boxed{0.5}"], ["\\frac12"])
@@ -138,6 +146,7 @@ def test_hostile_answer_times_out_without_output(capfd: pytest.CaptureFixture[st
     assert capfd.readouterr() == ("", "")
 
 
+@pytest.mark.integration
 def test_hostile_item_does_not_spoil_the_batch(grader: Grader) -> None:
     responses = ["\\boxed{23}", HOSTILE, "\\boxed{0.5}", "\\boxed{24}", HOSTILE, "\\boxed{\\frac{2}{4}}"]
     references = ["23", "1", "\\frac{1}{2}", "23", "1", "\\frac{1}{2}"]
@@ -149,6 +158,7 @@ def test_hostile_item_does_not_spoil_the_batch(grader: Grader) -> None:
     assert result.unparsed == 0
 
 
+@pytest.mark.integration
 def test_overrun_kills_and_replaces_the_worker() -> None:
     # math-verify's own timeout is whole seconds (1 s here), so the parent's deadline (0.75 s) strikes first
     with Grader(timeout_s=0.25) as g:
@@ -165,6 +175,7 @@ def test_overrun_kills_and_replaces_the_worker() -> None:
         assert second.pid != first.pid
 
 
+@pytest.mark.integration
 def test_dead_worker_is_replaced() -> None:
     before = workers()
     with Grader(timeout_s=2) as g:
@@ -176,6 +187,7 @@ def test_dead_worker_is_replaced() -> None:
         assert len(workers() - before) == 1
 
 
+@pytest.mark.integration
 def test_grading_from_a_non_main_thread(grader: Grader) -> None:
     responses = ["\\boxed{0.5}", HOSTILE, "\\boxed{-3}", "no box"]
     references = ["\\frac12", "1", "-3.0", "1"]
@@ -189,6 +201,7 @@ def test_grading_from_a_non_main_thread(grader: Grader) -> None:
 # --- lifecycle -------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_close_stops_the_worker_and_grading_restarts_it() -> None:
     before = workers()
     g = Grader(timeout_s=2)
@@ -215,6 +228,7 @@ HOSTILE_BATCH = [
 ]
 
 
+@pytest.mark.integration
 def test_hostile_batch_grades_zero_within_its_time_budget() -> None:
     """Every hostile answer gets reward 0, either unparsed (capped cheaply) or timed out; nothing hangs."""
     timeout_s = 2.0

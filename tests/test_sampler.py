@@ -20,6 +20,7 @@ def prompts_of(parts, n):
     return [parts.tokenizer.encode(p.prompt, add_special_tokens=False) for p in parts.task.test[:n]]
 
 
+@pytest.mark.integration
 def test_sampler_logprobs_match_the_training_forward(parts):
     params = SamplingParams(n=3, temperature=0.7, max_new_tokens=24)
     rollouts = parts.sampler.generate(prompts_of(parts, 4), params, seeds=[1, 2, 3, 4])
@@ -32,6 +33,7 @@ def test_sampler_logprobs_match_the_training_forward(parts):
         torch.testing.assert_close(logp[i, :n], torch.tensor(r.logprobs), rtol=0, atol=1e-4)
 
 
+@pytest.mark.integration
 def test_stops_at_eos_or_flags_truncation(parts):
     eos = parts.tokenizer.eos_token_id
     for max_new in (3, 40):
@@ -45,6 +47,7 @@ def test_stops_at_eos_or_flags_truncation(parts):
                                                            [0, 1]))
 
 
+@pytest.mark.integration
 def test_samples_do_not_depend_on_batch_composition(parts):
     prompts, params = prompts_of(parts, 6), SamplingParams(n=4, max_new_tokens=40)
     together = parts.sampler.generate(prompts, params, seeds=list(range(6)))
@@ -54,6 +57,7 @@ def test_samples_do_not_depend_on_batch_composition(parts):
     assert len({tuple(r.response_ids) for r in together}) > 6
 
 
+@pytest.mark.integration
 def test_greedy_matches_transformers_generate_while_dropping_finished_rows(parts):
     prompts = prompts_of(parts, 12)
     batch_sizes = []
@@ -73,6 +77,7 @@ def test_greedy_matches_transformers_generate_while_dropping_finished_rows(parts
         assert out[0, len(prompt):].tolist() == r.response_ids
 
 
+@pytest.mark.integration
 def test_each_prompt_is_read_once_per_group(parts):
     prompts = prompts_of(parts, 3)
     calls = []
@@ -91,6 +96,7 @@ def test_each_prompt_is_read_once_per_group(parts):
         torch.testing.assert_close(logp[i, : len(r.logprobs)], torch.tensor(r.logprobs), rtol=0, atol=1e-4)
 
 
+@pytest.mark.unit
 def test_uniform_noise_is_a_pure_function_of_key_and_position():
     keys = torch.tensor([5, 6, 5])
     a, b = uniform_noise(keys, 3), uniform_noise(keys, 3)
@@ -119,6 +125,7 @@ def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum())
 
 
+@pytest.mark.unit
 def test_inverse_cdf_sampling_follows_the_softmax():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3, 1.5])
     params = SamplingParams(temperature=0.7)
@@ -129,6 +136,7 @@ def test_inverse_cdf_sampling_follows_the_softmax():
     torch.testing.assert_close(logp, torch.log(probs)[tokens], rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_inverse_cdf_never_draws_a_zero_weight():
     weights = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]]).expand(4096, -1).contiguous()
     u = torch.cat([torch.tensor([1e-9, 0.3, 0.34, 1.0]), uniform_noise(torch.arange(4092), 0)])
@@ -136,6 +144,7 @@ def test_inverse_cdf_never_draws_a_zero_weight():
     assert set(tokens.tolist()) == {1, 4} and tokens[:4].tolist() == [1, 1, 4, 4]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (0, 0.7), (4, 0.8)])
 def test_top_k_top_p_sampling_draws_only_kept_tokens_in_proportion(top_k, top_p):
     logits = torch.tensor([0.2, 2.0, 1.0, -0.5, 1.7, 0.0, 0.9, -1.0])
@@ -149,6 +158,7 @@ def test_top_k_top_p_sampling_draws_only_kept_tokens_in_proportion(top_k, top_p)
     torch.testing.assert_close(logp, torch.log_softmax(logits / 0.9, -1)[tokens], rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_top_k_and_top_p_truncation_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert truncation_mask(logits, top_k=2, top_p=1.0).tolist() == [[False, False, True, True]]
@@ -156,6 +166,7 @@ def test_top_k_and_top_p_truncation_by_hand():
     assert truncation_mask(logits, top_k=0, top_p=0.7).tolist() == [[False, False, True, True]]
 
 
+@pytest.mark.unit
 def test_the_preallocated_kv_cache_holds_what_dynamic_cache_holds_without_reallocating():
     """Prompt rows repeated per sample, decode steps written in place (the buffer never moves), rows dropped: the
     keys and values seen by attention equal DynamicCache's at every step."""
@@ -186,6 +197,7 @@ def test_the_preallocated_kv_cache_holds_what_dynamic_cache_holds_without_reallo
         ours.update(torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4), 0)
 
 
+@pytest.mark.unit
 def test_preallocated_kv_cache_drops_rows_in_place_as_dynamic_cache_does():
     from transformers.cache_utils import DynamicLayer
 

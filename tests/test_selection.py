@@ -13,11 +13,13 @@ from dash_exp.run import train
 from dash_exp.trainer import Draw
 
 
+@pytest.mark.unit
 def test_informative_groups_are_those_whose_rewards_differ():
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
     assert informative_groups(rewards, 3).tolist() == [True, False, True, False]
 
 
+@pytest.mark.unit
 def test_soft_overlong_punishment_by_hand():
     # L = 64, buffer 16: no penalty up to 48 tokens, then a ramp to -1 at 64
     assert overlong_penalty([10, 48, 52, 56, 64], 64, 16).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
@@ -56,6 +58,7 @@ def trainer(make_cfg):
     return make
 
 
+@pytest.mark.integration
 def test_dynamic_sampling_trains_on_the_first_informative_groups_in_draw_order(trainer):
     t = trainer("algorithm.dynamic_sampling_rounds=2", "filter_threshold=null")
     # round 0: group 0 equal, group 1 informative; round 1: group 2 informative, group 3 informative
@@ -72,6 +75,7 @@ def test_dynamic_sampling_trains_on_the_first_informative_groups_in_draw_order(t
     assert metrics["sampling/groups"] == 2
 
 
+@pytest.mark.integration
 def test_overlong_filter_drops_truncated_samples_and_the_penalty_shapes_rewards(trainer):
     t = trainer("algorithm.overlong_filter=true", "algorithm.overlong_buffer=0.5", "algorithm.advantage=drgrpo",
                 "filter_threshold=null")
@@ -85,6 +89,7 @@ def test_overlong_filter_drops_truncated_samples_and_the_penalty_shapes_rewards(
     assert metrics["filter/overlong_frac"] == 0.25
 
 
+@pytest.mark.integration
 def test_dapo_runs_end_to_end_and_refills_its_batch(make_cfg, tmp_path):
     cfg = make_cfg("algorithm=dapo", "steps=2", "prompts_per_step=4", "group_size=4", "train_microbatch=4")
     train(cfg)

@@ -16,6 +16,8 @@ from analysis import findings as FD  # noqa: E402
 from analysis.runs import load_runs  # noqa: E402
 from analysis.stats import accuracy_se, combine, compare, rate_verdict  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 
 def test_paired_percentile_interval_of_three_seeds_is_hand_computable():
     # differences 1, 2, 3: a resample of three is all 1s with probability 1/27 = 3.7% > 2.5% (likewise all 3s), so

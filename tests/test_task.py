@@ -10,6 +10,8 @@ from dash_exp.tasks.arithmetic import chain_value, cot_trace, make_problem, make
 from dash_exp.tasks.base import ProblemStream
 from dash_exp.tasks.registry import build_task
 
+pytestmark = pytest.mark.unit
+
 # a noisy slip can push later running values below 0, so a and the result may be negative
 STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 

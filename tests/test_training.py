@@ -14,6 +14,8 @@ from dash_exp.run import train
 from dash_exp.tracking import MetricSink
 from dash_exp.trainer import Trainer
 
+pytestmark = pytest.mark.integration
+
 STEP_KEYS = {"reward/mean", "adv/abs_mean", "filter/kept_frac", "response/length_mean", "loss/total", "grad/norm",
              "time/inference", "time/update", "time/step", "time/elapsed", "throughput/gen_tokens_per_s",
              "throughput/train_tokens_per_s", "mem/peak_mb", "epoch"}

@@ -33,6 +33,7 @@ from dash_exp.tune import (
 )
 
 
+@pytest.mark.unit
 def test_knee_is_where_doubling_stops_paying():
     assert knee({8: 100.0, 16: 190.0, 32: 200.0, 64: 400.0}) == 16  # +5% from 16 to 32: stop at 16
     assert knee({8: 100.0, 16: 150.0, 32: 200.0}) == 32  # still rising at the cap
@@ -40,6 +41,7 @@ def test_knee_is_where_doubling_stops_paying():
     assert knee({128: 7.0}) == 128
 
 
+@pytest.mark.integration
 def test_microbatch_follows_the_memory_budget_on_the_real_model(make_cfg):
     cfg = make_cfg()
     parts = build(cfg)
@@ -70,7 +72,7 @@ def run_cli(args, env):
     return proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["dash", "grpo"])
 def test_tune_auto_applies_logs_saves_and_reuses_its_choice(algorithm, tmp_path, cli_env):
     run_dir = tmp_path / "run"
@@ -145,6 +147,7 @@ OTHER_ERRORS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("exc", ALLOCATION_FAILURES + OTHER_ERRORS, ids=lambda e: f"{type(e).__name__}:{e}"[:60])
 def test_allocation_failures_are_told_from_other_errors(exc):
     assert is_allocation_failure(exc) == (exc in ALLOCATION_FAILURES)
@@ -188,6 +191,7 @@ def failing_at(policy, k, error, in_backward=False):
 GPU = GpuMemory(free_mb=10 * 1024, state_mb=3 * 1024, sampler_mb=32 * 1024, sampler="VLLMSampler, awake")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("error, in_backward", [(RuntimeError(CUBLAS), False),
                                                 (torch.OutOfMemoryError("CUDA out of memory."), True)])
 def test_gpu_probe_stops_at_the_first_allocation_failure_and_frees_it_first(tiny, error, in_backward):
@@ -210,6 +214,7 @@ def test_gpu_probe_stops_at_the_first_allocation_failure_and_frees_it_first(tiny
     _backward(policy, sample, 2, spec, pad_id, None)
 
 
+@pytest.mark.integration
 def test_probe_fits_counts_sizes_runs_the_backward_and_reraises_other_errors(tiny):
     policy, sample, spec, pad_id = tiny
     ran, freed = [], []
@@ -231,6 +236,7 @@ def test_probe_fits_counts_sizes_runs_the_backward_and_reraises_other_errors(tin
     assert freed == [1]
 
 
+@pytest.mark.integration
 def test_micro_batch_1_not_fitting_stops_with_one_line(tiny):
     policy, sample, spec, pad_id = tiny
     freed = []
@@ -248,6 +254,7 @@ def test_micro_batch_1_not_fitting_stops_with_one_line(tiny):
     assert freed == [1] and all(p.grad is None for p in policy.parameters())
 
 
+@pytest.mark.integration
 def test_optimizer_state_is_held_while_probing_and_its_failure_stops_the_run(tiny, monkeypatch):
     policy, *_ = tiny
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -274,6 +281,7 @@ def test_optimizer_state_is_held_while_probing_and_its_failure_stops_the_run(tin
     assert all(p.grad is None for p in policy.parameters())
 
 
+@pytest.mark.integration
 def test_gpu_budget_is_cuda_free_memory_less_the_optimizer_state(tiny, monkeypatch):
     policy, *_ = tiny
     weights_mb = sum(p.numel() * p.element_size() for p in policy.parameters()) / 2**20
@@ -287,6 +295,7 @@ def test_gpu_budget_is_cuda_free_memory_less_the_optimizer_state(tiny, monkeypat
     assert "CUDA free after sampler.offload()" in gpu.describe() and "VLLMSampler, asleep" in gpu.describe()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("algorithm", "overrides", "tuned", "micro", "infer"), [
     ("dash", [], (8, 4), 8, None),  # null = preemptive sampling: the algorithm, not a knob
     ("ppo", [], (4, 8), 4, None),

@@ -22,6 +22,8 @@ from dash_exp.rollout.base import SamplingParams, mix32  # noqa: E402
 from dash_exp.rollout.hf import HFSampler  # noqa: E402
 from dash_exp.rollout.vllm import VLLMSampler, engine_kwargs, kv_cache_gb_for  # noqa: E402
 
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 
