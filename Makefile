@@ -133,6 +133,12 @@ mismatch-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# the unit tier only (pyproject.toml's markers: in-process, no tiny base model, no vLLM, no real model), about a
+# minute on 2 cores; make test runs it too, with the integration tier
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
+
 # one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [LAUNCHER=slurm|local_parallel]
 # [ARGS="model=... task=... hydra.launcher.partition=gpu"]; no LAUNCHER: one job after another in this process
 # [SEEDS=5]: seeds 0..SEEDS-1 instead of the sweep's own 0,1,2
@@ -181,10 +187,22 @@ reproduce: bases
 		$(REPRODUCE_ARGS) 'seed=range(0,$(SEEDS))'
 	$(MAKE) figures
 
-# ruff, then the import layers of pyproject.toml's [tool.importlinter] (entrypoints > factory > trainer > ... > config)
+# ruff, then the import layers of pyproject.toml's [tool.importlinter] (entrypoints > factory > trainer > ... > config),
+# then the documentation: the generated configuration reference is current and the site builds with --strict
 lint: $(STAMP)
-	$(BIN)/ruff check dash_exp tests analysis
+	$(BIN)/ruff check dash_exp tests analysis scripts
 	$(BIN)/lint-imports --no-cache
+	$(MAKE) --no-print-directory docs-build
+
+# the documentation site (mkdocs.yml, docs/): docs-build fails on a stale docs/configuration.md (regenerate it with
+# `python -m dash_exp.config_reference --out docs/configuration.md`), a broken link or anchor, or a page not in the nav
+.PHONY: docs docs-build
+docs-build: $(STAMP)
+	$(BIN)/python -m dash_exp.config_reference --check docs/configuration.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
-	rm -rf runs multirun outputs figures traces .pytest_cache
+	rm -rf runs multirun outputs figures traces .pytest_cache site

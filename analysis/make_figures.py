@@ -115,15 +115,27 @@ def write_index(results: list[Result], out_dir: Path, source: str, missing: list
 
 
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+# the short form (provenance and the verdict table, without each finding's paragraph): the project README's
+SHORT_BEGIN, SHORT_END = "<!-- reproduce-table:begin -->", "<!-- reproduce-table:end -->"
 
 
-def replace_block(path: Path, text: str) -> None:
-    """Replace what lies between the BEGIN and END markers of `path` with `text` (ValueError without them)."""
+def replace_block(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between the `begin` and `end` markers of `path` with `text` (ValueError without them)."""
     doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise ValueError(f"{path}: no {BEGIN} ... {END} block to replace")
-    head, rest = doc.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{path}: no {begin} ... {end} block to replace")
+    head, rest = doc.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def write_results(path: Path, runs, steps, found) -> None:
+    """The results block of a Markdown file: the whole one between BEGIN and END, the short one (no paragraphs)
+    between SHORT_BEGIN and SHORT_END, whichever the file has (ValueError if neither)."""
+    doc = path.read_text()
+    if SHORT_BEGIN in doc:
+        replace_block(path, results_section(runs, steps, found, paragraphs=False), SHORT_BEGIN, SHORT_END)
+    else:
+        replace_block(path, results_section(runs, steps, found))
 
 
 def no_runs_message(source: str) -> str:
@@ -139,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default=None, help="read runs from this W&B project (entity/project) "
                         "instead of --runs")
     parser.add_argument("--latest", action="store_true", help="only the newest multirun directory of each sweep")
-    parser.add_argument("--readme", type=Path, default=None, help=f"also replace the block between {BEGIN} and {END} "
-                        "in this Markdown file (the project README) with what the runs found")
+    parser.add_argument("--readme", type=Path, action="append", default=[],
+                        help=f"also replace the block between {BEGIN} and {END} (or the verdict table alone between "
+                        f"{SHORT_BEGIN} and {SHORT_END}) in this Markdown file with what the runs found; repeatable "
+                        "(README.md and docs/reproducing.md)")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # headless: files only
 
@@ -187,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except F.NoDataError:
         figure = ""
     index = write_index(results, out, source, missing, skipped, findings_section(runs, steps, found, figure))
-    if args.readme is not None:
-        replace_block(args.readme, results_section(runs, steps, found))
-        print(f"updated the reproduction results in {args.readme}")
+    for path in args.readme:
+        write_results(path, runs, steps, found)
+        print(f"updated the reproduction results in {path}")
     print(f"wrote {sum(len(r.written) for r in results) + 1} files to {out}/:")
     for r in results:
         print(f"  {r.finding.sweep} ({r.runs} runs): " + ", ".join(p.name for p in r.written))

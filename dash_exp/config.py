@@ -271,11 +271,17 @@ class LoggerConfig:
 
 @dataclass
 class Config:
+    # the algorithm: a preset of conf/algorithm/ (algorithm=dash) composing the components below
     algorithm: AlgorithmConfig = MISSING
+    # the KL penalty against a frozen copy of the starting policy: conf/kl/ (on | off)
     kl: KLConfig = MISSING
+    # the policy and its recipe: conf/model/ (tiny | smollm2-135m | qwen2.5-0.5b | ...)
     model: ModelConfig = MISSING
+    # the problems, their grader and their held-out sets: conf/task/ (arith | math | gsm8k | pycode | mbpp)
     task: TaskConfig = MISSING
+    # the sampling backend: conf/rollout/ (auto | hf | vllm)
     rollout: RolloutConfig = MISSING
+    # where metrics go besides metrics.jsonl: conf/logger/ (wandb | none)
     logger: LoggerConfig = MISSING
     # drop samples with |advantage| <= this before any forward pass (gradient filtering); null = keep all
     filter_threshold: float | None = None
@@ -519,7 +525,7 @@ def validate(cfg: Config | DictConfig) -> None:
         gguf = Path(str(cfg.model.path_or_id or "")).expanduser()
         if gguf.suffix != ".gguf" or not gguf.is_file():
             raise ConfigError(f"model.path_or_id={cfg.model.path_or_id}: expected an existing .gguf file when "
-                              "model.source=gguf (README: SmolLM2-135M-Instruct offline)")
+                              "model.source=gguf (docs/real-model.md)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

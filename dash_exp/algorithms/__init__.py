@@ -1,6 +1,6 @@
 """The algorithm components, each a registry chosen by one config key (COMPONENTS), and the update step.
 
-`python -m dash_exp.algorithms` prints the components' table (the README's "Algorithm components").
+`python -m dash_exp.algorithms` prints the components' table (README.md and docs/algorithms.md).
 """
 
 from dash_exp.algorithms.advantages import ADVANTAGES

@@ -1,7 +1,7 @@
-"""Print the algorithm components' table; `--readme README.md` writes it between the file's component markers."""
+"""Print the algorithm components' table; `--readme FILE` (repeatable: README.md, docs/algorithms.md) writes it
+between each file's component markers."""
 
 import argparse
-import re
 from pathlib import Path
 
 from dash_exp.algorithms import components_table
@@ -9,14 +9,15 @@ from dash_exp.algorithms import components_table
 START, END = "<!-- components:start -->", "<!-- components:end -->"
 
 parser = argparse.ArgumentParser(prog="python -m dash_exp.algorithms", description=__doc__)
-parser.add_argument("--readme", type=Path, default=None, help="replace the table between the markers in this file")
+parser.add_argument("--readme", type=Path, action="append", default=[],
+                    help="replace the table between the markers in this file (repeatable)")
 args = parser.parse_args()
-if args.readme is None:
+if not args.readme:
     print(components_table())
-else:
-    text = args.readme.read_text()
+for path in args.readme:
+    text = path.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{args.readme}: no {START} ... {END} block to replace")
-    block = f"{START}\n{components_table()}\n{END}"
-    args.readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-    print(f"{args.readme}: component table written")
+        raise SystemExit(f"{path}: no {START} ... {END} block to replace")
+    head, rest = text.split(START, 1)
+    path.write_text(f"{head}{START}\n{components_table()}\n{END}{rest.split(END, 1)[1]}")
+    print(f"{path}: component table written")

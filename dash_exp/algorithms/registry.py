@@ -27,7 +27,7 @@ class Entry(Generic[F]):
 
     name: str
     impl: F
-    # the paper or framework it follows (shown in the README table)
+    # the paper or framework it follows (shown in the component table)
     source: str
     # fixed properties the rest of the harness reads (e.g. a policy loss's `targets`)
     traits: dict[str, Any] = field(default_factory=dict)

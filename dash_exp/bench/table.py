@@ -1,4 +1,4 @@
-"""The README's Performance table from the results of `python -m dash_exp.bench`."""
+"""The Performance table (docs/performance.md) from the results of `python -m dash_exp.bench`."""
 
 from __future__ import annotations
 

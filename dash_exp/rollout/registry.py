@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from dash_exp.batching import TokenCache
 
 
-# On CPU, auto picks vLLM for models of at least this many parameters. Measured on 2 cores (README: Performance):
+# On CPU, auto picks vLLM for models of at least this many parameters. Measured on 2 cores (docs/performance.md):
 # the tiny 1M-parameter model generates 11,400 tokens/s with the HF sampler against vLLM's 7,200 (batch 128);
 # SmolLM2-135M 144 against vLLM's 258 (batch 128) and 103 against 207 (batch 16). The crossover lies between the
 # two sizes and is not measured more finely.

@@ -5,7 +5,7 @@ limit) to a fork server (`sandbox/server.py`) that runs in its own interpreter w
 where the OS allows, in new network, mount and PID namespaces (`unshare`). Each program gets its own forked
 process, namespaces, working directory, Landlock rules, resource limits and (as root) the uid `nobody`
 (`confine.py`); outputs come back as plain data, in job order, over a channel that carries only checked JSON.
-What the sandbox guarantees in each mode and what it does not: README, "The execution sandbox".
+What the sandbox guarantees in each mode and what it does not: docs/sandbox.md.
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ def _load_dataset(source: str, split: str, key: str, hub_config: str | None) -> 
     except ConnectionError as exc:  # offline (HF_DATASETS_OFFLINE=1) or unreachable, and not in the cache
         reason = " ".join(str(exc).split())
         raise DataError(f"{key}={source}: split {split!r} is not in the datasets cache and the hub cannot be reached "
-                        f"({reason}); download it once where there is network (README: Data), or set {key} or "
-                        f"$DASH_EXP_DATA to local files") from exc
+                        f"({reason}); download it once where there is network (docs/getting-started.md, Data), or "
+                        f"set {key} or $DASH_EXP_DATA to local files") from exc
     except Exception as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise DataError(f"{key}={source}: cannot load split {split!r} as a dataset ({reason})") from exc
