@@ -105,9 +105,16 @@ def init(world: World) -> torch.device:
     return device
 
 
-def leave() -> None:
-    """Leave the process group (torchrun ranks), if this process joined one."""
+def leave(together: bool = True) -> None:
+    """Leave the process group (torchrun ranks), if this process joined one (a no-op once left): the one teardown.
+    `together` (the default): every rank of the launch, trainers and generators alike, first meets the others at a
+    barrier on the default group, and only then tears its groups down. A rank that destroys gloo and exits while
+    another still holds it (computing, or shutting its engine down) has aborted that rank in gloo's teardown
+    ("terminate called without an active exception", CI). After a failure, `together=False` leaves at once,
+    without the barrier: the others may never reach it (torchrun stops them once this rank exits)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if together:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

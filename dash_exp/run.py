@@ -53,7 +53,7 @@ def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One run, end to end; returns the summary also written to run_dir/summary.json."""
     from dash_exp.checkpoint import read_meta
-    from dash_exp.distributed import all_gather, barrier, check_world, init, split_roles, world_from_env
+    from dash_exp.distributed import all_gather, check_world, init, split_roles, world_from_env
     from dash_exp.tracking import MetricSink, NullSink
     from dash_exp.trainer import Trainer
 
@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # overlapped rollout: the last rollout.generator_ranks ranks generate, the others train in their own world
     roles = split_roles(launch, cfg.rollout.generator_ranks)
     if roles.generator:
-        generate_only(cfg, roles, device, launch)
+        generate_only(cfg, roles, device)
         return {}
     world = roles.world
     if world.main:
@@ -108,7 +108,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if world.main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         report(summary, next(iter(parts.task.evals)))
-    barrier(launch)  # ranks leave the process group together (a rank tearing gloo down early can abort)
     return summary
 
 
@@ -125,11 +124,11 @@ def stop_with_one_line_on_sigterm(generators: Any) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def generate_only(cfg: DictConfig, roles: Any, device: Any, launch: Any) -> None:
-    """A generator rank of an overlapped run: build its sampler, generate what the trainers ask for, wait for the
-    trainers to end (before the engine shuts down: vLLM's shutdown leaves no process group behind)."""
+def generate_only(cfg: DictConfig, roles: Any, device: Any) -> None:
+    """A generator rank of an overlapped run: build its sampler, generate what the trainers ask for, shut the
+    engine down (it leaves the launch's process group alone: the rank joined it before the engine started), then
+    wait for the trainers to end in `main` (distributed.leave)."""
     from dash_exp.batching import COMPUTE_DTYPES, TokenCache
-    from dash_exp.distributed import barrier
     from dash_exp.overlap import generate
 
     parts = build(cfg, device=device, role="generator")
@@ -137,7 +136,6 @@ def generate_only(cfg: DictConfig, roles: Any, device: Any, launch: Any) -> None
     try:  # the policy copy holds what the trainers send: weights in the sampler's dtype
         generate(cfg, roles.world, roles.link, parts.task, TokenCache(parts.tokenizer), parts.policy.to(dtype),
                  parts.sampler, dtype, device)
-        barrier(launch)
     finally:
         parts.close()
 
@@ -224,6 +222,9 @@ def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         train(cfg)
+        from dash_exp.distributed import leave
+
+        leave()  # every rank of the launch together (inside the try: a failure there is reported as any other)
     except Exception as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # one failed job must not stop the sweep: the error is in its run dir; FailedJobsReport sums up
@@ -246,7 +247,7 @@ def main(cfg: DictConfig) -> None:
     finally:
         from dash_exp.distributed import leave
 
-        leave()
+        leave(together=False)  # after a failure at once: the other ranks may never come (a no-op once left)
 
 
 if __name__ == "__main__":

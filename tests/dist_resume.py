@@ -17,7 +17,7 @@ from dist_update import SMALL, step_batch, trainer
 import dash_exp.checkpoint as checkpoint
 from dash_exp.checkpoint import full_state, latest_checkpoint
 from dash_exp.config import compose_config
-from dash_exp.distributed import all_gather, barrier, init, leave, world_from_env
+from dash_exp.distributed import all_gather, init, leave, world_from_env
 from dash_exp.models import load_tokenizer, resolve_model_path
 
 
@@ -72,7 +72,6 @@ def main() -> None:
             "max_optimizer_gap": max(float((before[k].double() - after[k].double()).abs().max()) for k in before),
             "optimizer_tensors": [len(before), len(after)], "step": resumed.step,
             "consumed": resumed.stream.consumed, "synced": resumed.sampler.synced}))
-    barrier(world)
     leave()
 
 

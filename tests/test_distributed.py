@@ -9,6 +9,7 @@ reading the checkpoint.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from conftest import REPO, TEST_OVERRIDES
 
 from dash_exp.distributed import World, deal
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
 
 
@@ -33,6 +34,7 @@ def step_rows(run_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ dealing kept samples out to ranks
+@pytest.mark.unit
 def test_deal_balances_tokens_and_gives_every_rank_the_same_passes():
     lengths = [30, 5, 5, 5, 5, 5, 5, 20, 10]
     shares, passes = deal(lengths, size=2, microbatch=2)
@@ -51,6 +53,8 @@ CASES = [("all", ["algorithm=grpo"]), ("all", ["algorithm=dash"]), ("all", ["alg
          ("one", ["algorithm=dash"])]
 
 
+@pytest.mark.integration
+@pytest.mark.dist
 @pytest.mark.parametrize(("keep", "overrides"), CASES, ids=[f"{k}-{'-'.join(o)}" for k, o in CASES])
 def test_a_sharded_update_equals_the_one_process_update(tmp_path, cli_env, keep, overrides):
     out = tmp_path / "update.json"
@@ -71,6 +75,8 @@ def test_a_sharded_update_equals_the_one_process_update(tmp_path, cli_env, keep,
         assert (parallel["dist/kept_per_rank_min"], parallel["dist/kept_per_rank_max"]) == (0, 1)
 
 
+@pytest.mark.integration
+@pytest.mark.dist
 def test_a_two_rank_resume_reads_the_checkpoint_on_rank_0_only_and_restores_the_exact_state(tmp_path, cli_env):
     """Rank 0 alone reads state.pt; the weights and AdamW state reach rank 1 by broadcast, each rank keeping its
     shards: the resumed full state equals the saved one exactly, with the step and the prompt stream."""
@@ -84,8 +90,40 @@ def test_a_two_rank_resume_reads_the_checkpoint_on_rank_0_only_and_restores_the_
     assert (result["step"], result["consumed"], result["synced"]) == (3, 12, 1)
 
 
+# ------------------------------------------------------------------ leaving the process group
+# one rank of a 2-rank gloo launch: joins, waits argv[1] seconds, leaves; prints how long its leave() took
+LEAVE = """
+import sys, time
+from dash_exp.distributed import init, leave, world_from_env
+init(world_from_env())
+time.sleep(float(sys.argv[1]))
+start = time.monotonic()
+leave()
+print(time.monotonic() - start)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.dist
+def test_a_rank_leaves_the_process_group_only_with_the_others(cli_env):
+    """leave() itself holds a rank until every rank of the launch leaves (no caller can forget the barrier): a rank
+    that tears gloo down and exits while another still holds it has aborted that rank's teardown."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(cli_env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, "-c", LEAVE, str(delay)], cwd=REPO, text=True,
+                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for rank, delay in ((0, 3.0), (1, 0.0))]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    waited = [float(out.split()[-1]) for out, _ in outs]
+    assert waited[1] > 2.0 > waited[0], waited  # rank 1 left when rank 0 did, 3 s after it asked to
+
+
 # ------------------------------------------------------------------ the entrypoint under torchrun
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.dist
 def test_torchrun_logs_once_and_ends_where_one_process_ends(tmp_path, cli_env):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["-m", "dash_exp.run", "steps=3", *SMALL]
@@ -107,6 +145,8 @@ def test_torchrun_logs_once_and_ends_where_one_process_ends(tmp_path, cli_env):
     assert second.stdout.count("held-out greedy accuracy") == 1
 
 
+@pytest.mark.integration
+@pytest.mark.dist
 def test_a_bad_data_parallel_setup_fails_in_one_line_before_any_model_loads(tmp_path, cli_env):
     proc = run([*TORCHRUN, "-m", "dash_exp.run", *SMALL, "prompts_per_step=3", "group_size=4",
                 "train_microbatch=4", f"hydra.run.dir={tmp_path}"], cli_env, timeout=300)
@@ -116,7 +156,8 @@ def test_a_bad_data_parallel_setup_fails_in_one_line_before_any_model_loads(tmp_
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.dist
 def test_a_killed_two_rank_run_resumes_on_two_ranks_then_on_one(tmp_path, cli_env):
     run_dir = tmp_path / "run"
     cmd = [*TORCHRUN, "-m", "dash_exp.run", "algorithm=dash", "steps=6", "save_every=3", *SMALL,

@@ -30,7 +30,9 @@ SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
 
 
 def torchrun(n: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "dash_exp.run"]
+    # --standalone: a free port of its own (two launches on one machine never meet at torchrun's default 29500)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m",
+            "dash_exp.run"]
 
 
 def run(cmd: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -53,6 +55,7 @@ def final(run_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------ the off-policy correction in the update
+@pytest.mark.integration
 def test_behaviour_logprobs_set_the_ratio_and_fresh_samples_keep_ratio_one(make_cfg):
     parts = build(make_cfg())
     parts.task.close()
@@ -91,6 +94,8 @@ def test_behaviour_logprobs_set_the_ratio_and_fresh_samples_keep_ratio_one(make_
 
 
 # ------------------------------------------------------------------ the whole loop, several processes
+@pytest.mark.integration
+@pytest.mark.dist
 def test_generator_waiting_for_every_version_is_the_synchronous_run(tmp_path, cli_env):
     sync, split = tmp_path / "sync", tmp_path / "split"
     args = ["steps=4", "algorithm=ppo", *SMALL]  # PPO Multi: the recomputed old log-probs path too
@@ -105,6 +110,8 @@ def test_generator_waiting_for_every_version_is_the_synchronous_run(tmp_path, cl
     assert all(r["time/generator_idle"] >= 0 and r["time/trainer_idle"] >= 0 for r in rows_split)
 
 
+@pytest.mark.integration
+@pytest.mark.dist
 def test_overlap_one_samples_from_the_current_or_the_previous_version(tmp_path, cli_env):
     run_dir = tmp_path / "run"
     proc = run([*torchrun(2), "steps=6", *SMALL, "rollout.generator_ranks=1", "rollout.overlap=1",
@@ -126,7 +133,9 @@ def test_overlap_one_samples_from_the_current_or_the_previous_version(tmp_path, 
     assert 0 <= numbers["accuracy"] <= 1 and 0 < numbers["staleness_mean"] <= 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.dist
+@pytest.mark.vllm
 def test_a_vllm_generator_runs_its_engine_beside_the_launch(tmp_path, cli_env):
     """rollout=vllm on the generator: the engine's model in a worker process of its own (its torch.distributed
     world is not the launch's), weights reloaded from what the trainer sends."""
@@ -140,7 +149,8 @@ def test_a_vllm_generator_runs_its_engine_beside_the_launch(tmp_path, cli_env):
     assert all(abs(r["ppo/approx_kl"]) < 0.05 for r in rows)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.dist
 def test_fsdp_over_two_trainer_ranks_beside_one_generator(tmp_path, cli_env):
     sync, split = tmp_path / "sync", tmp_path / "split"
     args = ["steps=3", *SMALL]
@@ -155,6 +165,8 @@ def test_fsdp_over_two_trainer_ranks_beside_one_generator(tmp_path, cli_env):
     assert json.loads((split / "summary.json").read_text())["world_size"] == 2  # the trainers' world
 
 
+@pytest.mark.integration
+@pytest.mark.dist
 def test_a_step_that_keeps_nothing_does_not_hang(tmp_path, cli_env):
     run_dir = tmp_path / "run"
     proc = run([*torchrun(2), "steps=3", *SMALL, "filter_threshold=100", "rollout.generator_ranks=1",
@@ -184,6 +196,8 @@ def _start_and_wait_for_checkpoint(cmd: list[str], run_dir: Path, env: dict, ste
     return proc
 
 
+@pytest.mark.integration
+@pytest.mark.dist
 def test_a_killed_generator_stops_the_run_naming_it_and_the_run_resumes(tmp_path, cli_env):
     run_dir = tmp_path / "run"
     cmd = [*torchrun(2), "steps=40", "save_every=2", *SMALL, "rollout.generator_ranks=1", "rollout.overlap=1",
@@ -201,7 +215,8 @@ def test_a_killed_generator_stops_the_run_naming_it_and_the_run_resumes(tmp_path
     assert [r["step"] for r in step_rows(run_dir)] == [1, 2, 3, 4, 5, 6]  # none duplicated, none dropped
 
 
-@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.dist
 def test_sigkill_then_resume_with_overlap_zero_is_the_uninterrupted_run(tmp_path, cli_env):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [*torchrun(2), "steps=6", "save_every=3", *SMALL, "rollout.generator_ranks=1", "rollout.overlap=0"]
@@ -217,6 +232,7 @@ def test_sigkill_then_resume_with_overlap_zero_is_the_uninterrupted_run(tmp_path
     assert final(killed) == final(straight)
 
 
+@pytest.mark.integration
 def test_overlap_without_generator_ranks_is_a_one_line_config_error(tmp_path, cli_env):
     proc = run([sys.executable, "-m", "dash_exp.run", *SMALL, "rollout.overlap=1", f"hydra.run.dir={tmp_path}"],
                cli_env, timeout=60)

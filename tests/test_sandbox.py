@@ -173,12 +173,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def survivors(server: subprocess.Popen, before: list[int]) -> list[int]:
+    """The processes below this sandbox's own server (never another sandbox's, nor another test run's on this
+    machine) that were not there `before` and are still alive 10 s on (the kernel kills a program's PID namespace
+    once its first process is gone, and the server reaps the orphans twice a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        new = sorted(set(descendants(server.pid)) - set(before))
+        if not new or time.monotonic() > deadline:
+            return new
+        time.sleep(0.1)
+
+
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_correct_program_passes_and_a_wrong_one_fails(grader):
     result = grade(grader, [CORRECT, "```python\ndef f(x):\n    return 2 * x\n```"])
     assert result.rewards == [1.0, 0.0]
     assert result.counts["wrong"] == 1
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_each_hostile_or_forged_program_scores_zero_and_harms_nothing(grader, name):
     start = time.monotonic()
@@ -190,6 +206,8 @@ def test_each_hostile_or_forged_program_scores_zero_and_harms_nothing(grader, na
     assert grade(grader, [CORRECT]).rewards == [1.0]
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 @pytest.mark.parametrize("honest", ["wrong", "right"])
 def test_a_program_forging_reply_frames_scores_as_its_own_outputs_deserve_and_runs_nothing_here(grader, tmp_path,
                                                                                                 honest):
@@ -205,6 +223,8 @@ def test_a_program_forging_reply_frames_scores_as_its_own_outputs_deserve_and_ru
     assert grade(grader, [CORRECT]).rewards == [1.0]
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_the_forger_reaches_no_descriptor_of_the_server_or_the_trainer(grader, tmp_path):
     """What the forger above could open: no descriptor of another process (its namespace's /proc shows no other,
     and Landlock closes /proc where there is no namespace)."""
@@ -214,6 +234,8 @@ def test_the_forger_reaches_no_descriptor_of_the_server_or_the_trainer(grader, t
     assert run.outputs[0] == [], f"the program opened other processes' descriptors: {run.outputs[0]}"
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_no_descriptor_of_the_server_survives_into_a_program(grader):
     """A program holds stdin (/dev/null), stdout and stderr (its capped file) and its result pipe: never the
     server's pipes to and from the trainer."""
@@ -263,6 +285,8 @@ def secrets(tmp_path):
         run_dir.rmdir()
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_program_reads_no_file_of_the_trainers_user(grader, secrets):
     needs(grader, "landlock")  # the run dir's files are world-readable: only Landlock keeps them closed
     program = reader(secrets)
@@ -272,6 +296,8 @@ def test_a_program_reads_no_file_of_the_trainers_user(grader, secrets):
     assert grade(grader, [CORRECT]).rewards == [1.0]
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_without_namespaces_landlock_still_keeps_the_trainers_files_closed(secrets):
     """isolation=none (no namespaces): where the kernel has Landlock, the same files stay out of reach."""
     from dash_exp.sandbox.confine import landlock_abi
@@ -283,6 +309,8 @@ def test_without_namespaces_landlock_still_keeps_the_trainers_files_closed(secre
     assert run.status == "ok" and run.outputs[0] == ["PermissionError"] * 3, run
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_isolation_none_still_runs_with_its_warning_and_auto_never_picks_it_where_a_namespace_exists(caplog):
     with caplog.at_level(logging.WARNING, logger="dash_exp.sandbox"):
         run = run_once("def f(x):\n    return x + 1\n", isolation="none")
@@ -297,6 +325,8 @@ def test_isolation_none_still_runs_with_its_warning_and_auto_never_picks_it_wher
         sandbox.close()
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_program_cannot_connect_to_a_unix_socket_of_the_trainers_user(grader):
     """A session bus, an ssh agent or a docker socket is a Unix socket with a path: Landlock does not govern
     connecting to one, and in user mode the program has the trainer's uid. A listener anyone may connect to (the
@@ -324,6 +354,8 @@ def test_a_program_cannot_connect_to_a_unix_socket_of_the_trainers_user(grader):
     assert run.status == "ok" and run.outputs[0] == "PermissionError", run
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_program_that_signals_every_pid_it_sees_reaches_only_its_own(grader):
     needs(grader, "program_ns")  # without a PID namespace of its own it would signal this user's processes
     program = ("import os, signal\ndef f(x):\n    me = os.getpid()\n"
@@ -341,6 +373,8 @@ def test_a_program_that_signals_every_pid_it_sees_reaches_only_its_own(grader):
     assert grade(grader, [CORRECT]).rewards == [1.0]
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_a_program_cannot_read_another_programs_working_directory_while_both_run(grader):
     secret = uuid.uuid4().hex
     writer = (f"import time\ndef f(x):\n    open('mine.txt', 'w').write({secret!r})\n"
@@ -361,33 +395,35 @@ def test_a_program_cannot_read_another_programs_working_directory_while_both_run
     assert b.status == "ok" and secret not in str(b.outputs), b
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_a_fork_bomb_leaves_no_process_behind(grader):
     grade(grader, [CORRECT])
     server = grader.sandbox._proc
-    before = len(descendants(server.pid))
+    before = descendants(server.pid)
     grade(grader, [HOSTILE["fork bomb"]])
-    deadline = time.monotonic() + 10  # the kernel kills the namespace's processes once its first one is gone
-    while time.monotonic() < deadline and len(descendants(server.pid)) > before:
-        time.sleep(0.1)
-    assert len(descendants(server.pid)) <= before
+    assert grader.sandbox._proc is server, "the server was restarted: its processes cannot be counted"
+    assert survivors(server, before) == []
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_a_program_that_leaves_its_process_group_still_ends_at_its_limit(grader):
     """os.setsid() takes it out of the group the server kills on time: its namespace's end must still take it."""
     if not grader.sandbox.info.get("program_ns"):
         pytest.skip("needs a PID namespace per program: without one, a new session outlives its limit")
     grade(grader, [CORRECT])
     server = grader.sandbox._proc
-    before = len(descendants(server.pid))
+    before = descendants(server.pid)
     run, = grader.sandbox.run([Job("import os, time\nos.setsid()\ndef f(x):\n    time.sleep(60)\n", "f",
                                    "inputs = [[0]]", 1.0)])
     assert run.status == "timeout"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(descendants(server.pid)) > before:
-        time.sleep(0.1)
-    assert len(descendants(server.pid)) <= before
+    assert grader.sandbox._proc is server, "the server was restarted: its processes cannot be counted"
+    assert survivors(server, before) == []
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_a_mixed_batch_grades_the_correct_programs_correctly_in_order(grader):
     hostile = list(HOSTILE.values())
     programs = [p for h in hostile for p in (h, CORRECT)]
@@ -395,6 +431,8 @@ def test_a_mixed_batch_grades_the_correct_programs_correctly_in_order(grader):
     assert result.rewards == [0.0, 1.0] * len(hostile)
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 def test_outcomes_are_counted_by_kind(grader):
     result = grade(grader, [HOSTILE["infinite loop"], HOSTILE["a syntax error"], "def f(x):\n    return 1 / 0\n",
                             "def f(x):\n    return 0\n", CORRECT])
@@ -403,6 +441,8 @@ def test_outcomes_are_counted_by_kind(grader):
     assert (result.timeouts, result.unparsed) == (1, 1)
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_values_come_back_as_plain_data_and_objects_as_opaque():
     sandbox = Sandbox(workers=1)
     try:
@@ -421,6 +461,8 @@ def test_values_come_back_as_plain_data_and_objects_as_opaque():
     assert isinstance(raised.outputs[0], CallFailed) and raised.outputs[0].reason == "ValueError"
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_driver_calls_the_candidate_and_each_call_is_recorded_with_its_arguments_before_the_call():
     """drive(candidate): inputs that depend on earlier results; arguments are captured before the candidate can
     mutate them; the driver's own failed assert ends the recording (the grader's replay then runs short)."""
@@ -438,6 +480,8 @@ def test_a_driver_calls_the_candidate_and_each_call_is_recorded_with_its_argumen
     assert isinstance(raised.outputs[0].value, CallFailed) and raised.outputs[0].value.reason == "KeyError"
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_the_program_cannot_write_outside_its_directory_nor_read_the_parents_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("DASH_EXP_TEST_SECRET", "s3cret")
     target = tmp_path / "escaped.txt"
@@ -453,6 +497,8 @@ def test_the_program_cannot_write_outside_its_directory_nor_read_the_parents_sec
     assert wrote != "wrote" and not target.exists()
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_the_program_cannot_open_a_network_connection():
     """Under the isolation this machine allows (printed): a listener on the host's loopback is unreachable."""
     print(f"sandbox isolation on this machine: {ISOLATION}")
@@ -472,6 +518,8 @@ def test_the_program_cannot_open_a_network_connection():
     assert run.status == "ok" and run.outputs[0] != "connected", run
 
 
+@pytest.mark.unit
+@pytest.mark.sandbox
 def test_a_dead_server_is_restarted():
     sandbox = Sandbox(workers=1)
     try:
@@ -544,6 +592,8 @@ BATCH = [Job("def f(x):\n    return x\n", "f", "inputs = [[1]]", 1.0),
          Job("def f(x):\n    return 2 * x\n", "f", "inputs = [[3]]", 1.0)]
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 @pytest.mark.parametrize("forged", list(FORGED_FRAMES))
 def test_a_forged_frame_costs_a_restart_and_the_batch_is_run_again(forged, tmp_path):
     sandbox = ForgedChannelSandbox(FORGED_FRAMES[forged], len(BATCH), starts=1, canary=tmp_path / "canary")
@@ -555,6 +605,8 @@ def test_a_forged_frame_costs_a_restart_and_the_batch_is_run_again(forged, tmp_p
     assert [(r.status, r.outputs) for r in runs] == [("ok", [1]), ("ok", [6])]
 
 
+@pytest.mark.integration
+@pytest.mark.sandbox
 @pytest.mark.parametrize("forged", list(FORGED_FRAMES))
 def test_a_channel_forged_again_after_the_restart_costs_the_batch_a_crashed_verdict_and_nothing_more(forged,
                                                                                                        tmp_path):
@@ -569,6 +621,7 @@ def test_a_channel_forged_again_after_the_restart_costs_the_batch_a_crashed_verd
     assert [(r.status, r.outputs) for r in after] == [("ok", [1]), ("ok", [6])]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("response", "program", "fenced"), [
     ("text\n```python\na = 1\n```\nmore\n```python\nb = 2\n```\n", "b = 2\n", True),
     ("```\nc = 3\n```", "c = 3\n", True),

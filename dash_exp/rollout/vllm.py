@@ -12,9 +12,10 @@ training's logits / temperature.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,28 @@ class _ProcessState:
         random.setstate(self.rng[0])
         np.random.set_state(self.rng[1])
         torch.set_rng_state(self.rng[2])
+
+
+@contextlib.contextmanager
+def _launch_group_kept(keep: bool) -> Iterator[None]:
+    """While `keep`: vLLM's in-process engine shutdown (EngineCore.shutdown -> cleanup_dist_env_and_memory) still
+    destroys its own groups but not the default one, which it did not create: the launch's group, which every rank
+    leaves together (distributed.leave, a barrier first). Destroyed here, a generator or data-parallel rank would
+    leave it alone and early, and the ranks still waiting for it would fail ("Connection closed by peer")."""
+    if not keep:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_own(group: Any = None) -> None:
+        if group is not None and group is not torch.distributed.group.WORLD:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_own
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def kv_cache_gb_for(model_config: Any, sequences: int, tokens: int, dtype: torch.dtype) -> float:
@@ -177,7 +200,8 @@ class VLLMSampler:
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
-        llm.llm_engine.engine_core.shutdown()
+        with _launch_group_kept(not self.owns_process_group):
+            llm.llm_engine.engine_core.shutdown()
         del llm
         if self.owns_process_group:
             cleanup_dist_env_and_memory()  # vLLM's own teardown: its process groups, gc, the CUDA cache
