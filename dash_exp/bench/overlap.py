@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dash_exp.run"]
+# --standalone: a free port of its own, not torchrun's default 29500 that another launch may hold
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+            "dash_exp.run"]
 LAYOUTS: dict[str, list[str]] = {
     "sync": [sys.executable, "-m", "dash_exp.run", "threads=2"],
     "dp": [*TORCHRUN, "threads=1"],
