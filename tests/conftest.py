@@ -47,10 +47,16 @@ TIERS = ("unit", "integration")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Collection fails naming each test that carries no tier marker, or both: a test cannot land untiered."""
+    """Collection fails naming each test that carries no tier marker, or both: a test cannot land untiered. Each test
+    without an xdist group joins its module's, so `make test` (pytest-xdist, --dist loadgroup) keeps a module on one
+    worker (its module fixtures are built once) and runs the tests of group "memory" (the largest processes of the
+    suite) one after another on one worker, never beside each other."""
     wrong = []
     for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
         tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
         if len(tiers) != 1:
             wrong.append(f"  {item.nodeid}: {' and '.join(tiers) if tiers else 'no tier'}")

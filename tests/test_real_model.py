@@ -23,7 +23,8 @@ from dash_exp.rollout.hf import HFSampler
 from dash_exp.tasks.math import INSTRUCTION
 from dash_exp.tasks.registry import CODE_INSTRUCTION, build_task
 
-pytestmark = [pytest.mark.integration, pytest.mark.real_model]
+# xdist_group "memory": under `make test` (pytest-xdist) these never run beside the 0.5B proxy's run
+pytestmark = [pytest.mark.integration, pytest.mark.real_model, pytest.mark.xdist_group("memory")]
 
 def model_args() -> list[str]:
     """The model's overrides; asks for the wheel's GGUF file only when a test runs (collection, e.g. `make
