@@ -27,6 +27,7 @@ from analysis import figures as F
 from analysis import tables as T
 from analysis.findings import findings_section, interval_frame, results_section, verdicts
 from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames
+from dash_exp.markdown import replace_block
 
 
 @dataclass(frozen=True)
@@ -119,23 +120,13 @@ BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 SHORT_BEGIN, SHORT_END = "<!-- reproduce-table:begin -->", "<!-- reproduce-table:end -->"
 
 
-def replace_block(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace what lies between the `begin` and `end` markers of `path` with `text` (ValueError without them)."""
-    doc = path.read_text()
-    if begin not in doc or end not in doc:
-        raise ValueError(f"{path}: no {begin} ... {end} block to replace")
-    head, rest = doc.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
-
-
 def write_results(path: Path, runs, steps, found) -> None:
     """The results block of a Markdown file: the whole one between BEGIN and END, the short one (no paragraphs)
     between SHORT_BEGIN and SHORT_END, whichever the file has (ValueError if neither)."""
-    doc = path.read_text()
-    if SHORT_BEGIN in doc:
-        replace_block(path, results_section(runs, steps, found, paragraphs=False), SHORT_BEGIN, SHORT_END)
+    if SHORT_BEGIN in path.read_text():
+        replace_block(path, SHORT_BEGIN, SHORT_END, results_section(runs, steps, found, paragraphs=False))
     else:
-        replace_block(path, results_section(runs, steps, found))
+        replace_block(path, BEGIN, END, results_section(runs, steps, found))
 
 
 def no_runs_message(source: str) -> str:

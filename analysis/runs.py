@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from dash_exp.mappings import flatten
+
 # short alias -> flattened config key
 ALIASES = {
     "sweep": "sweep_name",
@@ -42,18 +44,6 @@ ALIASES = {
 }
 # columns copied into every row of `steps`
 GROUP_COLUMNS = ["run_dir", "sweep", "label", "kl", "seed", "model", "task", "inference_batch", "train_microbatch"]
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _aliases(flat: dict[str, Any]) -> dict[str, Any]:

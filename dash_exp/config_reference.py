@@ -23,6 +23,7 @@ import yaml
 
 from dash_exp import config as schema
 from dash_exp.errors import ConfigError
+from dash_exp.mappings import flatten
 
 # the sections of the reference, in order: (key prefix, dataclass, config group whose options set it)
 SECTIONS: list[tuple[str, type, str | None]] = [
@@ -81,15 +82,6 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: node}
-
-
 def _leading_comment(path: Path) -> str:
     """The file's leading comment block, without `@package` and without the last line when that is the comment of
     the first key (`# kl preset name` above `name: "on"`)."""
@@ -124,8 +116,8 @@ def _option_rows(conf_dir: Path, group: str) -> list[str]:
         data = yaml.safe_load(text) or {}
         data.pop("defaults", None)
         # a file without `@package _global_` sets keys under its group's package (kl/on.yaml: kl.beta)
-        package = "" if "@package _global_" in text or group in EXTRA_GROUPS else group.replace("/", ".")
-        sets = {k: v for k, v in _flatten(data, package).items()
+        package = "" if "@package _global_" in text or group in EXTRA_GROUPS else group.replace("/", ".") + "."
+        sets = {k: v for k, v in flatten(data, package).items()
                 if not k.endswith(("name", "label")) and not k.startswith("hydra")}
         shown = ", ".join(f"`{k}={_show(v)}`" for k, v in sets.items())
         if len(shown) > 300:

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from dash_exp.algorithms import components_table
+from dash_exp.markdown import replace_block
 
 START, END = "<!-- components:start -->", "<!-- components:end -->"
 
@@ -15,9 +16,8 @@ args = parser.parse_args()
 if not args.readme:
     print(components_table())
 for path in args.readme:
-    text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path}: no {START} ... {END} block to replace")
-    head, rest = text.split(START, 1)
-    path.write_text(f"{head}{START}\n{components_table()}\n{END}{rest.split(END, 1)[1]}")
+    try:
+        replace_block(path, START, END, components_table())
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     print(f"{path}: component table written")
