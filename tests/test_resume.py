@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_OVERRIDES
 
 from dash_exp.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from dash_exp.run import train
 
 TIMING = ("time/", "throughput/", "mem/")
-# A (uninterrupted, 4 steps) and B (2 steps, then the same run dir continued to 4) of each test that needs them
-_PAIRS: dict[str, tuple[Path, Path, dict, dict, dict]] = {}
 
 
 def untimed(row: dict) -> dict:
@@ -36,19 +35,21 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.fixture
-def resumed_pair(make_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def resumed_pair(tmp_path_factory) -> tuple[Path, Path, dict, dict, dict]:
     """Run A: steps=4 save_every=2. Run B: steps=2, then train() again on the same dir with steps=4.
-    Computed once per module (several tests read the same two run dirs)."""
-    if "dash" not in _PAIRS:
-        common = ["algorithm=dash", "save_every=2"]
-        dir_a, dir_b = tmp_path / "A", tmp_path / "B"
-        train(make_cfg(*common, "steps=4", f"run_dir={dir_a}"))
-        summary_a = json.loads((dir_a / "summary.json").read_text())
-        first_b = train(make_cfg(*common, "steps=2", f"run_dir={dir_b}"))
-        second_b = train(make_cfg(*common, "steps=4", f"run_dir={dir_b}"))
-        _PAIRS["dash"] = (dir_a, dir_b, summary_a, first_b, second_b)
-    return _PAIRS["dash"]
+    Computed once per module (several tests read the same two run dirs), in a directory of the module's own: a
+    test's tmp_path is removed when that test passes (tmp_path_retention_policy), the module's lives on."""
+    from dash_exp.config import compose_config
+
+    root = tmp_path_factory.mktemp("resumed_pair")
+    dir_a, dir_b = root / "A", root / "B"
+    common = [*TEST_OVERRIDES, "algorithm=dash", "save_every=2"]
+    train(compose_config([*common, "steps=4", f"run_dir={dir_a}"]))
+    summary_a = json.loads((dir_a / "summary.json").read_text())
+    first_b = train(compose_config([*common, "steps=2", f"run_dir={dir_b}"]))
+    second_b = train(compose_config([*common, "steps=4", f"run_dir={dir_b}"]))
+    return dir_a, dir_b, summary_a, first_b, second_b
 
 
 @pytest.mark.integration
