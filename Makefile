@@ -102,6 +102,13 @@ $(WHEEL_DATA_STAMP): $(STAMP) Makefile
 	$(PIP) install --no-deps $(WHEEL_DATA) 2>&1 | grep -v "is ignored: it is neither" || true
 	@touch $(WHEEL_DATA_STAMP)
 
+# where the make targets put a sweep: multirun/<sweep_name>/$(SWEEP_RUN)/. Rerunning a target resumes it there: each
+# job that finished with the same config is skipped, each other one continues from its last checkpoint (sweeps save
+# every save_every steps), so one command picks up after the end of a session, a preemption or a crash.
+# SWEEP_RUN=<name> starts a separate one beside it; a job dir that holds another config's run is a one-line error.
+SWEEP_RUN ?= main
+SWEEP_DIR := 'hydra.sweep.dir=multirun/$${sweep_name}/$(SWEEP_RUN)'
+
 run: $(STAMP)
 	$(BIN)/python -m dash_exp.run $(ARGS)
 
@@ -112,7 +119,7 @@ SMOLLM2_GGUF = $$($(BIN)/python -c "from dash_exp.models import smollm2_wheel_gg
 .PHONY: learn-smollm2
 learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m dash_exp.run +sweep=smollm2 model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none \
-		$(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
+		$(SWEEP_DIR) $(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 	$(BIN)/python -m analysis.tables table_learning --runs multirun/smollm2 --latest
 
 # the sampler-vs-trainer mismatch on SmolLM2-135M-Instruct (sweeps/mismatch.yaml): fp32 vLLM rollouts, then bf16
@@ -120,9 +127,9 @@ learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 .PHONY: mismatch-smollm2
 mismatch-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m dash_exp.run +sweep=mismatch model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none \
-		rollout.dtype=float32 $(ARGS)
+		rollout.dtype=float32 $(SWEEP_DIR) $(ARGS)
 	$(BIN)/python -m dash_exp.run +sweep=mismatch model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none \
-		rollout.dtype=bfloat16 algorithm.rollout_correction=none,tis,mis $(ARGS)
+		rollout.dtype=bfloat16 algorithm.rollout_correction=none,tis,mis $(SWEEP_DIR) $(ARGS)
 	$(BIN)/python -m analysis.ablate --runs multirun/mismatch \
 		--baseline "rollout.dtype=float32, algorithm.rollout_correction=none" --metric final/eval/arith/accuracy \
 		--metric final/eval/arith/sampled_accuracy --metric mismatch/ratio_mean --metric mismatch/outside_frac \
@@ -147,7 +154,7 @@ test-fast: $(STAMP)
 # [SEEDS=5]: seeds 0..SEEDS-1 instead of the sweep's own 0,1,2
 SWEEP ?= kl
 sweep: $(STAMP)
-	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
+	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(SWEEP_DIR) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
 		$(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 
 # every figure (PNG + PDF) and table into figures/, from the runs under multirun/ (or a W&B project:
@@ -171,7 +178,7 @@ traces: traces/sft_m.jsonl
 # once); each verdict's interval narrows with more: make reproduce SEEDS=5
 SEEDS ?= 3
 REPRODUCE_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl code
-REPRODUCE_ARGS := hydra/launcher=local_parallel threads=1 logger=none
+REPRODUCE_ARGS := hydra/launcher=local_parallel threads=1 logger=none $(SWEEP_DIR)
 # the three tiny models at once, one core each: the SFT-M teacher (and its traces) beside the arithmetic base and
 # then the code task's base (each built once per machine and cached; evaluating a base is what builds it)
 BASE_ARGS := algorithm=base logger=none threads=1

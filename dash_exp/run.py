@@ -27,27 +27,81 @@ def run_name(cfg: Any) -> str:
     return f"{cfg.algorithm.name}-kl_{cfg.kl.name}-{cfg.model.name}"
 
 
+# keys that do not change what a run computes: a rerun into the same run dir may change them freely
+NOT_THE_RUN = ("logger.", "resume", "run_dir", "save_every", "keep_checkpoints")
+# what tune=auto sets from its measurement (saved in the run's config.yaml, not in the command)
+TUNED = ("train_microbatch", "inference_batch")
+
+
+def config_changes(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """The keys on which this config differs from the one a run dir's config.yaml holds, as 'key: old -> new',
+    leaving out what does not change the run (NOT_THE_RUN) and, under tune=auto, what tuning set."""
+    from dash_exp.mappings import flatten
+
+    ignored = NOT_THE_RUN + (TUNED if cfg.tune == "auto" else ())
+    old, new = flatten(stored), flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not any(key == i or key.startswith(i) for i in ignored)]
+
+
+# keys a run may be continued under (the learning rate is constant: more steps change nothing already done)
+EXTENDS = ("steps", "epochs", "time_budget_s")
+
+
+def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """resume=auto: the summary of the run this dir already holds when it finished with this config (it is not run
+    again: a rerun sweep skips its finished jobs), else None (start, or resume from the latest checkpoint).
+    - A run (finished, or with a checkpoint to resume) under another config is a ConfigError naming the keys,
+      before anything is built: resuming or skipping it would mix two experiments.
+    - Only the length (EXTENDS: steps, epochs, time_budget_s) may change: the run continues from its latest
+      checkpoint (a finished one needs its final checkpoint).
+    resume=never starts over whatever the dir holds."""
+    import yaml
+
+    from dash_exp.checkpoint import latest_checkpoint
+
+    summary, config = run_dir / "summary.json", run_dir / "config.yaml"
+    ckpt = latest_checkpoint(run_dir)
+    if cfg.resume != "auto" or not config.is_file() or not (summary.is_file() or ckpt):
+        return None
+    changes = config_changes(yaml.safe_load(config.read_text()) or {}, cfg)
+    other = [c for c in changes if c.split(":")[0] not in EXTENDS]
+    if other or (changes and ckpt is None):
+        shown = "; ".join(other[:5]) + (f"; and {len(other) - 5} more" if len(other) > 5 else "")
+        why = f"another config ({shown})" if other else f"no checkpoint to continue from ({'; '.join(changes)})"
+        raise ConfigError(f"{run_dir} holds a run with {why}: pass resume=never to move it to previous/ and start "
+                          "over, or choose another run dir (hydra.run.dir / hydra.sweep.dir)")
+    return json.loads(summary.read_text()) if summary.is_file() and not changes else None
+
+
 def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint to resume from (resume=auto), with metrics.jsonl cut back to it; resume=never moves a
-    previous run's checkpoints and metrics to previous/<time>/ (nothing is deleted) and starts over."""
-    import time
-
+    previous run's checkpoints, metrics and summary to previous/<time>/ (nothing is deleted) and starts over.
+    Either way an earlier attempt's error.txt goes to previous/<time>/ (this attempt may succeed)."""
     from dash_exp.checkpoint import checkpoint_dir, latest_checkpoint, read_meta
     from dash_exp.tracking import truncate_metrics
 
+    archive(run_dir, [run_dir / ERROR_FILE])
     metrics = run_dir / "metrics.jsonl"
     if resume == "auto":
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
             truncate_metrics(metrics, read_meta(ckpt)["step"])
         return ckpt
-    old = [p for p in (checkpoint_dir(run_dir), metrics) if p.exists()]
-    if old:
-        archive = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-        archive.mkdir(parents=True)
-        for p in old:
-            p.rename(archive / p.name)
+    archive(run_dir, [checkpoint_dir(run_dir), metrics, run_dir / "summary.json"])
     return None
+
+
+def archive(run_dir: Path, paths: list[Path]) -> None:
+    """Move those of `paths` that exist into run_dir/previous/<time>/."""
+    import time
+
+    old = [p for p in paths if p.exists()]
+    if old:
+        to = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        to.mkdir(parents=True, exist_ok=True)
+        for p in old:
+            p.rename(to / p.name)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -64,6 +118,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # each rank's Hydra picked its own time-stamped output dir: rank 0's is the run's
     run_dir = Path(all_gather(str(cfg.run_dir), launch)[0])
     cfg.run_dir = str(run_dir)
+    done = finished_run(run_dir, cfg)  # every rank reads the same files: they all skip, or none does
+    if done is not None:
+        if launch.main:
+            print(f"{run_dir}: finished before with this config: skipped (its summary.json stands; resume=never "
+                  "runs it again)", flush=True)
+        return done
     seed_everything(cfg.seed, resolved_threads(cfg))
     # overlapped rollout: the last rollout.generator_ranks ranks generate, the others train in their own world
     roles = split_roles(launch, cfg.rollout.generator_ranks)
