@@ -160,10 +160,15 @@ def grade(grader: CodeGrader, programs: list[str]):
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (as the trainer sees them)."""
+    """Every live process below `pid` (as the trainer sees them). A process may end while it is read: its /proc
+    entries vanish, and it counts as gone (the reaped processes of a fork bomb do, midway through the walk)."""
     found, todo = [], [pid]
     while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
             try:
                 children = [int(c) for c in (task / "children").read_text().split()]
             except OSError:
