@@ -51,10 +51,11 @@ EXTENDS = ("steps", "epochs", "time_budget_s")
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     """resume=auto: the summary of the run this dir already holds when it finished with this config (it is not run
     again: a rerun sweep skips its finished jobs), else None (start, or resume from the latest checkpoint).
-    - A run (finished, or with a checkpoint to resume) under another config is a ConfigError naming the keys,
-      before anything is built: resuming or skipping it would mix two experiments.
-    - Only the length (EXTENDS: steps, epochs, time_budget_s) may change: the run continues from its latest
-      checkpoint (a finished one needs its final checkpoint).
+    - A finished run under another config is a ConfigError naming the keys, before anything is built: skipping
+      it or continuing it would mix two experiments. Only its length (EXTENDS: steps, epochs, time_budget_s) may
+      change: it then continues from its final checkpoint.
+    - An unfinished run resumes from its checkpoint whatever changed (another layout of ranks, a generator that
+      died): the keys that changed are printed.
     resume=never starts over whatever the dir holds."""
     import yaml
 
@@ -65,13 +66,17 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     if cfg.resume != "auto" or not config.is_file() or not (summary.is_file() or ckpt):
         return None
     changes = config_changes(yaml.safe_load(config.read_text()) or {}, cfg)
+    if not summary.is_file():
+        if changes:
+            print(f"{run_dir}: resuming {ckpt.name} under a changed config: {'; '.join(changes)}", flush=True)
+        return None
     other = [c for c in changes if c.split(":")[0] not in EXTENDS]
     if other or (changes and ckpt is None):
         shown = "; ".join(other[:5]) + (f"; and {len(other) - 5} more" if len(other) > 5 else "")
         why = f"another config ({shown})" if other else f"no checkpoint to continue from ({'; '.join(changes)})"
-        raise ConfigError(f"{run_dir} holds a run with {why}: pass resume=never to move it to previous/ and start "
-                          "over, or choose another run dir (hydra.run.dir / hydra.sweep.dir)")
-    return json.loads(summary.read_text()) if summary.is_file() and not changes else None
+        raise ConfigError(f"{run_dir} holds a finished run with {why}: pass resume=never to move it to previous/ "
+                          "and start over, or choose another run dir (hydra.run.dir / hydra.sweep.dir)")
+    return None if changes else json.loads(summary.read_text())
 
 
 def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:

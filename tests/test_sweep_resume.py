@@ -59,22 +59,22 @@ def test_a_finished_run_with_the_same_config_is_skipped(make_cfg):
 
 
 @pytest.mark.unit
-def test_a_dir_holding_another_configs_run_is_an_error_naming_the_key(make_cfg):
+def test_a_dir_holding_another_configs_finished_run_is_an_error_naming_the_key(make_cfg, capsys):
     cfg = make_cfg("steps=4", "lr=0.001")
     run_dir = finish(cfg, {"steps": 4})
-    with pytest.raises(ConfigError, match=r"holds a run with another config \(lr: 0.001 -> 0.002\).*resume=never"):
+    with pytest.raises(ConfigError, match=r"holds a finished run with another config \(lr: 0.001 -> 0.002\).*"
+                                          "resume=never"):
         finished_run(run_dir, make_cfg("steps=4", "lr=0.002"))
-    # a checkpoint to resume counts as much as a summary: resuming it under another config would mix two runs
+    # an unfinished run with a checkpoint resumes under whatever changed (a layout of ranks, a dead generator),
+    # saying what did
     (run_dir / "summary.json").unlink()
     (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000002" / "meta.json").write_text(json.dumps({"step": 2}))
     assert latest_checkpoint(run_dir) is not None
-    with pytest.raises(ConfigError, match="lr: 0.001 -> 0.002"):
-        finished_run(run_dir, make_cfg("steps=4", "lr=0.002"))
-    assert finished_run(run_dir, make_cfg("steps=4", "lr=0.001")) is None  # same config: resume it
-    # a config.yaml with nothing to resume or skip (killed before its first checkpoint): start over
-    (run_dir / "checkpoints" / "step_00000002" / "meta.json").unlink()
     assert finished_run(run_dir, make_cfg("steps=4", "lr=0.002")) is None
+    assert "resuming step_00000002 under a changed config: lr: 0.001 -> 0.002" in capsys.readouterr().out
+    assert finished_run(run_dir, make_cfg("steps=4", "lr=0.001")) is None
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.unit
