@@ -48,6 +48,37 @@ TIERS = ("unit", "integration")
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (read from /proc; one that ends while it is read counts as gone)."""
+    found, todo = [], [pid]
+    while todo:
+        try:
+            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it, as a machine that loses power would: torchrun starts each rank in
+    a process group of its own, so killing torchrun's group (os.killpg) leaves the ranks running as orphans."""
+    import contextlib
+    import signal
+
+    victims = [pid, *descendants(pid)]
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # stopped first: none reacts (a rank ending its run) as others die
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, sig)
+
+
 def pytest_collection_modifyitems(config, items):
     """Collection fails naming each test that carries no tier marker, or both: a test cannot land untiered. Each test
     without an xdist group joins its module's, so `make test` (pytest-xdist, --dist loadgroup) keeps a module on one

@@ -7,8 +7,6 @@ reading the checkpoint.
 """
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_OVERRIDES
+from conftest import REPO, TEST_OVERRIDES, kill_tree
 
 from dash_exp.distributed import World, deal
 
@@ -168,7 +166,7 @@ def test_a_killed_two_rank_run_resumes_on_two_ranks_then_on_one(tmp_path, cli_en
     while not (run_dir / "checkpoints" / "step_00000003" / "meta.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    kill_tree(proc.pid)  # torchrun and both ranks
     proc.wait()
     assert not (run_dir / "summary.json").exists()
     resumed = run(cmd, cli_env)

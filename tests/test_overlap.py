@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TEST_OVERRIDES
+from conftest import REPO, TEST_OVERRIDES, kill_tree
 
 from dash_exp.algorithms.update import LossSpec, accumulate_gradients
 from dash_exp.batching import TrainSample, response_logprobs
@@ -223,7 +223,7 @@ def test_sigkill_then_resume_with_overlap_zero_is_the_uninterrupted_run(tmp_path
     first = run([*args, f"hydra.run.dir={straight}"], cli_env)
     assert first.returncode == 0, first.stderr[-3000:]
     proc = _start_and_wait_for_checkpoint([*args, f"hydra.run.dir={killed}"], killed, cli_env, 3)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun, the trainer and the generator
+    kill_tree(proc.pid)  # torchrun, the trainer and the generator
     proc.communicate()
     resumed = run([*args, f"hydra.run.dir={killed}"], cli_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import descendants
 
 from dash_exp.sandbox import (
     Call,
@@ -157,25 +158,6 @@ def needs(grader: CodeGrader, *what: str) -> None:
 
 def grade(grader: CodeGrader, programs: list[str]):
     return grader.grade(programs, [PROBLEM] * len(programs))
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (as the trainer sees them). A process may end while it is read: its /proc
-    entries vanish, and it counts as gone (the reaped processes of a fork bomb do, midway through the walk)."""
-    found, todo = [], [pid]
-    while todo:
-        try:
-            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
 
 
 def survivors(server: subprocess.Popen, before: list[int]) -> list[int]:
