@@ -48,14 +48,14 @@ def config_changes(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
 EXTENDS = ("steps", "epochs", "time_budget_s")
 
 
-def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+def finished_run(run_dir: Path, cfg: DictConfig, say: bool = True) -> dict[str, Any] | None:
     """resume=auto: the summary of the run this dir already holds when it finished with this config (it is not run
     again: a rerun sweep skips its finished jobs), else None (start, or resume from the latest checkpoint).
     - A finished run under another config is a ConfigError naming the keys, before anything is built: skipping
       it or continuing it would mix two experiments. Only its length (EXTENDS: steps, epochs, time_budget_s) may
       change: it then continues from its final checkpoint.
     - An unfinished run resumes from its checkpoint whatever changed (another layout of ranks, a generator that
-      died): the keys that changed are printed.
+      died): the keys that changed are printed (where `say`: rank 0 of a launch).
     resume=never starts over whatever the dir holds."""
     import yaml
 
@@ -67,7 +67,7 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
         return None
     changes = config_changes(yaml.safe_load(config.read_text()) or {}, cfg)
     if not summary.is_file():
-        if changes:
+        if changes and say:
             print(f"{run_dir}: resuming {ckpt.name} under a changed config: {'; '.join(changes)}", flush=True)
         return None
     other = [c for c in changes if c.split(":")[0] not in EXTENDS]
@@ -123,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # each rank's Hydra picked its own time-stamped output dir: rank 0's is the run's
     run_dir = Path(all_gather(str(cfg.run_dir), launch)[0])
     cfg.run_dir = str(run_dir)
-    done = finished_run(run_dir, cfg)  # every rank reads the same files: they all skip, or none does
+    done = finished_run(run_dir, cfg, launch.main)  # every rank reads the same files: they all skip, or none does
     if done is not None:
         if launch.main:
             print(f"{run_dir}: finished before with this config: skipped (its summary.json stands; resume=never "

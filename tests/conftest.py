@@ -46,8 +46,30 @@ def smollm2_gguf() -> Path:
 TIERS = ("unit", "integration")
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+# metrics that measure time or memory: two runs of the same computation differ only in these
+TIMING = ("time/", "throughput/", "mem/")
+
+
+def untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
+
+
+def untimed_rows(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl rows without their timings."""
+    import json
+
+    return [untimed(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The policy weights of a run's latest checkpoint."""
+    import torch
+
+    from dash_exp.checkpoint import latest_checkpoint
+
+    return torch.load(latest_checkpoint(run_dir) / "state.pt", weights_only=False)["policy"]
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below `pid` (read from /proc; one that ends while it is read counts as gone)."""
     found, todo = [], [pid]
@@ -79,6 +101,8 @@ def kill_tree(pid: int) -> None:
                 os.kill(victim, sig)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Collection fails naming each test that carries no tier marker, or both: a test cannot land untiered. Each test
     without an xdist group joins its module's, so `make test` (pytest-xdist, --dist loadgroup) keeps a module on one

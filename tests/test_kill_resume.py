@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_OVERRIDES
+from conftest import TEST_OVERRIDES, final_weights, untimed_rows
 
 from dash_exp.checkpoint import latest_checkpoint
 
@@ -19,20 +19,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["algorithm=dash", "steps=6", "save_every=3", *[o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]]
-TIMING = ("time/", "throughput/", "mem/")
-
-
 def command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "dash_exp.run", *ARGS, f"hydra.run.dir={run_dir}"]
-
-
-def untimed_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
-
-
-def final_weights(run_dir: Path) -> dict:
-    return torch.load(latest_checkpoint(run_dir) / "state.pt", weights_only=False)["policy"]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cli_env):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_OVERRIDES
+from conftest import TEST_OVERRIDES, final_weights, untimed, untimed_rows
 from omegaconf import OmegaConf
 
 from dash_exp.checkpoint import latest_checkpoint
@@ -21,9 +21,6 @@ from dash_exp.config import ConfigError
 from dash_exp.run import ERROR_FILE, config_changes, finished_run, prepare_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING = ("time/", "throughput/", "mem/")
-
-
 def finish(cfg, summary: dict) -> Path:
     """What a finished run leaves: its config and summary."""
     run_dir = Path(cfg.run_dir)
@@ -120,18 +117,6 @@ def files(run_dir: Path) -> dict[str, int]:
     """Each file of a run and when it was last written, leaving out Hydra's own .hydra/ (rewritten per launch)."""
     return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
             if p.is_file() and ".hydra" not in p.relative_to(run_dir).parts}
-
-
-def untimed(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
-
-
-def untimed_rows(run_dir: Path) -> list[dict]:
-    return [untimed(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(run_dir: Path) -> dict:
-    return torch.load(latest_checkpoint(run_dir) / "state.pt", weights_only=False)["policy"]
 
 
 @pytest.mark.integration
