@@ -39,11 +39,16 @@ class TrainSample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def microbatches(samples: Sequence[TrainSample], size: int, passes: int | None = None) -> list[list[TrainSample]]:
+def microbatches(samples: Sequence[TrainSample], size: int, passes: int | None = None,
+                 by_prompt: bool = False) -> list[list[TrainSample]]:
     """Length-sorted chunks of at most `size` samples (less padding; the summed loss is order-free). With
     `passes` (data parallel: every rank runs the same number), exactly that many near-equal chunks, empty ones
-    where there are fewer samples than passes."""
-    ordered = sorted(samples, key=lambda s: s.length)
+    where there are fewer samples than passes. by_prompt (shared-prompt forward): samples of one prompt next to each
+    other, prompts by length, so that a group shares its prompt within a chunk wherever the chunk size allows."""
+    if by_prompt:
+        ordered = sorted(samples, key=lambda s: (len(s.prompt_ids), s.prompt_ids, len(s.response_ids)))
+    else:
+        ordered = sorted(samples, key=lambda s: s.length)
     if passes is None:
         return [ordered[i: i + size] for i in range(0, len(ordered), size)]
     n = len(ordered)
@@ -65,6 +70,7 @@ def compute_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
 def response_logprobs(
     model: torch.nn.Module, samples: Sequence[TrainSample], pad_id: int, temperature: float = 1.0,
     compute_dtype: torch.dtype = torch.float32, chunk: int | None = None, entropy: bool = False,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """log pi(response token | prefix) for each sample, left-aligned: ([B, R], mask [B, R]); entropy=True adds the
     entropy of each of those tokens' distributions [B, R] (same chunks of logits) as a third tensor.
@@ -73,7 +79,11 @@ def response_logprobs(
     a real token) under `compute_autocast` and applies the LM head only
     at the response tokens, `chunk` tokens at a time (`logprobs.token_logprobs`: O(chunk x vocab) memory in
     forward and backward). Logits are divided by `temperature`. Indices are built on the host: no device sync.
+    share_prompt: the samples of each distinct prompt share one forward of it (`shared_prompt`: one flat sequence
+    without padding; the same values to float rounding).
     """
+    if share_prompt:
+        return _shared_prompt_logprobs(model, samples, temperature, compute_dtype, chunk, entropy)
     device = next(model.parameters()).device
     width = max(s.length for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -92,19 +102,45 @@ def response_logprobs(
         # real token and no attention mask is needed (a mask makes transformers read it back from the device)
         hidden, head = final_hidden_states(model, input_ids)
         logp = token_logprobs(hidden[row, pred_pos], head, targets, temperature, chunk, entropy)
+    return _left_aligned(logp, row, col, mask.to(device), entropy)
+
+
+def _left_aligned(logp: torch.Tensor, row: torch.Tensor, col: torch.Tensor, mask: torch.Tensor,
+                  entropy: bool) -> tuple[torch.Tensor, ...]:
+    """Per-token log-probs (and entropies: [..., 2]) at (row, col) as [B, R] tensors, with the mask in their dtype."""
     if entropy:
         logp, ent = logp.unbind(-1)
     out = logp.new_zeros(mask.shape)
     out[row, col] = logp
     if not entropy:
-        return out, mask.to(device=device, dtype=logp.dtype)
+        return out, mask.to(dtype=logp.dtype)
     ent_out = ent.new_zeros(mask.shape)
     ent_out[row, col] = ent
-    return out, mask.to(device=device, dtype=logp.dtype), ent_out
+    return out, mask.to(dtype=logp.dtype), ent_out
 
 
-def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The decoder's last hidden states [B, L, H] and the LM head, without the [B, L, V] logits.
+def _shared_prompt_logprobs(model: torch.nn.Module, samples: Sequence[TrainSample], temperature: float,
+                            compute_dtype: torch.dtype, chunk: int | None, entropy: bool) -> tuple[torch.Tensor, ...]:
+    """`response_logprobs` through one flat sequence in which each distinct prompt runs once (`shared_prompt`)."""
+    from dash_exp import shared_prompt
+
+    device = next(model.parameters()).device
+    shared_prompt.enable(model)
+    packed = shared_prompt.pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], device)
+    resp_len = torch.tensor([len(s.response_ids) for s in samples])
+    mask = torch.arange(int(resp_len.max()))[None, :] < resp_len[:, None]
+    with compute_autocast(device, compute_dtype):
+        hidden, head = final_hidden_states(model, packed.input_ids, position_ids=packed.position_ids,
+                                           attention_mask=shared_prompt.no_mask(device),
+                                           shared_prompt=packed.layout)
+        logp = token_logprobs(hidden[0, packed.predict_at], head, packed.targets, temperature, chunk, entropy)
+    return _left_aligned(logp, packed.row, packed.col, mask.to(device), entropy)
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
+                        **kwargs: object) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The decoder's last hidden states [B, L, H] and the LM head, without the [B, L, V] logits; `kwargs` go to the
+    decoder's forward (position ids, the shared-prompt layout).
 
     An FSDP-sharded model runs its own (root) forward with the head swapped for the identity, so that FSDP's
     hooks gather the root's parameters (embeddings, final norm, the tied head) and reduce their gradients; the
@@ -113,10 +149,10 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> tupl
 
     head = model.get_output_embeddings()
     if not isinstance(model, FSDPModule):
-        return model.get_decoder()(input_ids=input_ids).last_hidden_state, head
+        return model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state, head
     model.set_output_embeddings(torch.nn.Identity())
     try:
-        return model(input_ids=input_ids, use_cache=False).logits, head
+        return model(input_ids=input_ids, use_cache=False, **kwargs).logits, head
     finally:
         model.set_output_embeddings(head)
 

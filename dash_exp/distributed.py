@@ -226,3 +226,16 @@ def deal(lengths: Sequence[int], size: int, microbatch: int) -> tuple[list[list[
         shares[rank].append(i)
         tokens[rank] += lengths[i]
     return [sorted(share) for share in shares], -(-cap // microbatch)
+
+
+def deal_groups(groups: Sequence[Sequence[int]], costs: Sequence[int], size: int,
+                microbatch: int) -> tuple[list[list[int]], int]:
+    """`deal` for the shared-prompt forward: whole groups (the items of one prompt, which share its forward) go to
+    ranks, the costliest first (`costs`: the prompt's tokens once plus its items' own), each to the rank with the
+    least cost so far. Passes: the fewest micro-batches of at most `microbatch` items that hold the largest share."""
+    cost, shares = [0] * size, [[] for _ in range(size)]
+    for g in sorted(range(len(groups)), key=lambda g: (-costs[g], g)):
+        rank = min(range(size), key=lambda r: (cost[r], r))
+        shares[rank].extend(groups[g])
+        cost[rank] += costs[g]
+    return [sorted(share) for share in shares], -(-max(len(share) for share in shares) // microbatch)

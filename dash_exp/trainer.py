@@ -33,7 +33,7 @@ from dash_exp.checkpoint import (
     save_checkpoint,
 )
 from dash_exp.config import resolved_inference_batch, step_batch, trains_on_targets
-from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, full_tensor
+from dash_exp.distributed import SINGLE, World, all_gather, barrier, deal, deal_groups, full_tensor
 from dash_exp.evaluation import evaluate, generate_in_chunks
 from dash_exp.overlap import GeneratorLink
 from dash_exp.reward import GradeResult, merge_graded
@@ -81,6 +81,7 @@ def loss_spec(cfg: Any) -> LossSpec:
         entropy_coef=a.entropy_coef, rollout_correction=a.rollout_correction, correction_low=a.correction_low,
         correction_high=a.correction_high,
         compute_dtype=COMPUTE_DTYPES[cfg.model.dtype], logprob_chunk=cfg.model.logprob_chunk,
+        share_prompt=cfg.model.share_prompt,
     )
 
 
@@ -440,7 +441,13 @@ class Trainer:
         process, all of them, micro-batches as they come)."""
         if not self.world.parallel:
             return [list(range(len(kept)))], None
-        return deal([s.length for s in kept], self.world.size, self.cfg.train_microbatch)
+        if not self.spec.share_prompt:
+            return deal([s.length for s in kept], self.world.size, self.cfg.train_microbatch)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(kept):  # a group's samples stay on one rank, where they share their prompt's forward
+            groups.setdefault(tuple(s.prompt_ids), []).append(i)
+        costs = [len(prompt) + sum(len(kept[i].response_ids) for i in members) for prompt, members in groups.items()]
+        return deal_groups(list(groups.values()), costs, self.world.size, self.cfg.train_microbatch)
 
     def old_logprobs(self, kept: list[TrainSample]) -> None:
         """PPO: the pre-update policy's log-probs of the kept samples (data parallel: each rank computes its deal,

@@ -3,6 +3,7 @@ the ranks (FSDP2, gloo) and, on rank 0, the same update in one process; both in 
 weight difference and both updates' metrics to the JSON file given as the first argument.
 
     torchrun --nproc-per-node 2 tests/dist_update.py out.json keep=all algorithm=ppo kl=on
+    torchrun --nproc-per-node 2 tests/dist_update.py out.json keep=all algorithm=dash single=separate
 """
 
 import copy
@@ -26,11 +27,11 @@ SMALL = ["task.n_train=64", "task.n_test=16", "task.eval_size=8", "prompts_per_s
 
 
 def step_batch(keep_rule: str) -> tuple[list[TrainSample], list[bool]]:
-    """16 samples of 4 groups; `all`: every sample with |advantage| > 0.1 kept (4 dropped); `one`: only one kept
-    (so one rank is left with nothing)."""
+    """16 samples of 4 groups (each group's 4 share their prompt); `all`: every sample with |advantage| > 0.1 kept
+    (4 dropped); `one`: only one kept (so one rank is left with nothing)."""
     rng = random.Random(0)
-    samples = [TrainSample([rng.randrange(3, 90) for _ in range(rng.randint(4, 12))],
-                           [rng.randrange(3, 90) for _ in range(rng.randint(2, 20))],
+    prompts = [[rng.randrange(3, 90) for _ in range(rng.randint(4, 12))] for _ in range(4)]
+    samples = [TrainSample(prompts[i // 4], [rng.randrange(3, 90) for _ in range(rng.randint(2, 20))],
                            advantage=0.0 if i % 4 == 3 else rng.uniform(-1.5, 1.5)) for i in range(16)]
     keep = [abs(s.advantage) > 0.1 for s in samples]
     if keep_rule == "one":
@@ -49,6 +50,9 @@ def trainer(cfg, path: str, tokenizer, world: World, device: torch.device) -> Tr
 
 def main() -> None:
     out, keep_rule, overrides = Path(sys.argv[1]), sys.argv[2].split("=")[1], sys.argv[3:]
+    # single=separate: the one-process update without the shared-prompt forward (today's, to compare with)
+    single_overrides = [o for o in overrides if o != "single=separate"]
+    overrides, separate = single_overrides, len(single_overrides) < len(overrides)
     world = world_from_env()
     device = init(world)
     torch.set_num_threads(1)
@@ -60,7 +64,8 @@ def main() -> None:
     metrics = parallel.update(copy.deepcopy(samples), keep, step=1)
     state, _ = full_state(parallel.policy, parallel.optimizer)
     if world.main:
-        single = trainer(cfg, path, tokenizer, SINGLE, device)
+        single_cfg = compose_config([*SMALL, *overrides, *(["model.share_prompt=false"] if separate else [])])
+        single = trainer(single_cfg, path, tokenizer, SINGLE, device)
         expected = single.update(copy.deepcopy(samples), keep, step=1)
         reference = single.policy.state_dict()
         gap = max(float((state[k] - reference[k]).abs().max()) for k in reference)

@@ -1,9 +1,10 @@
 """Data parallelism on CPU: real torchrun, 2 processes, gloo, the policy sharded with FSDP2.
 
 The update of a fixed step batch equals the one-process update (float64, 1e-9) for GRPO, DASH with filtering,
-PPO with KL, and a step where one rank keeps no sample; `torchrun -m dash_exp.run` logs once and ends where one
-process ends; a killed 2-rank run resumes (on 2 ranks, then on 1: the checkpoint is the full state), rank 0 alone
-reading the checkpoint.
+PPO with KL, and a step where one rank keeps no sample; with the shared-prompt forward (each group's samples on
+one rank) it equals today's one-process update to float rounding; `torchrun -m dash_exp.run` logs once and ends
+where one process ends; a killed 2-rank run resumes (on 2 ranks, then on 1: the checkpoint is the full state), rank
+0 alone reading the checkpoint.
 """
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TEST_OVERRIDES, kill_tree
 
-from dash_exp.distributed import World, deal
+from dash_exp.distributed import World, deal, deal_groups
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 SMALL = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
@@ -46,9 +47,30 @@ def test_deal_balances_tokens_and_gives_every_rank_the_same_passes():
     assert World(rank=1, size=2).shares(8) == slice(4, 8)
 
 
+@pytest.mark.unit
+def test_deal_groups_keeps_each_group_on_one_rank_and_balances_their_cost():
+    # five groups (the kept samples of one prompt each) and what each costs: its prompt once plus its responses
+    groups, costs = [[0, 1, 2, 3], [4], [5, 6], [7, 8, 9], [10]], [90, 20, 40, 60, 10]
+    shares, passes = deal_groups(groups, costs, size=2, microbatch=2)
+    assert sorted(i for share in shares for i in share) == list(range(11))
+    for group in groups:  # never split
+        assert sum(set(group) <= set(share) for share in shares) == 1
+    # costliest first, each to the cheaper rank: 90 | 60, 60 + 40, 90 + 20, 100 + 10: 110 on each
+    assert shares == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
+    assert passes == 3  # the larger share, 6 samples, in micro-batches of 2
+    shares, passes = deal_groups([[0, 1]], [5], size=4, microbatch=8)
+    assert shares == [[0, 1], [], [], []] and passes == 1
+
+
 # ------------------------------------------------------------------ one update: 2 ranks == 1 process
-CASES = [("all", ["algorithm=grpo"]), ("all", ["algorithm=dash"]), ("all", ["algorithm=ppo", "kl=on"]),
-         ("one", ["algorithm=dash"])]
+# each sample's own forward (model.share_prompt=false) does not depend on how samples are dealt or micro-batched:
+# 2 ranks give the one-process update to 1e-9. The shared-prompt forward (the default) on 2 ranks against today's
+# one-process update (single=separate): the same to float rounding (the tiny model's norms run in float32 inside the
+# float64 model), which AdamW's first step (g / (|g| + eps)) magnifies where |g| is near eps: within 1% of lr.
+SEPARATE = "model.share_prompt=false"
+CASES = [("all", ["algorithm=grpo", SEPARATE]), ("all", ["algorithm=dash", SEPARATE]),
+         ("all", ["algorithm=ppo", "kl=on", SEPARATE]), ("one", ["algorithm=dash", SEPARATE]),
+         ("all", ["algorithm=grpo", "single=separate"]), ("all", ["algorithm=ppo", "kl=on", "single=separate"])]
 
 
 @pytest.mark.integration
@@ -64,9 +86,10 @@ def test_a_sharded_update_equals_the_one_process_update(tmp_path, cli_env, keep,
           f"{result['max_weight_change']:.2e}); kept per rank {parallel['dist/kept_per_rank_min']}.."
           f"{parallel['dist/kept_per_rank_max']}")
     assert result["world_size"] == 2 and result["max_weight_change"] > 1e-5
-    assert result["max_weight_gap"] < 1e-9
+    exact = SEPARATE in overrides
+    assert result["max_weight_gap"] < (1e-9 if exact else 0.01 * 1e-4)  # lr: 1e-4
     for key in ("loss/total", "loss/pg", "loss/kl", "kl/mean", "ppo/clip_frac", "grad/norm"):
-        assert parallel[key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), key
+        assert parallel[key] == pytest.approx(single[key], rel=1e-9 if exact else 1e-6, abs=1e-12), key
     assert parallel["ppo/optimizer_steps"] == single["ppo/optimizer_steps"]
     assert parallel["filter/forward_samples"] == single["filter/forward_samples"]
     if keep == "one":  # one kept sample: the other rank ran a zero-weight pass to join FSDP's collectives

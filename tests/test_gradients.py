@@ -2,6 +2,7 @@
 
 import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -259,3 +260,65 @@ def test_entropy_bonus_gradient_and_value_against_full_logits(policy_and_samples
     # and the bonus is there: without it the gradient is another
     plain, _ = grads(policy, samples, LossSpec(aggregation="seq_mean_token_mean", temperature=0.9), norm, 3, pad)
     assert max((a - b).abs().max().item() for a, b in zip(ours, plain, strict=True)) > 1e-3
+
+
+def grouped(samples: list[TrainSample], group: int = 3) -> list[TrainSample]:
+    """The fixture's samples regrouped: every `group` consecutive samples answer the same prompt."""
+    return [TrainSample(samples[i - i % group].prompt_ids, s.response_ids, advantage=s.advantage)
+            for i, s in enumerate(samples)]
+
+
+def close_to(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> None:
+    """Within `rel` of a's largest entry: the tiny model's norms run in float32 inside the float64 model, and the
+    shared forward sums a prompt's gradient over its responses before those steps (not after)."""
+    assert float((a - b).abs().max()) <= rel * float(a.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["pg", "pg+kl", "sft", "pg+entropy"])
+def test_the_shared_prompt_forward_gives_the_separate_gradient_in_any_micro_batches(policy_and_samples, kind):
+    """model.share_prompt: a group's prompt runs once per micro-batch; in micro-batches of 7, 3 and 1 sample (one:
+    nothing shared) the gradient, loss and statistics are those of each sample's own forward."""
+    policy, ref, samples, pad = policy_and_samples
+    samples = grouped(samples)
+    spec = LossSpec(policy_loss=LOSSES[kind.split("+")[0]], beta=0.04 if kind.endswith("+kl") else 0.0,
+                    entropy_coef=0.01 if kind.endswith("+entropy") else 0.0, temperature=0.9)
+    norm = normalizer([len(s.response_ids) for s in samples], "token_mean", max_new_tokens=12)
+    separate, separate_stats = grads(policy, samples, spec, norm, 7, pad, ref)
+    shared = replace(spec, share_prompt=True)
+    assert any(g.abs().sum() > 0 for g in separate)
+    for microbatch in (7, 3, 1):
+        for s in samples:
+            s.ref_logprobs = None
+        grad, stats = grads(policy, samples, shared, norm, microbatch, pad, ref)
+        assert stats.forward_samples == 7 and stats.tokens == separate_stats.tokens
+        for key, value in separate_stats.as_dict().items():
+            assert stats.as_dict()[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+        for a, b in zip(separate, grad, strict=True):
+            close_to(a, b)
+
+
+def test_the_shared_prompt_forward_of_the_filtered_batch_gives_the_unfiltered_gradient(policy_and_samples):
+    policy, _, samples, pad = policy_and_samples
+    samples = grouped(samples)
+    for s in samples[1::3]:
+        s.advantage = 0.0
+    spec = LossSpec()
+    norm = normalizer([len(s.response_ids) for s in samples], "token_mean", 12)
+    everything, _ = grads(policy, samples, spec, norm, 7, pad)
+    kept = [s for s in samples if abs(s.advantage) > 0.1]
+    filtered, stats = grads(policy, kept, replace(spec, share_prompt=True), norm, 2, pad)
+    assert stats.forward_samples == len(kept) == 5
+    for a, b in zip(everything, filtered, strict=True):
+        close_to(a, b)
+
+
+def test_ppo_old_log_probs_of_the_shared_forward_equal_the_separate_ones(policy_and_samples):
+    from dash_exp.algorithms.update import old_logprobs
+
+    policy, _, samples, pad = policy_and_samples
+    samples = grouped(samples)
+    old_logprobs(policy, samples, pad, LossSpec(), 7)
+    separate = [s.old_logprobs for s in samples]
+    old_logprobs(policy, samples, pad, LossSpec(share_prompt=True), 3)
+    for a, b in zip(separate, (s.old_logprobs for s in samples), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)

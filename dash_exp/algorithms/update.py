@@ -34,6 +34,8 @@ class LossSpec:
     compute_dtype: torch.dtype = torch.float32
     # tokens per LM-head chunk (None: auto)
     logprob_chunk: int | None = None
+    # the samples of a prompt share one forward of it (batching.response_logprobs; the same gradient to rounding)
+    share_prompt: bool = False
 
 
 # the float sums of UpdateStats, in the order of UpdateStats.sums
@@ -107,12 +109,13 @@ def accumulate_gradients(
     every rank joins the same FSDP collectives.
     """
     stats = UpdateStats(sums=torch.zeros(len(SUMS), dtype=torch.float64, device=next(policy.parameters()).device))
-    for micro in microbatches(samples, microbatch, passes):
+    for micro in microbatches(samples, microbatch, passes, by_prompt=spec.share_prompt):
         if not micro:
             idle_pass(policy, pad_id, spec, backward=True)
             continue
         logp, mask, *entropy = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype,
-                                                 spec.logprob_chunk, entropy=spec.entropy_coef > 0)
+                                                 spec.logprob_chunk, entropy=spec.entropy_coef > 0,
+                                                 share_prompt=spec.share_prompt)
         stats.forward_samples += len(micro)
         stats.tokens += sum(len(s.response_ids) for s in micro)
         zero = logp.new_zeros(())
@@ -186,7 +189,7 @@ def idle_pass(policy: torch.nn.Module, pad_id: int, spec: LossSpec, backward: bo
     """A forward (and backward) of one pad token with zero weight: a data-parallel rank with nothing left to do
     still takes part in the sharded model's collectives; the gradient is unchanged."""
     logp, _ = response_logprobs(policy, [TrainSample([pad_id], [pad_id])], pad_id, spec.temperature,
-                                spec.compute_dtype, spec.logprob_chunk)
+                                spec.compute_dtype, spec.logprob_chunk, share_prompt=spec.share_prompt)
     if backward:
         (logp.sum() * 0.0).backward()
 
@@ -198,7 +201,8 @@ def reference_logprobs(
     missing = [s for s in micro if s.ref_logprobs is None]
     if missing:
         with torch.no_grad():
-            lp, _ = response_logprobs(ref, missing, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
+            lp, _ = response_logprobs(ref, missing, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk,
+                                      share_prompt=spec.share_prompt)
         for s, row in zip(missing, lp, strict=True):
             s.ref_logprobs = row[: len(s.response_ids)].clone()
     return pad_right([s.ref_logprobs for s in micro], width)
@@ -211,10 +215,11 @@ def old_logprobs(
 ) -> None:
     """Store log-probs of the pre-update policy on each sample (needed only for off-policy PPO); `passes` as in
     accumulate_gradients."""
-    for micro in microbatches(samples, microbatch, passes):
+    for micro in microbatches(samples, microbatch, passes, by_prompt=spec.share_prompt):
         if not micro:
             idle_pass(policy, pad_id, spec, backward=False)
             continue
-        lp, _ = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk)
+        lp, _ = response_logprobs(policy, micro, pad_id, spec.temperature, spec.compute_dtype, spec.logprob_chunk,
+                                  share_prompt=spec.share_prompt)
         for s, row in zip(micro, lp, strict=True):
             s.old_logprobs = row[: len(s.response_ids)].clone()
