@@ -47,9 +47,10 @@ class SharedPromptLayout:
     # [n_responses, 1, R, P + R] bool: what each response token may attend to (its prompt's real tokens, its own
     # tokens up to itself)
     response_mask: torch.Tensor
-    # [T]: the flat position of each row of cat(real prompt tokens, real response tokens), inverted: the order that
-    # puts the two stages' outputs back into the flat sequence
-    order: torch.Tensor
+    # [T]: for each flat position, its row in cat(the prompts' padded rows, the responses' padded rows) flattened:
+    # one integer gather puts the two stages' outputs back into the flat sequence (no boolean indexing, which would
+    # read its size back from the device)
+    gather: torch.Tensor
 
 
 @dataclass
@@ -103,8 +104,10 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], d
     causal = torch.ones(width_r, width_r, dtype=torch.bool).tril()
     response_mask = torch.cat([prompt_real[owner][:, None, :].expand(-1, width_r, -1),
                                causal[None].expand(len(prompts), -1, -1)], dim=-1)[:, None]
-    order = torch.empty(len(flat), dtype=torch.long)
-    order[torch.cat([prompt_index[prompt_real], response_index[response_real]])] = torch.arange(len(flat))
+    gather = torch.empty(len(flat), dtype=torch.long)
+    gather[prompt_index[prompt_real]] = torch.arange(prompt_index.numel()).reshape(prompt_index.shape)[prompt_real]
+    gather[response_index[response_real]] = prompt_index.numel() + torch.arange(response_index.numel()).reshape(
+        response_index.shape)[response_real]
     # response token j of sample i is predicted by the hidden state before it: the prompt's last token for j = 0
     row = torch.repeat_interleave(torch.arange(len(prompts)), response_len)
     col = torch.cat([torch.arange(len(r)) for r in responses])
@@ -116,7 +119,7 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], d
     send = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (
         lambda t: t.to(device))
     layout = SharedPromptLayout(*(send(t) for t in (prompt_index, prompt_real, response_index, response_real, owner,
-                                                    response_mask, order)))
+                                                    response_mask, gather)))
     return Packed(send(ids[None]), send(torch.tensor(positions)[None]), layout, *(send(t) for t in (
         predict_at, targets, row, col)))
 
@@ -142,7 +145,7 @@ def shared_prompt_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     rk = torch.cat([pk[lay.response_prompt], rk], dim=2)
     rv = torch.cat([pv[lay.response_prompt], rv], dim=2)
     response_out, _ = sdpa_attention_forward(module, rq, rk, rv, lay.response_mask, is_causal=False, **kwargs)
-    out = torch.cat([prompt_out[lay.prompt_real], response_out[lay.response_real]])[lay.order]  # [T, heads, d]
+    out = torch.cat([prompt_out.flatten(0, 1), response_out.flatten(0, 1)])[lay.gather]  # [T, heads, d]
     return out[None], None
 
 

@@ -140,9 +140,14 @@ def _per_second(fn: Callable[[], int]) -> float:
 def _backward(policy: torch.nn.Module, sample: TrainSample, size: int, spec: LossSpec, pad_id: int,
               ref: torch.nn.Module | None, keep_grads: bool = False) -> None:
     """Forward/backward of `size` copies of `sample`; nothing of it outlives the call but .grad (zeroed in place
-    when `keep_grads`, else dropped). A fresh copy of the sample: the reference forward runs at every size."""
-    sample = dataclasses.replace(sample, ref_logprobs=None)
-    accumulate_gradients(policy, [sample] * size, spec, 1.0, size, pad_id, ref)  # its stats: dropped at once
+    when `keep_grads`, else dropped). Fresh copies of the sample: the reference forward runs at every size. Each
+    copy's prompt differs in its first two tokens, so that the shared-prompt forward shares nothing (the worst case
+    for memory: a micro-batch of distinct prompts)."""
+    vocab, k = policy.get_input_embeddings().num_embeddings, min(2, len(sample.prompt_ids))
+    copies = [dataclasses.replace(sample, ref_logprobs=None,
+                                  prompt_ids=[i % vocab, i // vocab % vocab][:k] + sample.prompt_ids[k:])
+              for i in range(size)]
+    accumulate_gradients(policy, copies, spec, 1.0, size, pad_id, ref)  # its stats: dropped at once
     policy.zero_grad(set_to_none=not keep_grads)
 
 

@@ -52,8 +52,9 @@ def test_pack_lays_out_each_prompt_once_then_its_responses_at_their_own_position
     assert p.targets.tolist() == [6, 7, 8, 9, 10, 11]
     assert p.row.tolist() == [0, 0, 1, 2, 2, 2] and p.col.tolist() == [0, 1, 0, 0, 1, 2]
     # the two stages' outputs, concatenated, go back to their flat places
-    placed = torch.cat([lay.prompt_index[lay.prompt_real], lay.response_index[lay.response_real]])[lay.order]
+    placed = torch.cat([lay.prompt_index.flatten(), lay.response_index.flatten()])[lay.gather]
     assert placed.tolist() == list(range(11))
+    assert lay.gather.tolist() == [0, 1, 2, 6, 7, 12, 13, 14, 3, 4, 9]
 
 
 def gradient(policy: torch.nn.Module, batch: list[TrainSample], share: bool, entropy: bool = False):

@@ -175,8 +175,8 @@ def failing_at(policy, k, error, in_backward=False):
         allocated.append(weakref.ref(t))
         raise error
 
-    def hook(module, args, output):
-        if output.shape[0] >= k:
+    def hook(module, args, output):  # [k, L, H], or [1, k x L, H] flat (shared-prompt forward, distinct prompts)
+        if output.shape[:-1].numel() >= k * 48:
             if not in_backward:
                 fail(output)
             output.register_hook(fail)

