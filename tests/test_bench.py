@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO, TEST_OVERRIDES
 
-from dash_exp.bench import backprop, generation, profile, train
+from dash_exp.bench import backprop, generation, profile, shared_prompt, train
 from dash_exp.bench.__main__ import TRL_PYTHON
 from dash_exp.bench.table import real_model_rows
 
@@ -22,6 +22,18 @@ def test_bare_loop_baseline_computes_the_harness_gradient():
     assert result["max_grad_gap"] < 1e-5
     assert result["samples"] == 16 and result["microbatch"] == 4
     assert result["harness_tokens_per_s"] > 0 and result["bare_tokens_per_s"] > 0
+
+
+def test_shared_prompt_bench_times_one_real_step_batch_both_ways(tmp_path):
+    result = shared_prompt.run([*SMALL, f"run_dir={tmp_path / 'run'}"], repeats=1)
+    assert result["samples"] == 16 and result["microbatch"] == 4
+    grpo, dash = result["grpo"], result["dash"]
+    assert grpo["samples"] == 16 and grpo["groups"] == 4 and 0 < dash["samples"] <= 16
+    for arm in (grpo, dash):  # the same gradient both ways, and the shared forward runs fewer tokens
+        assert arm["max_grad_gap_rel"] < 1e-4
+        assert arm["shared_forward_tokens"] < arm["separate_forward_tokens"]
+        assert arm["separate_s"] > 0 and arm["shared_s"] > 0
+    assert "| grpo | 16 (4) |" in shared_prompt.table(result)
 
 
 def test_profile_splits_steps_into_phases_and_ops(tmp_path):

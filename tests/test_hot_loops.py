@@ -29,7 +29,9 @@ READS = {"aten::_local_scalar_dense", "aten::nonzero", "Tensor.tolist"}
 # reads of host tensors, no device sync: the index tensors response_logprobs builds from the samples' lengths,
 # the rollouts' lists after generate's one copy to the host, and AdamW's step counters (kept on the host unless
 # capturable or fused)
-HOST = {"batching.py:response_logprobs", "hf.py:_rollouts", "optimizer"}
+HOST = {"batching.py:response_logprobs", "hf.py:_rollouts", "optimizer",
+        # the shared-prompt forward's flat layout, built on the host from the samples' token ids
+        "shared_prompt.py:pack", "batching.py:_shared_prompt_logprobs"}
 # the model's own: transformers checks a 2-D attention mask for padding (2 reads per forward with one)
 MODEL = "transformers"
 

@@ -155,7 +155,8 @@ def test_allocation_failures_are_told_from_other_errors(exc):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The real tiny policy (train mode), a 48-token sample, its loss spec and pad id."""
+    """The real tiny policy (train mode), a sample (its first training prompt, up to 32 tokens, and 16 response
+    tokens), its loss spec and pad id."""
     cfg = compose_config([*TEST_OVERRIDES, f"run_dir={tmp_path_factory.mktemp('tune') / 'run'}"])
     parts = build(cfg)
     parts.task.close()
@@ -166,9 +167,10 @@ def tiny(tmp_path_factory):
 
 
 @contextmanager
-def failing_at(policy, k, error, in_backward=False):
-    """Raise `error` from inside the real forward (or backward) of any micro-batch of k or more sequences; yields
-    weakrefs to the tensors the failing pass had just allocated there (its activation, or gradient)."""
+def failing_at(policy, k, error, in_backward=False, length=None):
+    """Raise `error` from inside the real forward (or backward) of any micro-batch of k or more sequences of
+    `length` tokens (the tune fixture's sample); yields weakrefs to the tensors the failing pass had just allocated
+    there (its activation, or gradient)."""
     allocated = []
 
     def fail(t):
@@ -176,7 +178,7 @@ def failing_at(policy, k, error, in_backward=False):
         raise error
 
     def hook(module, args, output):  # [k, L, H], or [1, k x L, H] flat (shared-prompt forward, distinct prompts)
-        if output.shape[:-1].numel() >= k * 48:
+        if output.shape[:-1].numel() >= k * length:
             if not in_backward:
                 fail(output)
             output.register_hook(fail)
@@ -203,7 +205,7 @@ def test_gpu_probe_stops_at_the_first_allocation_failure_and_frees_it_first(tiny
         gc.collect()
         freed.append(([r() is None for r in allocated], all(p.grad is not None for p in trainable)))
 
-    with failing_at(policy, 4, error, in_backward) as allocated:
+    with failing_at(policy, 4, error, in_backward, sample.length) as allocated:
         fits, memory, method = gpu_largest_microbatch(policy, sample, 8, spec, pad_id, None, GPU,
                                                       peak_mb=lambda run: run() or 1.0, free=free)
     assert fits == 2 and memory == {1: 1.0, 2: 1.0, 4: None}  # doublings 1, 2, 4 (failed), never 8
@@ -224,13 +226,13 @@ def test_probe_fits_counts_sizes_runs_the_backward_and_reraises_other_errors(tin
         ran.append(size)
         return float(size)
 
-    with failing_at(policy, 3, RuntimeError(CUBLAS)):
+    with failing_at(policy, 3, RuntimeError(CUBLAS), length=sample.length):
         assert probe_fits([1, 2, 3, 4], try_size, "unused", free=lambda: freed.append(1)) == (2, {1: 1.0, 2: 2.0,
                                                                                                   3: None})
     assert ran == [1, 2] and freed == [1]
     assert probe_fits([1, 2, 4], try_size, "unused", free=lambda: freed.append(2)) == (4, {1: 1.0, 2: 2.0, 4: 4.0})
     assert freed == [1]  # nothing failed: nothing to free
-    with failing_at(policy, 2, RuntimeError("CUDA error: device-side assert triggered")), \
+    with failing_at(policy, 2, RuntimeError("CUDA error: device-side assert triggered"), length=sample.length), \
             pytest.raises(RuntimeError, match="device-side assert"):
         probe_fits([1, 2, 4], try_size, "unused", free=lambda: freed.append(3))
     assert freed == [1]
@@ -240,7 +242,8 @@ def test_probe_fits_counts_sizes_runs_the_backward_and_reraises_other_errors(tin
 def test_micro_batch_1_not_fitting_stops_with_one_line(tiny):
     policy, sample, spec, pad_id = tiny
     freed = []
-    with failing_at(policy, 1, torch.OutOfMemoryError("CUDA out of memory."), in_backward=True), \
+    with failing_at(policy, 1, torch.OutOfMemoryError("CUDA out of memory."), in_backward=True,
+                    length=sample.length), \
             pytest.raises(TuneError) as caught:
         gpu_largest_microbatch(policy, sample, 8, spec, pad_id, None, GPU, peak_mb=lambda run: run() or 1.0,
                                free=lambda: freed.append(1))

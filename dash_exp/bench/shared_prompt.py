@@ -74,8 +74,8 @@ def run(overrides: list[str], repeats: int = 3) -> dict[str, Any]:
     for algorithm, batch in batches.items():
         separate, shared = (runs[f"{algorithm}_{side}"] for side in ("separate", "shared"))
         a, b = separate[0][1][0], shared[0][1][0]
-        gap = max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-        scale = max(float(x.abs().max()) for x in a)
+        gap = max((float((x - y).abs().max()) for x, y in zip(a, b, strict=True)), default=0.0)
+        scale = max((float(x.abs().max()) for x in a), default=0.0)
         times = {side: median([t for t, _ in r]) for side, r in (("separate", separate), ("shared", shared))}
         result[algorithm] = {
             "samples": len(batch), "groups": len({tuple(s.prompt_ids) for s in batch}),
