@@ -35,13 +35,35 @@ TUNED = ("train_microbatch", "inference_batch")
 
 def config_changes(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
     """The keys on which this config differs from the one a run dir's config.yaml holds, as 'key: old -> new',
-    leaving out what does not change the run (NOT_THE_RUN) and, under tune=auto, what tuning set."""
+    leaving out what does not change the run (NOT_THE_RUN), under tune=auto what tuning set, and a knob added to
+    the schema since the run was made that holds its default (a new knob's default keeps the old behaviour: a
+    sweep begun before it was added still resumes)."""
+    from dash_exp.config import Config
     from dash_exp.mappings import flatten
 
     ignored = NOT_THE_RUN + (TUNED if cfg.tune == "auto" else ())
     old, new = flatten(stored), flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    schema = schema_defaults(Config) if new.keys() - old.keys() else {}
+    added = {key for key in new.keys() - old.keys() if key in schema and new[key] == schema[key]}
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key) and not any(key == i or key.startswith(i) for i in ignored)]
+            if old.get(key) != new.get(key) and key not in added
+            and not any(key == i or key.startswith(i) for i in ignored)]
+
+
+def schema_defaults(schema: type, prefix: str = "") -> dict[str, Any]:
+    """{flat key: default} of a structured config, into its groups (whose own field is MISSING at the top)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(schema_defaults(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f"{prefix}{f.name}"] = default
+    return out
 
 
 # keys a run may be continued under (the learning rate is constant: more steps change nothing already done)

@@ -38,6 +38,11 @@ def test_config_changes_name_what_changes_the_run_and_nothing_else(make_cfg):
     changes = config_changes(stored, make_cfg("steps=5", "kl=off"))
     assert [c.split(":")[0] for c in changes] == ["kl.beta", "kl.name", "steps"]
     assert changes[1:] == ["kl.name: 'on' -> 'off'", "steps: 4 -> 5"]
+    # a knob the schema gained after the run was made: its default is no change (the run ran the old behaviour),
+    # another value is
+    del stored["model"]["share_prompt"], stored["filter_kl"]
+    assert config_changes(stored, make_cfg("steps=4", "kl=on")) == []
+    assert config_changes(stored, make_cfg("steps=4", "kl=on", "filter_kl=keep")) == ["filter_kl: None -> 'keep'"]
     # what tune=auto measured and wrote into config.yaml is not a change of the command
     tuned = dict(stored, train_microbatch=2, tune="auto")
     assert config_changes(tuned, make_cfg("steps=4", "kl=on", "tune=auto")) == []
