@@ -122,6 +122,29 @@ learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 		$(SWEEP_DIR) $(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 	$(BIN)/python -m analysis.tables table_learning --runs multirun/smollm2 --latest
 
+# the paper's four findings on SmolLM2-135M-Instruct (sweeps/smollm2_findings.yaml, docs/real-model.md), offline
+# from the wheel's GGUF file: the SFT-M teacher's traces (the same model given 8 chat exemplars instead of 3, 8
+# samples per prompt, correct ones kept, each with the student's 3-shot prompt), then four passes into ONE sweep
+# directory: base, SFT-H, SFT-M, DASH, No-GF, GRPO; the teacher's own accuracy; DASH with KL; PPO Multi and Mini
+# stopped at DASH's median training time. Rerunning resumes where it stopped; then the figures. [SEEDS=3]
+SMOLLM2_OFFLINE = model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none
+SMOLLM2_TRACES := traces/sft_m_smollm2.jsonl
+FINDINGS_SMOLLM2 = $(BIN)/python -m dash_exp.run +sweep=smollm2_findings $(SMOLLM2_OFFLINE) $(SWEEP_DIR) \
+	'seed=range(0,$(SEEDS))' $(ARGS)
+$(SMOLLM2_TRACES): sweeps/smollm2.yaml conf/model/smollm2-135m.yaml dash_exp/tasks/arithmetic.py \
+		| $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
+	$(BIN)/python -m dash_exp.traces --out $@ --samples 8 --per-prompt 2 --max-prompts 400 +sweep=smollm2 \
+		$(SMOLLM2_OFFLINE) task.chat_shots=8 --student task.chat_shots=3
+
+.PHONY: reproduce-smollm2
+reproduce-smollm2: $(SMOLLM2_TRACES)
+	DASH_EXP_TRACES=$(SMOLLM2_TRACES) $(FINDINGS_SMOLLM2)
+	$(FINDINGS_SMOLLM2) algorithm=base algorithm.label=teacher task.chat_shots=8
+	$(FINDINGS_SMOLLM2) algorithm=dash kl=on
+	budget=$$($(BIN)/python -m analysis.budget --runs multirun/smollm2_findings/$(SWEEP_RUN) --label dash --kl off) \
+		&& $(FINDINGS_SMOLLM2) algorithm=ppo,ppo_mini steps=10000 time_budget_s=$$budget
+	$(MAKE) figures
+
 # the sampler-vs-trainer mismatch on SmolLM2-135M-Instruct (sweeps/mismatch.yaml): fp32 vLLM rollouts, then bf16
 # rollouts without correction, with TIS and with MIS (10 steps each, one seed), then the report against fp32
 .PHONY: mismatch-smollm2

@@ -579,3 +579,19 @@ def test_the_ablation_report_runs_on_the_papers_sweep_and_gives_the_findings_num
     finding = FD.finding4(runs, steps)
     c = finding.comparisons["equal accuracy"]
     assert (table.loc["dash", "diff"], table.loc["dash", "low"], table.loc["dash", "high"]) == (c.diff, c.low, c.high)
+
+
+@pytest.mark.unit
+def test_budget_is_the_median_training_time_of_one_arm(sweeps, capsys):
+    import json
+    import math
+
+    from analysis.budget import main as budget_main
+
+    times = sorted(json.loads((d / "summary.json").read_text())["time/elapsed"]
+                   for d in (sweeps / "pg_vs_ppo").iterdir() if d.name.split("_", 1)[1].startswith("dash_"))
+    assert len(times) == 2
+    assert budget_main(["--runs", str(sweeps / "pg_vs_ppo"), "--label", "dash", "--kl", "off"]) == 0
+    assert capsys.readouterr().out.strip() == str(math.ceil((times[0] + times[1]) / 2))
+    assert budget_main(["--runs", str(sweeps / "pg_vs_ppo"), "--label", "dash", "--kl", "on"]) == 1
+    assert "no finished run of label=dash kl=on" in capsys.readouterr().err
