@@ -26,7 +26,7 @@ import pandas as pd
 from analysis import figures as F
 from analysis import tables as T
 from analysis.findings import findings_section, interval_frame, results_section, verdicts
-from analysis.runs import latest_sweeps, load_runs, load_wandb, sweep_frames
+from analysis.runs import as_finding_sweeps, latest_sweeps, load_runs, load_wandb, sweep_frames
 from dash_exp.markdown import replace_block
 
 
@@ -115,18 +115,26 @@ def write_index(results: list[Result], out_dir: Path, source: str, missing: list
     return path
 
 
-BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
-# the short form (provenance and the verdict table, without each finding's paragraph): the project README's
-SHORT_BEGIN, SHORT_END = "<!-- reproduce-table:begin -->", "<!-- reproduce-table:end -->"
+def markers(block: str) -> tuple[str, str, str, str]:
+    """(begin, end, short begin, short end) of a results block: `<!-- reproduce:begin -->` ... for block
+    "reproduce"; the short form (provenance and the verdict table, without each finding's paragraph) between
+    `<!-- reproduce-table:begin -->` and its end is the project README's."""
+    return (f"<!-- {block}:begin -->", f"<!-- {block}:end -->", f"<!-- {block}-table:begin -->",
+            f"<!-- {block}-table:end -->")
 
 
-def write_results(path: Path, runs, steps, found) -> None:
-    """The results block of a Markdown file: the whole one between BEGIN and END, the short one (no paragraphs)
-    between SHORT_BEGIN and SHORT_END, whichever the file has (ValueError if neither)."""
-    if SHORT_BEGIN in path.read_text():
-        replace_block(path, SHORT_BEGIN, SHORT_END, results_section(runs, steps, found, paragraphs=False))
+BEGIN, END, SHORT_BEGIN, SHORT_END = markers("reproduce")
+
+
+def write_results(path: Path, runs, steps, found, block: str = "reproduce", command: str = "") -> None:
+    """The results block of a Markdown file: the whole one between its begin and end markers, the short one (no
+    paragraphs) between its -table markers, whichever the file has (ValueError if neither)."""
+    begin, end, short_begin, short_end = markers(block)
+    kw = {"command": command} if command else {}
+    if short_begin in path.read_text():
+        replace_block(path, short_begin, short_end, results_section(runs, steps, found, paragraphs=False, **kw))
     else:
-        replace_block(path, BEGIN, END, results_section(runs, steps, found))
+        replace_block(path, begin, end, results_section(runs, steps, found, **kw))
 
 
 def no_runs_message(source: str) -> str:
@@ -142,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default=None, help="read runs from this W&B project (entity/project) "
                         "instead of --runs")
     parser.add_argument("--latest", action="store_true", help="only the newest multirun directory of each sweep")
+    parser.add_argument("--views", action="store_true",
+                        help="the runs are ONE sweep holding every finding's arms (sweeps/smollm2_findings.yaml): "
+                        "read it as the four findings' sweeps (analysis.runs.as_finding_sweeps)")
+    parser.add_argument("--block", default="reproduce",
+                        help="the name in the --readme files' markers: <!-- NAME:begin --> (default reproduce; the "
+                        "real model's block: reproduce-smollm2)")
     parser.add_argument("--readme", type=Path, action="append", default=[],
                         help=f"also replace the block between {BEGIN} and {END} (or the verdict table alone between "
                         f"{SHORT_BEGIN} and {SHORT_END}) in this Markdown file with what the runs found; repeatable "
@@ -164,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: skipped {run_dir}: {why}")
     if args.latest:
         runs, steps = latest_sweeps(runs, steps)
+    if args.views:
+        try:
+            runs, steps = as_finding_sweeps(runs, steps)
+        except ValueError as exc:
+            print(f"error: --views: {exc}", file=sys.stderr)
+            return 1
     if runs.empty:
         print(no_runs_message(source))
         return 1
@@ -192,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except F.NoDataError:
         figure = ""
     index = write_index(results, out, source, missing, skipped, findings_section(runs, steps, found, figure))
+    command = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     for path in args.readme:
-        write_results(path, runs, steps, found)
+        write_results(path, runs, steps, found, args.block, command)
         print(f"updated the reproduction results in {path}")
     print(f"wrote {sum(len(r.written) for r in results) + 1} files to {out}/:")
     for r in results:

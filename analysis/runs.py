@@ -229,3 +229,35 @@ def sweep_frames(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str) -> tuple[p
         return runs, steps
     sel = runs[runs["sweep"] == sweep].reset_index(drop=True)
     return sel, steps[steps["run_dir"].isin(sel["run_dir"])].reset_index(drop=True)
+
+
+# the four findings' sweeps as views of ONE sweep that runs all their arms in one directory (an arm two findings
+# share, DASH of one seed, runs once: sweeps/smollm2_findings.yaml): {finding's sweep: (labels, kl values)}
+FINDING_VIEWS = {
+    "sft_vs_rl": (("base", "teacher", "sft_h", "sft_m", "dash"), ("off",)),
+    "algorithms": (("grpo", "no_gf", "dash"), ("off",)),
+    "pg_vs_ppo": (("dash", "ppo_multi", "ppo_mini"), ("off",)),
+    "kl": (("dash",), ("on", "off")),
+}
+
+
+def as_finding_sweeps(runs: pd.DataFrame, steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs of one all-findings sweep as the four findings' sweeps (FINDING_VIEWS): each run appears once in every
+    view its label and kl belong to, its `sweep` set to the view's name (`source_sweep` keeps the original), so
+    that every finding, table and figure reads them as it reads the tiny model's four sweeps. Steps are
+    unchanged (they are matched to runs by run_dir). A ValueError when the runs already hold one of those sweeps
+    (two models' results would mix)."""
+    if runs.empty:
+        return runs, steps
+    mixed = sorted(set(runs["sweep"]) & set(FINDING_VIEWS))
+    if mixed:
+        raise ValueError(f"the runs already hold the findings' own sweeps {mixed}: views of an all-findings sweep "
+                         "would mix with them (read the two from separate directories)")
+    views = []
+    for name, (labels, kls) in FINDING_VIEWS.items():
+        view = runs[runs["label"].isin(labels) & runs["kl"].isin(kls)].assign(source_sweep=runs["sweep"], sweep=name)
+        views.append(view)
+    out = pd.concat(views, ignore_index=True)
+    out.attrs = dict(runs.attrs)
+    return out, steps
+

@@ -595,3 +595,65 @@ def test_budget_is_the_median_training_time_of_one_arm(sweeps, capsys):
     assert capsys.readouterr().out.strip() == str(math.ceil((times[0] + times[1]) / 2))
     assert budget_main(["--runs", str(sweeps / "pg_vs_ppo"), "--label", "dash", "--kl", "on"]) == 1
     assert "no finished run of label=dash kl=on" in capsys.readouterr().err
+
+
+# the arms of each finding in ONE sweep directory, each shared arm once (sweeps/smollm2_findings.yaml's layout):
+# every run of sft_vs_rl (DASH without KL among them), then the other findings' own arms
+ALL_FINDINGS = {"sft_vs_rl": "", "algorithms": ("grpo_", "no_gf_"), "pg_vs_ppo": ("ppo_",), "kl": ("dash_kl-on",)}
+
+
+def all_findings_sweep(sweeps: Path, root: Path) -> Path:
+    import yaml
+
+    for sweep, prefixes in ALL_FINDINGS.items():
+        for run in (sweeps / sweep).iterdir():
+            if run.is_dir() and run.name.split("_", 1)[1].startswith(prefixes):
+                dst = root / "smollm2_findings" / run.name.split("_", 1)[1]
+                shutil.copytree(run, dst)
+                config = yaml.safe_load((dst / "config.yaml").read_text())
+                config["sweep_name"] = "smollm2_findings"
+                (dst / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+@pytest.mark.unit
+def test_an_all_findings_sweep_reads_as_the_four_findings_sweeps(sweeps, frames, tmp_path):
+    from analysis.runs import as_finding_sweeps
+
+    runs, steps = as_finding_sweeps(*load_runs(all_findings_sweep(sweeps, tmp_path / "all")))
+    arms = {view: sorted(zip(g["label"], g["kl"], g["seed"], strict=True)) for view, g in runs.groupby("sweep")}
+    dash = [("dash", "off", 0), ("dash", "off", 1)]
+    assert arms == {
+        "sft_vs_rl": sorted([(lb, "off", s) for lb in ("base", "sft_h", "sft_m", "dash") for s in (0, 1)]),
+        "algorithms": sorted([(lb, "off", s) for lb in ("grpo", "no_gf") for s in (0, 1)] + dash),
+        "pg_vs_ppo": sorted([(lb, "off", s) for lb in ("ppo_multi", "ppo_mini") for s in (0, 1)] + dash),
+        "kl": sorted([("dash", "on", 0), ("dash", "on", 1)] + dash)}
+    # one DASH run per seed, in every view: the same run dir
+    assert runs[runs["label"] == "dash"].groupby("seed")["run_dir"].nunique().tolist() == [2, 2]  # kl on and off
+    assert set(runs["source_sweep"]) == {"smollm2_findings"}
+    # finding 1 reads the same runs as the sft_vs_rl sweep: the same verdict, the same numbers
+    assert FD.finding1(runs, steps).markdown() == FD.finding1(*frames).markdown()
+    # the findings' own sweeps beside it would mix two experiments
+    with pytest.raises(ValueError, match="would mix"):
+        as_finding_sweeps(*frames)
+
+
+@pytest.mark.unit
+def test_make_figures_views_write_the_real_models_block(sweeps, tmp_path):
+    root = all_findings_sweep(sweeps, tmp_path / "all")
+    readme = tmp_path / "README.md"
+    readme.write_text("# top\n<!-- reproduce-table:begin -->\ntiny\n<!-- reproduce-table:end -->\n"
+                      "<!-- reproduce-smollm2-table:begin -->\nstale\n<!-- reproduce-smollm2-table:end -->\n")
+    assert main(["--runs", str(root), "--views", "--out", str(tmp_path / "figures"), "--readme", str(readme),
+                 "--block", "reproduce-smollm2"]) == 0
+    text = readme.read_text()
+    assert "\ntiny\n" in text and "stale" not in text  # only its own block
+    block = text.split("<!-- reproduce-smollm2-table:begin -->")[1]
+    assert "from 18 runs finished" in block and "--views" in block
+    assert "Runs per arm: " in block and "DASH 2, DASH with KL 2" in block and "training time of all runs" in block
+    for row in ("| 1 | DASH > SFT-M |", "| 2 | PPO Multi > DASH |", "| 3 | shorter |", "| 4 | faster |"):
+        assert row in block
+    index = (tmp_path / "figures" / "README.md").read_text()
+    assert "Finding 3" in index and (tmp_path / "figures" / "fig5.png").stat().st_size > 10_000
+    # the findings' own sweeps beside it: a one-line error
+    assert main(["--runs", str(sweeps), "--views", "--out", str(tmp_path / "f2")]) == 1
