@@ -126,7 +126,8 @@ learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 # from the wheel's GGUF file: the SFT-M teacher's traces (the same model given 8 chat exemplars instead of 3, 8
 # samples per prompt, correct ones kept, each with the student's 3-shot prompt), then four passes into ONE sweep
 # directory: base, SFT-H, SFT-M, DASH, No-GF, GRPO; the teacher's own accuracy; DASH with KL; PPO Multi and Mini
-# stopped at DASH's median training time. Rerunning resumes where it stopped; then the figures. [SEEDS=3]
+# stopped at DASH's median training time. Rerunning resumes where it stopped; then the finished runs' compact
+# outputs into results/smollm2_findings (committed) and the figures. [SEEDS=3]
 SMOLLM2_OFFLINE = model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none
 SMOLLM2_TRACES := traces/sft_m_smollm2.jsonl
 FINDINGS_SMOLLM2 = $(BIN)/python -m dash_exp.run +sweep=smollm2_findings $(SMOLLM2_OFFLINE) $(SWEEP_DIR) \
@@ -143,6 +144,7 @@ reproduce-smollm2: $(SMOLLM2_TRACES)
 	$(FINDINGS_SMOLLM2) algorithm=dash kl=on
 	budget=$$($(BIN)/python -m analysis.budget --runs multirun/smollm2_findings/$(SWEEP_RUN) --label dash --kl off) \
 		&& $(FINDINGS_SMOLLM2) algorithm=ppo,ppo_mini steps=10000 time_budget_s=$$budget
+	$(BIN)/python -m analysis.collect --runs multirun/smollm2_findings/$(SWEEP_RUN) --out $(SMOLLM2_RESULTS)
 	$(MAKE) figures
 
 # the sampler-vs-trainer mismatch on SmolLM2-135M-Instruct (sweeps/mismatch.yaml): fp32 vLLM rollouts, then bf16
@@ -180,11 +182,19 @@ sweep: $(STAMP)
 	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(SWEEP_DIR) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
 		$(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 
-# every figure (PNG + PDF) and table into figures/, from the runs under multirun/ (or a W&B project:
-# make figures WANDB_PROJECT=entity/project)
+# every figure (PNG + PDF) and table into figures/: the tiny model's from the runs of its sweeps under multirun/
+# (make reproduce; or a W&B project: make figures WANDB_PROJECT=entity/project), then the real model's from the
+# committed results of make reproduce-smollm2 ($(SMOLLM2_RESULTS)) into figures/smollm2/, with the README's
+# generated real-model block (and docs/real-model.md's): a fresh clone remakes those without training
+TINY_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl code batch_sizes
+SMOLLM2_RESULTS := results/smollm2_findings
 figures: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures --runs multirun --out figures \
-		$(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT))
+	@if [ -n "$(WANDB_PROJECT)$(wildcard $(addprefix multirun/,$(TINY_SWEEPS)))" ]; then \
+		MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures --runs multirun --out figures \
+			$(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT)); \
+	else echo "no tiny-model sweep under multirun/ (make reproduce runs them): its figures are not remade"; fi
+	MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures --runs $(SMOLLM2_RESULTS) --views --out figures/smollm2 \
+		--readme README.md --readme docs/real-model.md --block reproduce-smollm2
 
 # SFT-M traces for sft_vs_rl: rejection sampling (correct answers only) of the stronger embedded teacher
 # (conf/model/tiny-teacher.yaml, built and cached once, ~5 min on 2 cores) on the student's training prompts;

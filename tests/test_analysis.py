@@ -657,3 +657,26 @@ def test_make_figures_views_write_the_real_models_block(sweeps, tmp_path):
     assert "Finding 3" in index and (tmp_path / "figures" / "fig5.png").stat().st_size > 10_000
     # the findings' own sweeps beside it: a one-line error
     assert main(["--runs", str(sweeps), "--views", "--out", str(tmp_path / "f2")]) == 1
+
+
+@pytest.mark.unit
+def test_collect_keeps_each_finished_runs_compact_outputs_and_nothing_else(sweeps, tmp_path, capsys):
+    from analysis.collect import main as collect_main
+
+    sweep = tmp_path / "multirun" / "kl"
+    shutil.copytree(sweeps / "kl", sweep)
+    done = sweep / "0_dash_kl-on_seed0"
+    (done / "checkpoints" / "step_2").mkdir(parents=True)
+    (done / "checkpoints" / "step_2" / "state.pt").write_bytes(b"weights")
+    (done / "run.log").write_text("log")
+    (sweep / "1_dash_kl-on_seed1" / "summary.json").unlink()  # killed before it finished
+    out = tmp_path / "results" / "kl"
+    (out / "stale_run").mkdir(parents=True)
+    assert collect_main(["--runs", str(sweep), "--out", str(out)]) == 0
+    assert "3 finished runs" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["0_dash_kl-on_seed0", "2_dash_kl-off_seed0", "3_dash_kl-off_seed1"]
+    assert sorted(p.name for p in (out / "0_dash_kl-on_seed0").iterdir()) == ["config.yaml", "metrics.jsonl",
+                                                                               "summary.json"]
+    # the analysis reads the collected runs as it reads the sweep's
+    runs, _ = load_runs(out)
+    assert len(runs) == 3 and set(runs["sweep"]) == {"kl"}
