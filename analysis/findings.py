@@ -133,7 +133,9 @@ def finding1(runs: pd.DataFrame, steps: pd.DataFrame, sweep: str = "sft_vs_rl", 
     parts = {name: c.verdict() for name, c in comparisons.items()}
     evidence = (f"{_measure(s, metric)}: DASH {_acc_stat(runs, 'dash', s, metric)}, "
                 + ", ".join(f"{display(lb)} {_acc_stat(runs, lb, s, metric)}" for lb in sfts)
-                + f"; base model {base:.1f}. "
+                + f"; base model {base:.1f}"
+                + (f"; the SFT-M teacher itself {_acc_stat(runs, 'teacher', s, metric)}"
+                   if "teacher" in set(runs["label"]) and "sft_m" in sfts else "") + ". "
                 + "; ".join(f"DASH − {display(lb)}: {comparisons[f'DASH > {display(lb)}'].text('points')}"
                             for lb in sfts) + ".")
     traces = runs.loc[runs["label"] == "sft_m", "algorithm.traces_path"] if "algorithm.traces_path" in runs else []

@@ -613,6 +613,11 @@ def all_findings_sweep(sweeps: Path, root: Path) -> Path:
                 config = yaml.safe_load((dst / "config.yaml").read_text())
                 config["sweep_name"] = "smollm2_findings"
                 (dst / "config.yaml").write_text(yaml.safe_dump(config))
+                if config["algorithm"]["label"] == "base":  # the SFT-M teacher's own evaluation, as a base run
+                    teacher = dst.parent / dst.name.replace("base_", "teacher_")
+                    shutil.copytree(dst, teacher)
+                    config["algorithm"]["label"] = "teacher"
+                    (teacher / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 
 
@@ -624,15 +629,19 @@ def test_an_all_findings_sweep_reads_as_the_four_findings_sweeps(sweeps, frames,
     arms = {view: sorted(zip(g["label"], g["kl"], g["seed"], strict=True)) for view, g in runs.groupby("sweep")}
     dash = [("dash", "off", 0), ("dash", "off", 1)]
     assert arms == {
-        "sft_vs_rl": sorted([(lb, "off", s) for lb in ("base", "sft_h", "sft_m", "dash") for s in (0, 1)]),
+        "sft_vs_rl": sorted([(lb, "off", s) for lb in ("base", "teacher", "sft_h", "sft_m", "dash") for s in (0, 1)]),
         "algorithms": sorted([(lb, "off", s) for lb in ("grpo", "no_gf") for s in (0, 1)] + dash),
         "pg_vs_ppo": sorted([(lb, "off", s) for lb in ("ppo_multi", "ppo_mini") for s in (0, 1)] + dash),
         "kl": sorted([("dash", "on", 0), ("dash", "on", 1)] + dash)}
     # one DASH run per seed, in every view: the same run dir
     assert runs[runs["label"] == "dash"].groupby("seed")["run_dir"].nunique().tolist() == [2, 2]  # kl on and off
     assert set(runs["source_sweep"]) == {"smollm2_findings"}
-    # finding 1 reads the same runs as the sft_vs_rl sweep: the same verdict, the same numbers
-    assert FD.finding1(runs, steps).markdown() == FD.finding1(*frames).markdown()
+    # finding 1 reads the same runs as the sft_vs_rl sweep: the same verdict, the same numbers, and the teacher's
+    found, tiny = FD.finding1(runs, steps), FD.finding1(*frames)
+    assert found.parts == tiny.parts and found.comparisons == tiny.comparisons
+    base = FD._acc_stat(runs[runs["sweep"] == "sft_vs_rl"], "base", "arith")
+    assert f"; the SFT-M teacher itself {base}. " in found.evidence and "teacher" not in tiny.evidence
+    assert found.evidence.replace(f"; the SFT-M teacher itself {base}", "") == tiny.evidence
     # the findings' own sweeps beside it would mix two experiments
     with pytest.raises(ValueError, match="would mix"):
         as_finding_sweeps(*frames)
@@ -649,7 +658,7 @@ def test_make_figures_views_write_the_real_models_block(sweeps, tmp_path):
     text = readme.read_text()
     assert "\ntiny\n" in text and "stale" not in text  # only its own block
     block = text.split("<!-- reproduce-smollm2-table:begin -->")[1]
-    assert "from 18 runs finished" in block and "--views" in block
+    assert "from 20 runs finished" in block and "--views" in block
     assert "Runs per arm: " in block and "DASH 2, DASH with KL 2" in block and "training time of all runs" in block
     for row in ("| 1 | DASH > SFT-M |", "| 2 | PPO Multi > DASH |", "| 3 | shorter |", "| 4 | faster |"):
         assert row in block
