@@ -16,6 +16,12 @@ same positions: the log-probs and the gradient are the separate forward's, to fl
 sums), while each prompt's projections, MLPs and their backward run once per micro-batch instead of once per
 sample. Samples group by their prompt's token ids, so any two samples with the same prompt share it.
 
+What is shared is the cheaper of two prefixes, counted in decoder tokens per micro-batch (`shared_prefixes`): each
+distinct prompt (a group's samples share it: the paper's raw prompts, long responses), or the longest prefix common
+to every prompt of the micro-batch (few-shot exemplars, a chat template's system and exemplar turns), each
+sample's "response" piece then being the rest of its prompt followed by its response, only the response scored.
+The two stages above are the same for both: a shared piece, and pieces that attend to it.
+
 The attention function is registered in transformers' `AttentionInterface` under `dash_shared_prompt:<impl>` (and
 the mask function of `<impl>` under the same name). A call without a layout (generation, evaluation, any other
 forward of the model) goes to `<impl>` unchanged, with the mask `<impl>` builds: enabling it changes nothing else.
@@ -23,6 +29,7 @@ forward of the model) goes to `<impl>` unchanged, with the mask `<impl>` builds:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +75,30 @@ class Packed:
     col: torch.Tensor
 
 
+def shared_prefixes(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                    ) -> tuple[list[Sequence[int]], list[list[int]], list[int]]:
+    """What each sample shares: (prefix, tail, skip) per sample, the cheaper of two layouts by decoder tokens:
+    - per prompt: the prefix is the whole prompt (samples with equal prompts share it), the tail the response;
+    - common prefix: every sample shares the micro-batch's longest common prompt prefix (few-shot exemplars, a chat
+      template's system turn), and its tail is the rest of its prompt, then its response.
+    `skip` is how many leading tail tokens are prompt (not scored)."""
+    per_prompt = sum(len(p) for p in {tuple(p) for p in prompts}) + sum(len(r) for r in responses)
+    k = len(os.path.commonprefix([list(p) for p in prompts]))
+    common = k + sum(len(p) - k + len(r) for p, r in zip(prompts, responses, strict=True))
+    if k and common < per_prompt:
+        tails = [list(p[k:]) + list(r) for p, r in zip(prompts, responses, strict=True)]
+        return [prompts[0][:k]] * len(prompts), tails, [len(p) - k for p in prompts]
+    return list(prompts), [list(r) for r in responses], [0] * len(prompts)
+
+
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device: torch.device) -> Packed:
-    """The flat layout of samples (prompt_i, response_i); samples with equal prompt token ids share one copy of it.
-    Index tensors are built on the host and sent once."""
+    """The flat layout of samples (prompt_i, response_i), each prefix of `shared_prefixes` run once (samples with
+    equal prefix token ids share one copy of it). Index tensors are built on the host and sent once."""
+    prefixes, tails, skip_of = shared_prefixes(prompts, responses)
     prompt_of: dict[tuple[int, ...], int] = {}
     groups: list[list[int]] = []
-    for i, prompt in enumerate(prompts):
-        key = tuple(prompt)
+    for i, prefix in enumerate(prefixes):
+        key = tuple(prefix)
         if key not in prompt_of:
             prompt_of[key] = len(groups)
             groups.append([])
@@ -84,20 +108,20 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], d
     prompt_start, response_start = [0] * len(groups), [0] * len(prompts)
     response_prompt = [0] * len(prompts)
     for g, members in enumerate(groups):
-        prompt = prompts[members[0]]
+        prefix = prefixes[members[0]]
         prompt_start[g] = len(flat)
-        flat += prompt
-        positions += range(len(prompt))
+        flat += prefix
+        positions += range(len(prefix))
         for i in members:
             response_start[i] = len(flat)
             response_prompt[i] = g
-            flat += responses[i]
-            positions += range(len(prompt), len(prompt) + len(responses[i]))
-    prompt_len = torch.tensor([len(prompts[m[0]]) for m in groups])
-    response_len = torch.tensor([len(r) for r in responses])
-    width_p, width_r = int(prompt_len.max()), int(response_len.max())
+            flat += tails[i]
+            positions += range(len(prefix), len(prefix) + len(tails[i]))
+    prompt_len = torch.tensor([len(prefixes[m[0]]) for m in groups])
+    tail_len = torch.tensor([len(t) for t in tails])
+    width_p, width_r = int(prompt_len.max()), int(tail_len.max())
     prompt_real = torch.arange(width_p)[None, :] < prompt_len[:, None]
-    response_real = torch.arange(width_r)[None, :] < response_len[:, None]
+    response_real = torch.arange(width_r)[None, :] < tail_len[:, None]
     prompt_index = torch.where(prompt_real, torch.tensor(prompt_start)[:, None] + torch.arange(width_p), 0)
     response_index = torch.where(response_real, torch.tensor(response_start)[:, None] + torch.arange(width_r), 0)
     owner = torch.tensor(response_prompt)
@@ -108,14 +132,16 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], d
     gather[prompt_index[prompt_real]] = torch.arange(prompt_index.numel()).reshape(prompt_index.shape)[prompt_real]
     gather[response_index[response_real]] = prompt_index.numel() + torch.arange(response_index.numel()).reshape(
         response_index.shape)[response_real]
-    # response token j of sample i is predicted by the hidden state before it: the prompt's last token for j = 0
-    row = torch.repeat_interleave(torch.arange(len(prompts)), response_len)
+    # response token j of sample i (tail token skip_i + j) is predicted by the hidden state before it: the prefix's
+    # last token for the tail's first token
+    row = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(r) for r in responses]))
     col = torch.cat([torch.arange(len(r)) for r in responses])
-    before = torch.tensor(response_start)[row] + col - 1
+    at = torch.tensor(skip_of)[row] + col  # the token's index in its tail
+    before = torch.tensor(response_start)[row] + at - 1
     last_prompt_token = (torch.tensor(prompt_start) + prompt_len - 1)[owner][row]
-    predict_at = torch.where(col == 0, last_prompt_token, before)
+    predict_at = torch.where(at == 0, last_prompt_token, before)
     ids = torch.tensor(flat)
-    targets = ids[torch.tensor(response_start)[row] + col]
+    targets = ids[torch.tensor(response_start)[row] + at]
     send = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (
         lambda t: t.to(device))
     layout = SharedPromptLayout(*(send(t) for t in (prompt_index, prompt_real, response_index, response_real, owner,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from dash_exp.factory import build
 from dash_exp.models import eos_token_ids, resolve_model_path
 from dash_exp.rollout.base import SamplingParams
 from dash_exp.rollout.hf import HFSampler
+from dash_exp.shared_prompt import shared_prefixes
 from dash_exp.tasks.math import INSTRUCTION
 from dash_exp.tasks.registry import CODE_INSTRUCTION, build_task
 
@@ -153,15 +155,21 @@ def test_micro_batched_gradients_equal_one_big_batch_on_the_real_model(parts):
                zip(rollouts, [1.0, -0.5, 0.25, -0.75], strict=True)]
     spec = LossSpec(aggregation="seq_mean_token_sum_norm")
     grads = []
-    for microbatch in (4, 1):
+    # one sample at a time, all four in one padded batch, and all four sharing what their chat prompts have in
+    # common (the system turn and the three exemplar turns: shared_prompt's common-prefix layout) in one forward
+    for microbatch, share in ((1, False), (4, False), (4, True)):
         parts.policy.zero_grad(set_to_none=True)
-        accumulate_gradients(parts.policy, samples, spec, 100.0, microbatch, parts.tokenizer.pad_token_id)
+        accumulate_gradients(parts.policy, samples, replace(spec, share_prompt=share), 100.0, microbatch,
+                             parts.tokenizer.pad_token_id)
         grads.append(torch.cat([p.grad.flatten() for p in parts.policy.parameters() if p.grad is not None]))
     parts.policy.zero_grad(set_to_none=True)
     assert grads[0].abs().max() > 0
+    _, tails, skip = shared_prefixes([s.prompt_ids for s in samples], [s.response_ids for s in samples])
+    assert min(skip) > 0 and max(skip) < 40 < len(samples[0].prompt_ids)  # the question alone is not shared
     # equal up to fp32 rounding over 30 layers of differently shaped (padded) batches: measured relative errors
     # 4e-6 and 5e-5 on two sets of prompts (a wrong normalizer or a dropped sample would be off by 1e-1 or more)
-    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 2e-4
+    for other in grads[1:]:
+        assert ((other - grads[0]).norm() / grads[0].norm()).item() < 2e-4
 
 
 @pytest.mark.vllm

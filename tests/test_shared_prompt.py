@@ -57,6 +57,39 @@ def test_pack_lays_out_each_prompt_once_then_its_responses_at_their_own_position
     assert lay.gather.tolist() == [0, 1, 2, 6, 7, 12, 13, 14, 3, 4, 9]
 
 
+def test_pack_shares_the_common_prefix_when_that_runs_fewer_tokens():
+    # three prompts that differ in their last token only (few-shot exemplars before the question): per prompt, 15
+    # prompt tokens + 4 response tokens; sharing the 4-token common prefix, 4 + 7 (each rest of prompt + response)
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 4, 7]]
+    responses = [[8], [9, 10], [11]]
+    assert shared_prompt.shared_prefixes(prompts, responses) == ([[1, 2, 3, 4]] * 3, [[5, 8], [6, 9, 10], [7, 11]],
+                                                                 [1, 1, 1])
+    p = shared_prompt.pack(prompts, responses, torch.device("cpu"))
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 8, 6, 9, 10, 7, 11]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 4, 5, 6, 4, 5]]
+    assert p.layout.prompt_index.tolist() == [[0, 1, 2, 3]]
+    assert p.layout.response_index.tolist() == [[4, 5, 0], [6, 7, 8], [9, 10, 0]]
+    # only response tokens are scored, each predicted by the token before it (its prompt's last one)
+    assert p.predict_at.tolist() == [4, 6, 7, 9] and p.targets.tolist() == [8, 9, 10, 11]
+    assert p.row.tolist() == [0, 1, 1, 2] and p.col.tolist() == [0, 0, 1, 0]
+    # groups whose prompts differ in more than they share: each prompt once is cheaper (2 x 9 prompt tokens,
+    # against 1 + 4 x 8)
+    grouped = [[1, *range(10, 18)]] * 2 + [[1, *range(20, 28)]] * 2
+    assert shared_prompt.shared_prefixes(grouped, [[5]] * 4) == (grouped, [[5]] * 4, [0] * 4)
+    # nothing in common: per prompt
+    assert shared_prompt.shared_prefixes([[1, 2], [3, 4]], [[5], [6]]) == ([[1, 2], [3, 4]], [[5], [6]], [0, 0])
+
+
+def prefixed_samples(seed: int = 0) -> list[TrainSample]:
+    """Prompts that share a 14-token prefix (one prompt is the prefix itself), two responses each: the common-prefix
+    layout."""
+    rng = random.Random(seed)
+    common = [rng.randrange(1, VOCAB) for _ in range(14)]
+    prompts = [common + [rng.randrange(1, VOCAB) for _ in range(n)] for n in (3, 0, 5, 2)]
+    return [TrainSample(prompts[i % 4], [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 6))],
+                        advantage=rng.uniform(-1, 1)) for i in range(8)]
+
+
 def gradient(policy: torch.nn.Module, batch: list[TrainSample], share: bool, entropy: bool = False):
     policy.zero_grad(set_to_none=True)
     logp, mask, *ent = response_logprobs(policy, batch, 0, temperature=0.9, entropy=entropy, share_prompt=share)
@@ -73,9 +106,12 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_shared_prompt_log_probs_and_gradient_equal_each_samples_own_forward(kind, entropy):
+@pytest.mark.parametrize("layout", ["per_prompt", "common_prefix"])
+def test_shared_prompt_log_probs_and_gradient_equal_each_samples_own_forward(kind, entropy, layout):
     policy = model(kind)
-    batch = samples()
+    batch = samples() if layout == "per_prompt" else prefixed_samples()
+    split = shared_prompt.shared_prefixes([s.prompt_ids for s in batch], [s.response_ids for s in batch])
+    assert any(split[2]) == (layout == "common_prefix")
     logp, mask, ent, grads = gradient(policy, batch, share=False, entropy=entropy)
     s_logp, s_mask, s_ent, s_grads = gradient(policy, batch, share=True, entropy=entropy)
     assert torch.equal(mask, s_mask)

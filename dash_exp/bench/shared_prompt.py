@@ -24,13 +24,16 @@ from dash_exp.bench import bench_trainer, components, interleaved, median
 
 def forward_tokens(samples: list[Any], microbatch: int, share: bool) -> int:
     """Tokens the decoder runs for these samples: each sample's prompt and response (separate, right-padded to the
-    micro-batch's longest), or each micro-batch's distinct prompts once plus every response (shared, no padding)."""
+    micro-batch's longest), or each micro-batch's shared prefixes once plus every sample's tail (shared, no
+    padding: `shared_prompt.shared_prefixes`)."""
     from dash_exp.batching import microbatches
+    from dash_exp.shared_prompt import shared_prefixes
 
     total = 0
     for micro in microbatches(samples, microbatch, by_prompt=share):
         if share:
-            total += sum(len(p) for p in {tuple(s.prompt_ids) for s in micro}) + sum(len(s.response_ids) for s in micro)
+            prefixes, tails, _ = shared_prefixes([s.prompt_ids for s in micro], [s.response_ids for s in micro])
+            total += sum(len(p) for p in {tuple(p) for p in prefixes}) + sum(len(t) for t in tails)
         else:
             total += len(micro) * max(s.length for s in micro)
     return total
