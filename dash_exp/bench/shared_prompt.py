@@ -1,5 +1,6 @@
-"""Shared-prompt backprop (model.share_prompt): one real step batch's backprop, each prompt run once per group
-(shared) against once per sample (separate), for GRPO (every sample) and DASH (the gradient filter's kept samples).
+"""Shared-prompt backprop (model.share_prompt): one real step batch's backprop, each shared prefix run once per
+micro-batch (shared) against once per sample (separate), for GRPO (every sample), DASH (the gradient filter's kept
+samples) and SFT (as many distinct training problems with their reference solutions).
 
 The step batch is the trainer's own first step (`Trainer.collect`: the sampler's rollouts, the task's rewards,
 group advantages and the gradient filter of the configured DASH recipe), so the prompt and response lengths, the
@@ -43,6 +44,7 @@ def run(overrides: list[str], repeats: int = 3) -> dict[str, Any]:
     """GRPO's and DASH's backprop of one step batch, shared vs separate; medians of `repeats` interleaved runs."""
     from dash_exp.algorithms.losses import normalizer
     from dash_exp.algorithms.update import accumulate_gradients
+    from dash_exp.batching import TrainSample
 
     cfg, parts = components(["run_dir=runs/bench/shared_prompt", "algorithm=dash", *overrides])
     trainer = bench_trainer(cfg, parts, "bench-shared-prompt")
@@ -53,7 +55,11 @@ def run(overrides: list[str], repeats: int = 3) -> dict[str, Any]:
     parts.task.close()
     policy, pad_id, micro = parts.policy, parts.tokenizer.pad_token_id, cfg.train_microbatch
     norm = normalizer([len(s.response_ids) for s in samples], cfg.algorithm.aggregation, cfg.max_new_tokens)
-    batches = {"grpo": samples, "dash": [s for s, k in zip(samples, keep, strict=True) if k]}
+    # SFT's step: as many distinct training problems, each with its reference solution (nothing shared but what
+    # their prompts have in common: chat exemplar turns)
+    sft = [TrainSample(trainer.tokens(p.prompt), trainer.tokens(p.solution) + [trainer.eos_id])
+           for p in parts.task.train[: len(samples)]]
+    batches = {"grpo": samples, "dash": [s for s, k in zip(samples, keep, strict=True) if k], "sft": sft}
     specs = {share: dataclasses.replace(trainer.spec, share_prompt=share) for share in (False, True)}
     policy.train()
 
@@ -98,7 +104,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [head,
              "", "| arm | samples (groups) | separate s | shared s | shared / separate | decoder tokens | grad gap |",
              "|---|---|---|---|---|---|---|"]
-    for algorithm in ("grpo", "dash"):
+    for algorithm in ("grpo", "dash", "sft"):
         r = result[algorithm]
         lines.append(f"| {algorithm} | {r['samples']} ({r['groups']}) | {r['separate_s']:.2f} | {r['shared_s']:.2f} | "
                      f"{r['ratio']:.2f} | {r['separate_forward_tokens']} -> {r['shared_forward_tokens']} | "
