@@ -124,14 +124,16 @@ learn-smollm2: $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 
 # the paper's four findings on SmolLM2-135M-Instruct (sweeps/smollm2_findings.yaml, docs/real-model.md), offline
 # from the wheel's GGUF file: the SFT-M teacher's traces (the same model given 8 chat exemplars instead of 3, 8
-# samples per prompt, correct ones kept, each with the student's 3-shot prompt), then four passes into ONE sweep
-# directory: base, SFT-H, SFT-M, DASH, No-GF, GRPO; the teacher's own accuracy; DASH with KL; PPO Multi and Mini
-# stopped at DASH's median training time. Rerunning resumes where it stopped; then the finished runs' compact
-# outputs into results/smollm2_findings (committed) and the figures. [SEEDS=3]
+# samples per prompt, correct ones kept, each with the student's 3-shot prompt), then, seed after seed, every arm
+# into ONE sweep directory: base, SFT-H, SFT-M, DASH, No-GF, GRPO, the teacher's own accuracy, DASH with KL, and
+# PPO Multi and Mini stopped at the training time of the same seed's DASH. Each job is a process of its own (the
+# basic launcher's one process grows over a long sweep: docs/real-model.md). Rerunning resumes where it stopped:
+# finished jobs are skipped. Then the finished runs' compact outputs into results/smollm2_findings (committed) and
+# the figures. [SEEDS=3]
 SMOLLM2_OFFLINE = model.source=gguf model.path_or_id=$(SMOLLM2_GGUF) logger=none
 SMOLLM2_TRACES := traces/sft_m_smollm2.jsonl
-FINDINGS_SMOLLM2 = $(BIN)/python -m dash_exp.run +sweep=smollm2_findings $(SMOLLM2_OFFLINE) $(SWEEP_DIR) \
-	'seed=range(0,$(SEEDS))' $(ARGS)
+SMOLLM2_ARMS := base sft sft_m dash dash_nogf grpo
+SMOLLM2_JOB = $(BIN)/python -m dash_exp.run +sweep=smollm2_findings $(SMOLLM2_OFFLINE) $(SWEEP_DIR) $(ARGS)
 $(SMOLLM2_TRACES): sweeps/smollm2.yaml conf/model/smollm2-135m.yaml dash_exp/tasks/arithmetic.py \
 		| $(VLLM_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m dash_exp.traces --out $@ --samples 8 --per-prompt 2 --max-prompts 400 +sweep=smollm2 \
@@ -139,11 +141,16 @@ $(SMOLLM2_TRACES): sweeps/smollm2.yaml conf/model/smollm2-135m.yaml dash_exp/tas
 
 .PHONY: reproduce-smollm2
 reproduce-smollm2: $(SMOLLM2_TRACES)
-	DASH_EXP_TRACES=$(SMOLLM2_TRACES) $(FINDINGS_SMOLLM2)
-	$(FINDINGS_SMOLLM2) algorithm=base algorithm.label=teacher task.chat_shots=8
-	$(FINDINGS_SMOLLM2) algorithm=dash kl=on
-	budget=$$($(BIN)/python -m analysis.budget --runs multirun/smollm2_findings/$(SWEEP_RUN) --label dash --kl off) \
-		&& $(FINDINGS_SMOLLM2) algorithm=ppo,ppo_mini steps=10000 time_budget_s=$$budget
+	@set -e; for seed in $$(seq 0 $$(($(SEEDS) - 1))); do \
+		for arm in $(SMOLLM2_ARMS); do \
+			DASH_EXP_TRACES=$(SMOLLM2_TRACES) $(SMOLLM2_JOB) seed=$$seed algorithm=$$arm; \
+		done; \
+		$(SMOLLM2_JOB) seed=$$seed algorithm=base algorithm.label=teacher task.chat_shots=8; \
+		$(SMOLLM2_JOB) seed=$$seed algorithm=dash kl=on; \
+		budget=$$($(BIN)/python -m analysis.budget --runs multirun/smollm2_findings/$(SWEEP_RUN) --label dash \
+			--kl off --seed $$seed); \
+		$(SMOLLM2_JOB) seed=$$seed algorithm=ppo,ppo_mini steps=10000 time_budget_s=$$budget; \
+	done
 	$(BIN)/python -m analysis.collect --runs multirun/smollm2_findings/$(SWEEP_RUN) --out $(SMOLLM2_RESULTS)
 	$(MAKE) figures
 

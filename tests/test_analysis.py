@@ -595,6 +595,11 @@ def test_budget_is_the_median_training_time_of_one_arm(sweeps, capsys):
     assert capsys.readouterr().out.strip() == str(math.ceil((times[0] + times[1]) / 2))
     assert budget_main(["--runs", str(sweeps / "pg_vs_ppo"), "--label", "dash", "--kl", "on"]) == 1
     assert "no finished run of label=dash kl=on" in capsys.readouterr().err
+    seed1 = json.loads((sweeps / "pg_vs_ppo" / "1_dash_kl-off_seed1" / "summary.json").read_text())["time/elapsed"]
+    assert budget_main(["--runs", str(sweeps / "pg_vs_ppo"), "--label", "dash", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(math.ceil(seed1))
+    assert budget_main(["--runs", str(sweeps / "pg_vs_ppo"), "--label", "dash", "--seed", "7"]) == 1
+    assert "label=dash seed=7" in capsys.readouterr().err
 
 
 # the arms of each finding in ONE sweep directory, each shared arm once (sweeps/smollm2_findings.yaml's layout):
