@@ -134,9 +134,11 @@ def load_sweep(name: str, task: str | None = None) -> Sweep:
     cfg, base = _resolved(name), _load(CONFIG)
     params = {k: _values(v) for k, v in (cfg.get("hydra", {}).get("sweeper", {}).get("params") or {}).items()}
     varied = [PRESET_KEYS.get(k, k) for k, v in params.items() if k != "seed" and len(set(v)) > 1]
-    if not varied:  # the arms come from the command line: the keys that name a job's directory
-        subdir = cfg.get("hydra", {}).get("sweep", {}).get("subdir", "")
-        varied = [k for k in re.findall(r"\$\{([^}]+)\}", subdir) if k not in ("hydra.job.num", "seed")]
+    # arms that come from the command line name a job's directory: the keys of the sweep's own subdir (or, where no
+    # parameter varies, of the one it inherits)
+    own = _load(SWEEPS_DIR / f"{name}.yaml").get("hydra", {}).get("sweep", {}).get("subdir", "")
+    subdir = own or ("" if varied else cfg.get("hydra", {}).get("sweep", {}).get("subdir", ""))
+    varied += [k for k in re.findall(r"\$\{([^}]+)\}", subdir) if k not in ("hydra.job.num", "seed")]
     default_task = next(e["task"] for e in base["defaults"] if isinstance(e, dict) and "task" in e)
     swept_task = params.get("task", [])
     run_task = task or (swept_task[0] if len(swept_task) == 1 else cfg.get("task", {}).get("name", default_task))
@@ -225,6 +227,11 @@ def finding_panels(sweep: Sweep) -> tuple[str, list[Any]] | None:
                                                        _line("informative groups trained on", "sampling/groups"),
                                                        _line("seconds per step, by phase",
                                                              *(f"time/{p}" for p in PHASES))]
+    if sweep.name == "smollm2_findings":
+        return "the four findings in one sweep (SmolLM2)", [
+            *(_bar(f"final held-out accuracy ({s})", *_accuracy(s)) for s in sets), *_accuracy_vs_time(sweep),
+            _line("SFT loss", "loss/sft"), _line("backprop seconds per step", "time/update"),
+            _line("KL to the reference", "kl/mean"), _line("PPO clip fraction", "ppo/clip_frac")]
     if sweep.name == "mismatch":
         return "sampler vs trainer mismatch", [_line("pi_trainer / pi_sampler", "mismatch/ratio_mean"),
                                                _line("tokens with ratio outside [0.9, 1.1]", "mismatch/outside_frac"),

@@ -27,7 +27,7 @@ PAPER_SWEEPS = {"sft_vs_rl", "algorithms", "kl", "pg_vs_ppo", "batch_sizes", "co
 GROUPBY = {
     "sft_vs_rl": ("algorithm.label",), "algorithms": ("algorithm.label",), "pg_vs_ppo": ("algorithm.label",),
     "kl": ("kl.name",), "code": ("algorithm.label",), "batch_sizes": ("inference_batch", "train_microbatch"),
-    "zoo": ("algorithm.label",), "smollm2": ("algorithm.label",),
+    "zoo": ("algorithm.label",), "smollm2": ("algorithm.label",), "smollm2_findings": ("algorithm.label", "kl.name"),
     "filter_vs_dynamic": ("algorithm.label", "algorithm.dynamic_sampling_rounds", "time_budget_s"),
     "mismatch": ("rollout.dtype", "algorithm.rollout_correction"),
 }
