@@ -176,10 +176,12 @@ test: $(STAMP) $(VLLM_STAMP) $(TRL_STAMP) $(WHEEL_DATA_STAMP)
 	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # the unit tier only (pyproject.toml's markers: in-process, no tiny base model, no vLLM, no real model), about a
-# minute on 2 cores; make test runs it too, with the integration tier
+# minute on 2 cores (one xdist worker per core, as make test; TEST_WORKERS=1: in this process); make test runs it
+# too, with the integration tier
 .PHONY: test-fast
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m unit $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) \
+		$(PYTEST_ARGS)
 
 # one sweep per paper finding (sweeps/*.yaml): make sweep SWEEP=kl [LAUNCHER=slurm|local_parallel]
 # [ARGS="model=... task=... hydra.launcher.partition=gpu"]; no LAUNCHER: one job after another in this process

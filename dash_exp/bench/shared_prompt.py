@@ -56,8 +56,8 @@ def run(overrides: list[str], repeats: int = 3) -> dict[str, Any]:
     policy, pad_id, micro = parts.policy, parts.tokenizer.pad_token_id, cfg.train_microbatch
     norm = normalizer([len(s.response_ids) for s in samples], cfg.algorithm.aggregation, cfg.max_new_tokens)
     # SFT's step: as many distinct training problems, each with its reference solution (nothing shared but what
-    # their prompts have in common: chat exemplar turns)
-    sft = [TrainSample(trainer.tokens(p.prompt), trainer.tokens(p.solution) + [trainer.eos_id])
+    # their prompts have in common: chat exemplar turns); advantage 1: the cross-entropy's gradient
+    sft = [TrainSample(trainer.tokens(p.prompt), trainer.tokens(p.solution) + [trainer.eos_id], advantage=1.0)
            for p in parts.task.train[: len(samples)]]
     batches = {"grpo": samples, "dash": [s for s, k in zip(samples, keep, strict=True) if k], "sft": sft}
     specs = {share: dataclasses.replace(trainer.spec, share_prompt=share) for share in (False, True)}
