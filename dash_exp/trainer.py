@@ -100,6 +100,9 @@ class Trainer:
         self.ref, self.run_dir, self.world = ref, run_dir, world
         # overlapped rollout: the generator ranks sample; the trainers' own sampler only evaluates
         self.generators = generators
+        # the sampler's weights are older than the policy's: SFT steps never sample, so they leave its sync to the
+        # next evaluation (a vLLM engine holds a copy of its own; the HF sampler shares the policy)
+        self.sampler_stale = False
         self.tokens = TokenCache(tokenizer)
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.is_sft = trains_on_targets(cfg)
@@ -222,8 +225,9 @@ class Trainer:
             self.generators.stop()
 
     def evaluate(self) -> dict[str, float]:
-        if self.generators is not None:  # the trainers' sampler is not synced at every step
+        if self.generators is not None or self.sampler_stale:  # not synced at every step
             self.sampler.sync(self.policy)
+            self.sampler_stale = False
         sampled = SamplingParams.from_config(self.cfg, self.cfg.eval_samples, evaluation=True)
         start = time.perf_counter()
         metrics = evaluate(self.sampler, self.tokens, self.task, sampled, self.cfg.seed,
@@ -361,6 +365,7 @@ class Trainer:
         samples = [TrainSample(self.tokens(p.prompt), self.tokens(p.solution) + [self.eos_id]) for p in items]
         metrics = self.update(samples, [True] * len(samples), self.step)
         metrics["loss/sft"] = metrics.pop("loss/pg")
+        self.sampler_stale = True  # synced before the next evaluation, the only thing SFT samples for
         return metrics
 
     # ---------------------------------------------------------------- update

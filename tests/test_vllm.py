@@ -298,3 +298,16 @@ def test_the_gpu_kv_cache_holds_one_step_batch():
     # seeded requests on CPU: whole prefills (a chunked one rewinds a generator offset CPU generators lack)
     assert engine_kwargs("m", rollout, "float32", 0, on_gpu=False)["enable_chunked_prefill"] is False
     assert "enable_chunked_prefill" not in on_gpu
+
+
+def test_sft_on_vllm_evaluates_the_trained_weights(tmp_path, cli_env):
+    # SFT steps never sample, so nothing synced the engine before the final evaluation: it evaluated the starting
+    # weights (final = initial to the last digit, SmolLM2's SFT arms of 2026-12-06). The evaluation now syncs first.
+    small = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dash_exp.run", "rollout=vllm", "algorithm=sft", "steps=3", "lr=3e-3", *small,
+         f"hydra.run.dir={tmp_path}"], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/arith/accuracy" in r]
+    assert len(evals) == 2 and evals[0] != evals[1]
