@@ -79,8 +79,9 @@ def response_logprobs(
     a real token) under `compute_autocast` and applies the LM head only
     at the response tokens, `chunk` tokens at a time (`logprobs.token_logprobs`: O(chunk x vocab) memory in
     forward and backward). Logits are divided by `temperature`. Indices are built on the host: no device sync.
-    share_prompt: the samples of each distinct prompt share one forward of it (`shared_prompt`: one flat sequence
-    without padding; the same values to float rounding).
+    share_prompt: the samples share one forward of each distinct prompt, or of the prefix all their prompts have in
+    common, whichever runs fewer tokens (`shared_prompt`: one flat sequence without padding; the same values to
+    float rounding).
     """
     if share_prompt:
         return _shared_prompt_logprobs(model, samples, temperature, compute_dtype, chunk, entropy)
@@ -121,7 +122,7 @@ def _left_aligned(logp: torch.Tensor, row: torch.Tensor, col: torch.Tensor, mask
 
 def _shared_prompt_logprobs(model: torch.nn.Module, samples: Sequence[TrainSample], temperature: float,
                             compute_dtype: torch.dtype, chunk: int | None, entropy: bool) -> tuple[torch.Tensor, ...]:
-    """`response_logprobs` through one flat sequence in which each distinct prompt runs once (`shared_prompt`)."""
+    """`response_logprobs` through one flat sequence in which each shared prefix runs once (`shared_prompt`)."""
     from dash_exp import shared_prompt
 
     device = next(model.parameters()).device

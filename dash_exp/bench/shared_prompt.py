@@ -41,7 +41,8 @@ def forward_tokens(samples: list[Any], microbatch: int, share: bool) -> int:
 
 
 def run(overrides: list[str], repeats: int = 3) -> dict[str, Any]:
-    """GRPO's and DASH's backprop of one step batch, shared vs separate; medians of `repeats` interleaved runs."""
+    """GRPO's, DASH's and SFT's backprop of one step batch, shared vs separate; medians of `repeats` interleaved
+    runs."""
     from dash_exp.algorithms.losses import normalizer
     from dash_exp.algorithms.update import accumulate_gradients
     from dash_exp.batching import TrainSample
