@@ -158,14 +158,19 @@ def test_building_the_engine_restores_threads_and_rng():
     torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("algorithm", ["dash", "grpo", "ppo"])
-def test_training_runs_end_to_end_with_vllm(algorithm, tmp_path, cli_env):
+def train_on_vllm(run_dir: Path, cli_env: dict, *overrides: str) -> list[dict]:
+    """One `python -m dash_exp.run rollout=vllm` at the test sizes into run_dir: its metrics.jsonl rows."""
     small = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
     proc = subprocess.run(
-        [sys.executable, "-m", "dash_exp.run", "rollout=vllm", f"algorithm={algorithm}", "steps=2", *small,
-         f"hydra.run.dir={tmp_path}"], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "dash_exp.run", "rollout=vllm", *overrides, *small, f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["dash", "grpo", "ppo"])
+def test_training_runs_end_to_end_with_vllm(algorithm, tmp_path, cli_env):
+    rows = train_on_vllm(tmp_path, cli_env, f"algorithm={algorithm}", "steps=2")
     steps = [r for r in rows if "time/sync" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["time/sync"] > 0 for r in steps)
     assert "hf" not in (tmp_path / "config.yaml").read_text().split("rollout:")[1].split("\n")[1]
@@ -303,11 +308,6 @@ def test_the_gpu_kv_cache_holds_one_step_batch():
 def test_sft_on_vllm_evaluates_the_trained_weights(tmp_path, cli_env):
     # SFT steps never sample, so nothing synced the engine before the final evaluation: it evaluated the starting
     # weights (final = initial to the last digit, SmolLM2's SFT arms of 2026-12-06). The evaluation now syncs first.
-    small = [o for o in TEST_OVERRIDES if not o.startswith("run_dir=")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dash_exp.run", "rollout=vllm", "algorithm=sft", "steps=3", "lr=3e-3", *small,
-         f"hydra.run.dir={tmp_path}"], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = train_on_vllm(tmp_path, cli_env, "algorithm=sft", "steps=3", "lr=3e-3")
     evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/arith/accuracy" in r]
     assert len(evals) == 2 and evals[0] != evals[1]
