@@ -348,6 +348,9 @@ class Config:
     save_every: int = 0
     # checkpoints kept in run_dir/checkpoints (the newest ones)
     keep_checkpoints: int = 2
+    # keep the finished run's checkpoints (its trained weights); false: deleted once summary.json is written (a
+    # rerun still skips the run: its summary is what marks it done; a sweep of many real-model arms stays small)
+    keep_final_checkpoint: bool = True
     # stop (with a checkpoint of the last good weights) after this many optimizer steps in a row with a
     # non-finite loss or gradient; such steps are skipped and counted in loss/nonfinite_steps
     max_nonfinite_steps: int = 3

@@ -28,7 +28,7 @@ def run_name(cfg: Any) -> str:
 
 
 # keys that do not change what a run computes: a rerun into the same run dir may change them freely
-NOT_THE_RUN = ("logger.", "resume", "run_dir", "save_every", "keep_checkpoints")
+NOT_THE_RUN = ("logger.", "resume", "run_dir", "save_every", "keep_checkpoints", "keep_final_checkpoint")
 # what tune=auto sets from its measurement (saved in the run's config.yaml, not in the command)
 TUNED = ("train_microbatch", "inference_batch")
 
@@ -119,6 +119,16 @@ def prepare_run_dir(run_dir: Path, resume: str) -> Path | None:
     return None
 
 
+def drop_checkpoints(run_dir: Path) -> None:
+    """keep_final_checkpoint=false: delete a finished run's checkpoints (after its summary.json is written, so a
+    run killed before then still resumes from them)."""
+    import shutil
+
+    from dash_exp.checkpoint import checkpoint_dir
+
+    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+
+
 def archive(run_dir: Path, paths: list[Path]) -> None:
     """Move those of `paths` that exist into run_dir/previous/<time>/."""
     import time
@@ -194,6 +204,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     sink.close(summary["final"])
     if world.main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if not cfg.keep_final_checkpoint:
+            drop_checkpoints(run_dir)
         report(summary, next(iter(parts.task.evals)))
     return summary
 

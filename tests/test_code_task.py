@@ -146,7 +146,7 @@ def test_a_two_step_mbpp_run_on_the_qwen_shaped_proxy_completes_on_cpu(tmp_path,
     env = dict(cli_env, DASH_EXP_DATA=str(REPO / "tests" / "data"))
     args = ["task=mbpp", "model=qwen2.5-test", "steps=2", "epochs=null", "prompts_per_step=2", "group_size=2",
             "train_microbatch=2", "max_new_tokens=16", "eval_samples=2", "logger=none", "threads=2",
-            f"task.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}"]
+            f"task.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "dash_exp.run", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

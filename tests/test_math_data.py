@@ -542,7 +542,7 @@ def test_offline_without_a_cache_fails_in_one_line_naming_the_dataset_before_any
     env.update({"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                 "DASH_EXP_CACHE": str(tmp_path / "models")})
     proc = subprocess.run([sys.executable, "-m", "dash_exp.run", "task=math", "logger=none", "threads=1",
-                           f"run_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()

@@ -137,7 +137,7 @@ def test_a_run_on_the_random_qwen2_5_0_5b_proxy_trains_two_steps_on_cpu(tmp_path
     run_dir = tmp_path / "run"
     args = ["model=qwen2.5-0.5b", "model.source=random", "algorithm=grpo", "kl=off", "steps=2", "epochs=null",
             "prompts_per_step=2", "group_size=2", "train_microbatch=2", "max_new_tokens=8", "task.eval_size=2",
-            "eval_samples=1", "logger=none", "threads=2", "rollout=hf", f"run_dir={run_dir}"]
+            "eval_samples=1", "logger=none", "threads=2", "rollout=hf", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "dash_exp.run", *args], cwd=REPO, env=cli_env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -213,11 +213,11 @@ def test_dash_steps_an_sft_step_and_evaluate_run_from_the_command_line(tmp_path,
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    run("dash_exp.run", "algorithm=dash", "steps=2", "eval_every=0", f"run_dir={tmp_path / 'dash'}")
+    run("dash_exp.run", "algorithm=dash", "steps=2", "eval_every=0", f"hydra.run.dir={tmp_path / 'dash'}")
     metrics = [json.loads(line) for line in (tmp_path / "dash" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "time/step" in m] == [1, 2]
     assert "eval/arith/accuracy" in metrics[-1]
-    run("dash_exp.run", "algorithm=sft", "steps=1", "eval_every=0", f"run_dir={tmp_path / 'sft'}")
+    run("dash_exp.run", "algorithm=sft", "steps=1", "eval_every=0", f"hydra.run.dir={tmp_path / 'sft'}")
     assert (tmp_path / "sft" / "metrics.jsonl").is_file()
     run("dash_exp.evaluate", "n=2", f"out={tmp_path / 'eval.json'}")
     result = json.loads((tmp_path / "eval.json").read_text())

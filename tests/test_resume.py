@@ -147,6 +147,23 @@ def test_resume_never_starts_from_scratch(make_cfg, tmp_path):
 
 
 @pytest.mark.integration
+def test_keep_final_checkpoint_false_drops_a_finished_runs_checkpoints_and_a_rerun_still_skips_it(make_cfg, tmp_path):
+    from dash_exp.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    common = ["algorithm=dash", "save_every=1", f"run_dir={run_dir}", "keep_final_checkpoint=false"]
+    first = train(make_cfg(*common, "steps=2"))
+    assert (run_dir / "summary.json").is_file() and not (run_dir / "checkpoints").exists()
+    rows = (run_dir / "metrics.jsonl").read_text()
+    # the same config again (keep_final_checkpoint is not part of what a run computes): skipped, nothing trained
+    assert train(make_cfg(*common[:-1], "steps=2")) == json.loads((run_dir / "summary.json").read_text())
+    assert first["steps"] == 2 and (run_dir / "metrics.jsonl").read_text() == rows
+    # longer: there is no checkpoint to continue from, and it says so
+    with pytest.raises(ConfigError, match="no checkpoint to continue from"):
+        train(make_cfg(*common, "steps=3"))
+
+
+@pytest.mark.integration
 def test_a_bf16_compute_run_resumes_bit_exactly_from_its_fp32_masters(make_cfg, tmp_path):
     # model.dtype=bfloat16: checkpoints hold the fp32 master weights and fp32 AdamW moments; resuming them gives
     # the uninterrupted run's weights bit for bit
