@@ -191,19 +191,29 @@ sweep: $(STAMP)
 	$(BIN)/python -m dash_exp.run +sweep=$(SWEEP) $(SWEEP_DIR) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
 		$(if $(filter command line environment,$(origin SEEDS)),'seed=range(0,$(SEEDS))') $(ARGS)
 
-# every figure (PNG + PDF) and table into figures/: the tiny model's from the runs of its sweeps under multirun/
-# (make reproduce; or a W&B project: make figures WANDB_PROJECT=entity/project), then the real model's from the
-# committed results of make reproduce-smollm2 ($(SMOLLM2_RESULTS)) into figures/smollm2/, with the README's
-# generated real-model block (and docs/real-model.md's): a fresh clone remakes those without training
+# every figure (PNG + PDF) and table, and the generated blocks of README.md and docs/, from the committed results (a
+# fresh clone remakes them without training): the tiny model's (make reproduce, $(TINY_RESULTS)) into figures/, the
+# real model's (make reproduce-smollm2, $(SMOLLM2_RESULTS)) into figures/smollm2/, and where the two models' verdicts
+# agree. Your own sweeps instead: make figures RUNS=multirun (every run under it) or WANDB_PROJECT=entity/project
+# writes their figures and tables into figures/ and leaves the generated blocks alone
 TINY_SWEEPS := sft_vs_rl algorithms pg_vs_ppo kl code batch_sizes
+TINY_RESULTS := results/tiny
 SMOLLM2_RESULTS := results/smollm2_findings
+FIGURES = MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures
 figures: $(STAMP)
-	@if [ -n "$(WANDB_PROJECT)$(wildcard $(addprefix multirun/,$(TINY_SWEEPS)))" ]; then \
-		MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures --runs multirun --out figures \
-			$(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT)); \
-	else echo "no tiny-model sweep under multirun/ (make reproduce runs them): its figures are not remade"; fi
-	MPLBACKEND=Agg $(BIN)/python -m analysis.make_figures --runs $(SMOLLM2_RESULTS) --views --out figures/smollm2 \
-		--readme README.md --readme docs/real-model.md --block reproduce-smollm2
+	@set -e; if [ -n "$(RUNS)$(WANDB_PROJECT)" ]; then \
+		$(FIGURES) --runs $(or $(RUNS),multirun) --out figures $(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT)); \
+		exit 0; fi; \
+	if [ -d $(TINY_RESULTS) ]; then \
+		$(FIGURES) --runs $(TINY_RESULTS) --out figures --readme README.md --readme docs/reproducing.md; \
+	else echo "no $(TINY_RESULTS) (make reproduce writes it): the tiny model's figures are not remade"; fi; \
+	if [ -d $(SMOLLM2_RESULTS) ]; then \
+		$(FIGURES) --runs $(SMOLLM2_RESULTS) --views --out figures/smollm2 --readme README.md \
+			--readme docs/real-model.md --block reproduce-smollm2; \
+	else echo "no $(SMOLLM2_RESULTS) (make reproduce-smollm2 writes it): the real model's figures are not remade"; fi; \
+	if [ -d $(TINY_RESULTS) ] && [ -d $(SMOLLM2_RESULTS) ]; then \
+		$(BIN)/python -m analysis.agreement --runs 'tiny model=$(TINY_RESULTS)' \
+			--runs 'SmolLM2-135M=$(SMOLLM2_RESULTS)' --readme README.md --readme docs/real-model.md; fi
 
 # SFT-M traces for sft_vs_rl: rejection sampling (correct answers only) of the stronger embedded teacher
 # (conf/model/tiny-teacher.yaml, built and cached once, ~5 min on 2 cores) on the student's training prompts;
@@ -215,7 +225,9 @@ traces: traces/sft_m.jsonl
 
 # the tiny models (bases), then all tiny sweeps (the four math findings, then the code sweep of Tables 2 and 4),
 # each two jobs at a time (hydra/launcher=local_parallel: joblib, one thread per job on 2 cores), the SFT-M teacher's
-# own held-out accuracy (evaluation only, a `teacher` row of Table 1), then the figures.
+# own held-out accuracy (evaluation only, a `teacher` row of Table 1), then each sweep's compact results into
+# $(TINY_RESULTS)/<sweep> (analysis.collect: what make figures and the README's generated blocks are made from) and
+# the figures.
 # SEEDS: seeds per configuration of the findings' sweeps (0..SEEDS-1; batch_sizes measures throughput and runs
 # once); each verdict's interval narrows with more: make reproduce SEEDS=5
 SEEDS ?= 3
@@ -226,8 +238,8 @@ REPRODUCE_ARGS := hydra/launcher=local_parallel threads=1 logger=none $(SWEEP_DI
 BASE_ARGS := algorithm=base logger=none threads=1
 bases: | $(STAMP)
 	@set -e; $(MAKE) traces/sft_m.jsonl & teacher=$$!; \
-	$(BIN)/python -m dash_exp.run $(BASE_ARGS) run_dir=runs/base-arith; \
-	$(BIN)/python -m dash_exp.run $(BASE_ARGS) task=pycode run_dir=runs/base-pycode; \
+	$(BIN)/python -m dash_exp.run $(BASE_ARGS) hydra.run.dir=runs/base-arith; \
+	$(BIN)/python -m dash_exp.run $(BASE_ARGS) task=pycode hydra.run.dir=runs/base-pycode; \
 	wait $$teacher
 
 reproduce: bases
@@ -237,6 +249,9 @@ reproduce: bases
 	$(BIN)/python -m dash_exp.run +sweep=batch_sizes $(REPRODUCE_ARGS)
 	$(BIN)/python -m dash_exp.run +sweep=sft_vs_rl algorithm=base algorithm.label=teacher model=tiny-teacher \
 		$(REPRODUCE_ARGS) 'seed=range(0,$(SEEDS))'
+	@set -e; for sweep in $(TINY_SWEEPS); do \
+		$(BIN)/python -m analysis.collect --runs multirun/$$sweep/$(SWEEP_RUN) --out $(TINY_RESULTS)/$$sweep; \
+	done
 	$(MAKE) figures
 
 # ruff, then the import layers of pyproject.toml's [tool.importlinter] (entrypoints > factory > trainer > ... > config),

@@ -1,6 +1,6 @@
 """Figures and tables of the paper's findings from our runs (local run dirs or a W&B project).
 
-    make figures                                                     # = the line below
+    make figures RUNS=multirun                                       # = the line below
     python -m analysis.make_figures --runs multirun --out figures [--wandb-project entity/project] [--latest]
 
 - `analysis.runs`: `load_runs(root)` / `load_wandb(project)` -> (runs, steps) pandas frames.

@@ -694,3 +694,69 @@ def test_collect_keeps_each_finished_runs_compact_outputs_and_nothing_else(sweep
     # the analysis reads the collected runs as it reads the sweep's
     runs, _ = load_runs(out)
     assert len(runs) == 3 and set(runs["sweep"]) == {"kl"}
+
+
+@pytest.mark.unit
+def test_agreement_puts_two_models_verdicts_side_by_side_and_names_where_they_differ(sweeps, tmp_path, capsys):
+    from analysis.agreement import BEGIN, END, findings_frame
+    from analysis.agreement import main as agreement_main
+
+    # two "models": the same runs as one all-findings sweep twice, the second with SFT-M's final accuracy set to 1
+    same, flipped = all_findings_sweep(sweeps, tmp_path / "same"), all_findings_sweep(sweeps, tmp_path / "flipped")
+    for run in flipped.rglob("sft_m_kl-off_seed*"):
+        summary = json.loads((run / "summary.json").read_text())
+        summary["final"] = {k: (1.0 if k.endswith("accuracy") else v) for k, v in summary["final"].items()}
+        (run / "summary.json").write_text(json.dumps(summary))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows[-1] = {k: (1.0 if k.startswith("eval/") and k.endswith("accuracy") else v) for k, v in rows[-1].items()}
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def verdict(frame):
+        return frame[(frame["finding"].astype(str) == "1") & (frame["part"] == "DASH > SFT-M")]["verdict"].item()
+
+    base = findings_frame(same)
+    assert verdict(base) == "yes" and verdict(findings_frame(flipped)) == "no"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n{BEGIN}\nstale\n{END}\nafter\n")
+    assert agreement_main(["--runs", f"real={same}", "--runs", f"other={flipped}", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.endswith(f"{END}\nafter\n")
+    table = text.split(BEGIN)[1]
+    assert "| finding | compared | real | other | same verdict |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(base) and all(row.endswith(("| yes |", "| no |")) for row in rows)
+    row = next(line for line in rows if line.startswith("| 1 | DASH > SFT-M |"))
+    assert row.endswith("| no |") and row.count(": **yes** |") == 1 and row.count(": **no** |") == 1
+    assert [line for line in rows if line.endswith("| no |")] == [row]
+    assert f"The same verdict on {len(rows) - 1} of the {len(rows)} pairs that every model ran; a different one on " \
+           "1 DASH > SFT-M." in table
+    # pairs only one model ran (the tiny model's code task) are shown, not compared
+    assert agreement_main(["--runs", f"tiny={sweeps}", "--runs", f"real={same}"]) == 0
+    code = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 (code)", "| 4 (code)"))]
+    assert len(code) == 3 and all("| not run | – |" in line for line in code)
+    # bad input: one line naming it
+    assert agreement_main(["--runs", f"tiny={sweeps}", "--runs", "real"]) == 1
+    assert "--runs 'real': expected NAME=DIR" in capsys.readouterr().err
+
+
+# the Markdown files whose generated result blocks `make figures` rewrites from the committed results/
+GENERATED = ("README.md", "docs/reproducing.md", "docs/real-model.md")
+
+
+@pytest.mark.integration
+def test_make_figures_alone_remakes_the_committed_result_blocks_from_the_committed_results(tmp_path, cli_env):
+    # what a fresh clone does: `make figures` (no training, no multirun/) on the committed results/; every generated
+    # block of the committed READMEs is what it writes (a stale one: run `make figures` and commit)
+    for name in GENERATED:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    if (REPO / "results").is_dir():
+        (tmp_path / "results").symlink_to(REPO / "results")
+    proc = subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "figures", "STAMP=",
+                           f"BIN={Path(sys.executable).parent}"], cwd=tmp_path, env=cli_env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in GENERATED:
+        assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: a stale generated block"
+    for results, figures in (("tiny", "figures"), ("smollm2_findings", "figures/smollm2")):
+        assert (tmp_path / figures / "fig5.png").is_file() == (REPO / "results" / results).is_dir()
