@@ -101,6 +101,7 @@ def test_gpu_check_cpu_flavour(tmp_path, cli_env):
                            str(tmp_path)], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
+    assert {p.name for p in (tmp_path / "gpu").iterdir()} == {"grpo", "dash"}  # the trainers' run dirs, under --out
     assert (result["flavour"], result["model"], result["source"], result["dtype"]) == (
         "cpu", "qwen2.5-test", "random", "bfloat16")
     assert result["timed_steps"] == 1 and result["lr"] == 3e-6

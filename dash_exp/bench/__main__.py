@@ -79,7 +79,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     if args.bench == "gpu":
         from dash_exp.bench import gpu
 
-        return gpu.run(args.overrides, args.steps or 3, args.cpu)
+        return gpu.run(args.overrides, args.steps or 3, args.cpu, args.out)
     if args.bench == "generation":
         from dash_exp.bench import generation
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,9 +105,9 @@ def logprob_peaks(trainer: Any, samples: list[Any]) -> dict[str, float]:
     return out
 
 
-def run(overrides: list[str], steps: int = 3, cpu: bool = False) -> dict[str, Any]:
+def run(overrides: list[str], steps: int = 3, cpu: bool = False, out: Path = Path("runs/bench")) -> dict[str, Any]:
     """GRPO and DASH trainers on one set of components (one policy, one sampler), one step each in turn (order
-    alternating); step 1 of each is a warm-up, left out of the medians."""
+    alternating); step 1 of each is a warm-up, left out of the medians. Each trainer's run dir: out/gpu/<algorithm>."""
     if steps < 2:
         raise ValueError(f"--steps {steps}: expected >= 2 (the first step of each algorithm is a warm-up)")
     shape = CPU_SHAPE if cpu else GPU_SHAPE
@@ -115,7 +116,7 @@ def run(overrides: list[str], steps: int = 3, cpu: bool = False) -> dict[str, An
     from dash_exp.config import compose_config, resolved_threads
     from dash_exp.factory import build, seed_everything
 
-    cfgs = {a: compose_config(["logger=none", f"run_dir=runs/bench/gpu/{a}", f"algorithm={a}", f"steps={steps}",
+    cfgs = {a: compose_config(["logger=none", f"run_dir={out / 'gpu' / a}", f"algorithm={a}", f"steps={steps}",
                                *shape, *overrides]) for a in ALGORITHMS}
     cfg = cfgs["dash"]
     seed_everything(cfg.seed, resolved_threads(cfg))
