@@ -11,11 +11,12 @@ before is replaced, so it holds exactly the sweep's finished runs.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
-from analysis.runs import find_run_dirs
+from analysis.runs import find_run_dirs, finished_at
 
 # what a finished run leaves that the analysis reads
 FILES = ("config.yaml", "summary.json", "metrics.jsonl")
@@ -34,6 +35,11 @@ def collect(runs: Path, out: Path) -> tuple[list[Path], list[Path]]:
         (out / run_dir.name).mkdir(parents=True)
         for f in FILES:
             shutil.copy2(run_dir / f, out / run_dir.name / f)
+        # the finish time goes into the copy's summary (git keeps no file times): the results' provenance stands
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if "finished_at" not in summary:
+            summary["finished_at"] = finished_at(summary, run_dir / "summary.json")
+            (out / run_dir.name / "summary.json").write_text(json.dumps(summary, indent=1))
     return finished, left
 
 

@@ -153,12 +153,18 @@ def load_runs(root: str | Path, verbose: bool = False) -> tuple[pd.DataFrame, pd
         except (OSError, ValueError, yaml.YAMLError) as exc:
             skipped.append((str(run_dir), f"unreadable config.yaml/summary.json ({type(exc).__name__})"))
             continue
-        rec = _run_record(config, summary, str(run_dir), str(run_dir.parent), summary_path.stat().st_mtime)
+        rec = _run_record(config, summary, str(run_dir), str(run_dir.parent), finished_at(summary, summary_path))
         records.append((rec, read_metrics(run_dir / "metrics.jsonl")))
     if verbose:
         for run_dir, reason in skipped:
             print(f"skipped {run_dir}: {reason}")
     return _frames(records, skipped)
+
+
+def finished_at(summary: dict[str, Any], path: Path) -> float:
+    """When a run finished (Unix seconds): its summary's `finished_at`, else (a run made before the trainer wrote
+    it) the summary file's modification time, which a copy or a git checkout does not keep."""
+    return float(summary.get("finished_at", path.stat().st_mtime))
 
 
 def load_wandb(project: str, api: Any = None, filters: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           ref=parts.ref, sft_items=parts.sft_items, world=world, generators=generators)
         summary = {"run": run_name(cfg), "run_dir": str(run_dir), "world_size": world.size,
                    "model_dir": Path(parts.model_path).name, **trainer.fit(ckpt)}
+        # when it finished (Unix seconds), in the file: a copy of the run (committed results, a fresh clone) keeps it
+        summary["finished_at"] = round(time.time(), 3)
     finally:
         parts.close()
     sink.close(summary["final"])

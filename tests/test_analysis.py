@@ -691,9 +691,16 @@ def test_collect_keeps_each_finished_runs_compact_outputs_and_nothing_else(sweep
     assert sorted(p.name for p in out.iterdir()) == ["0_dash_kl-on_seed0", "2_dash_kl-off_seed0", "3_dash_kl-off_seed1"]
     assert sorted(p.name for p in (out / "0_dash_kl-on_seed0").iterdir()) == ["config.yaml", "metrics.jsonl",
                                                                                "summary.json"]
-    # the analysis reads the collected runs as it reads the sweep's
+    # the analysis reads the collected runs as it reads the sweep's, and when each finished survives a copy that
+    # keeps no file times (git): the copy's summary records it
     runs, _ = load_runs(out)
     assert len(runs) == 3 and set(runs["sweep"]) == {"kl"}
+    source = (done / "summary.json").stat().st_mtime
+    assert json.loads((out / done.name / "summary.json").read_text())["finished_at"] == source
+    cloned = tmp_path / "clone"
+    shutil.copytree(out, cloned, copy_function=shutil.copy)  # new file times
+    again, _ = load_runs(cloned)
+    assert sorted(again["finished_at"]) == sorted(runs["finished_at"]) and source in set(again["finished_at"])
 
 
 @pytest.mark.unit
@@ -753,8 +760,8 @@ def test_make_figures_alone_remakes_the_committed_result_blocks_from_the_committ
     if (REPO / "results").is_dir():
         (tmp_path / "results").symlink_to(REPO / "results")
     proc = subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "figures", "STAMP=",
-                           f"BIN={Path(sys.executable).parent}"], cwd=tmp_path, env=cli_env, capture_output=True,
-                          text=True, timeout=600)
+                           f"BIN={Path(sys.executable).parent}"], cwd=tmp_path, env={**cli_env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in GENERATED:
         assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: a stale generated block"

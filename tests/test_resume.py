@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,7 @@ def test_keep_final_checkpoint_false_drops_a_finished_runs_checkpoints_and_a_rer
     common = ["algorithm=dash", "save_every=1", f"run_dir={run_dir}", "keep_final_checkpoint=false"]
     first = train(make_cfg(*common, "steps=2"))
     assert (run_dir / "summary.json").is_file() and not (run_dir / "checkpoints").exists()
+    assert 0 <= time.time() - first["finished_at"] < 600  # when it finished, in the summary itself
     rows = (run_dir / "metrics.jsonl").read_text()
     # the same config again (keep_final_checkpoint is not part of what a run computes): skipped, nothing trained
     assert train(make_cfg(*common[:-1], "steps=2")) == json.loads((run_dir / "summary.json").read_text())
