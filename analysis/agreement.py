@@ -35,16 +35,24 @@ def findings_frame(root: str | Path) -> pd.DataFrame:
     return interval_frame(verdicts(runs, steps))
 
 
+def agreement(verdicts: list[str]) -> str:
+    """How the verdicts of one compared pair on several models relate: `same`, `opposite` (a yes and a no: the
+    models disagree), or `undecided on one` (decided on some, inconclusive on another: more seeds would tell)."""
+    if len(set(verdicts)) == 1:
+        return "same"
+    return "opposite" if {"yes", "no"} <= set(verdicts) else "undecided on one"
+
+
 def agreement_table(frames: dict[str, pd.DataFrame]) -> str:
     """Markdown: one row per compared pair found in any of the frames (in the first frame's order), a column per
-    frame ('difference [95% CI] unit: verdict', or 'not run') and `same verdict` (yes / no; '–' where a frame lacks
-    the pair); then a line counting the pairs that agree and naming those that do not."""
+    frame ('difference [95% CI] unit: verdict', or 'not run') and `verdicts` (`agreement`; '–' where a frame lacks
+    the pair); then a line counting the pairs by how their verdicts relate and naming those that are not the same."""
     names = list(frames)
     keyed = {name: {(str(r.finding), r.part): r for r in f.itertuples()} for name, f in frames.items()}
     order = list(dict.fromkeys(key for name in names for key in keyed[name]))
-    rows = ["| finding | compared | " + " | ".join(names) + " | same verdict |",
+    rows = ["| finding | compared | " + " | ".join(names) + " | verdicts |",
             "|---|---|" + "---|" * len(names) + "---|"]
-    same, differ = 0, []
+    kinds: dict[str, list[str]] = {"same": [], "opposite": [], "undecided on one": []}
     for key in order:
         cells, found = [], []
         for name in names:
@@ -54,17 +62,14 @@ def agreement_table(frames: dict[str, pd.DataFrame]) -> str:
                 continue
             found.append(r.verdict)
             cells.append(f"{interval_text(r.diff, r.low, r.high, 2)} {r.unit}: **{r.verdict}**")
-        if len(found) < len(names):
-            agree = "–"
-        elif len(set(found)) == 1:
-            agree, same = "yes", same + 1
-        else:
-            agree = "no"
-            differ.append(f"{key[0]} {key[1]}")
-        rows.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {agree} |")
-    compared = same + len(differ)
-    summary = (f"The same verdict on {same} of the {compared} pairs that every model ran"
-               + (f"; a different one on {', '.join(differ)}." if differ else "."))
+        kind = agreement(found) if len(found) == len(names) else "–"
+        if kind in kinds:
+            kinds[kind].append(f"{key[0]} {key[1]}")
+        rows.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {kind} |")
+    compared = sum(map(len, kinds.values()))
+    summary = f"Of the {compared} pairs that every model ran: the same verdict on {len(kinds['same'])}"
+    summary += "".join(f"; {kind} on {len(pairs)} ({', '.join(pairs)})" for kind, pairs in kinds.items()
+                       if kind != "same" and pairs) + "."
     return "\n".join(rows) + "\n\n" + summary
 
 

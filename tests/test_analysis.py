@@ -705,7 +705,7 @@ def test_collect_keeps_each_finished_runs_compact_outputs_and_nothing_else(sweep
 
 @pytest.mark.unit
 def test_agreement_puts_two_models_verdicts_side_by_side_and_names_where_they_differ(sweeps, tmp_path, capsys):
-    from analysis.agreement import BEGIN, END, findings_frame
+    from analysis.agreement import BEGIN, END, agreement, findings_frame
     from analysis.agreement import main as agreement_main
 
     # two "models": the same runs as one all-findings sweep twice, the second with SFT-M's final accuracy set to 1
@@ -729,14 +729,17 @@ def test_agreement_puts_two_models_verdicts_side_by_side_and_names_where_they_di
     text = readme.read_text()
     assert "stale" not in text and text.endswith(f"{END}\nafter\n")
     table = text.split(BEGIN)[1]
-    assert "| finding | compared | real | other | same verdict |" in table
+    assert "| finding | compared | real | other | verdicts |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == len(base) and all(row.endswith(("| yes |", "| no |")) for row in rows)
+    assert len(rows) == len(base) and all(row.endswith(("| same |", "| opposite |")) for row in rows)
     row = next(line for line in rows if line.startswith("| 1 | DASH > SFT-M |"))
-    assert row.endswith("| no |") and row.count(": **yes** |") == 1 and row.count(": **no** |") == 1
-    assert [line for line in rows if line.endswith("| no |")] == [row]
-    assert f"The same verdict on {len(rows) - 1} of the {len(rows)} pairs that every model ran; a different one on " \
-           "1 DASH > SFT-M." in table
+    assert row.endswith("| opposite |") and row.count(": **yes** |") == 1 and row.count(": **no** |") == 1
+    assert [line for line in rows if not line.endswith("| same |")] == [row]
+    assert f"Of the {len(rows)} pairs that every model ran: the same verdict on {len(rows) - 1}; opposite on 1 " \
+           "(1 DASH > SFT-M)." in table
+    # a verdict decided on one model and inconclusive on the other is not a disagreement
+    assert agreement(["yes", "inconclusive"]) == agreement(["inconclusive", "no"]) == "undecided on one"
+    assert agreement(["no", "no", "no"]) == "same" and agreement(["yes", "inconclusive", "no"]) == "opposite"
     # pairs only one model ran (the tiny model's code task) are shown, not compared
     assert agreement_main(["--runs", f"tiny={sweeps}", "--runs", f"real={same}"]) == 0
     code = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 (code)", "| 4 (code)"))]
