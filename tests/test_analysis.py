@@ -762,9 +762,10 @@ def test_make_figures_alone_remakes_the_committed_result_blocks_from_the_committ
         shutil.copy(REPO / name, tmp_path / name)
     if (REPO / "results").is_dir():
         (tmp_path / "results").symlink_to(REPO / "results")
+    env = {**cli_env, "PYTHONPATH": str(REPO)}  # analysis/ is imported from the checkout, as make runs it there
     proc = subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "figures", "STAMP=",
-                           f"BIN={Path(sys.executable).parent}"], cwd=tmp_path, env={**cli_env, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=600)
+                           f"BIN={Path(sys.executable).parent}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in GENERATED:
         assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: a stale generated block"
