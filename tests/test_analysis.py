@@ -664,13 +664,32 @@ def test_make_figures_views_write_the_real_models_block(sweeps, tmp_path):
     assert "\ntiny\n" in text and "stale" not in text  # only its own block
     block = text.split("<!-- reproduce-smollm2-table:begin -->")[1]
     assert "from 20 runs finished" in block and "--views" in block
-    assert "Runs per arm: " in block and "DASH 2, DASH with KL 2" in block and "training time of all runs" in block
+    assert "Runs per arm: " in block and "DASH 2, DASH with KL 2" in block and "compute time of all runs" in block
     for row in ("| 1 | DASH > SFT-M |", "| 2 | PPO Multi > DASH |", "| 3 | shorter |", "| 4 | faster |"):
         assert row in block
     index = (tmp_path / "figures" / "README.md").read_text()
     assert "Finding 3" in index and (tmp_path / "figures" / "fig5.png").stat().st_size > 10_000
     # the findings' own sweeps beside it: a one-line error
     assert main(["--runs", str(sweeps), "--views", "--out", str(tmp_path / "f2")]) == 1
+
+
+@pytest.mark.unit
+def test_the_blocks_compute_time_counts_each_runs_evaluations_once(sweeps, tmp_path):
+    """The block's compute time adds the runs' held-out evaluations (`time/eval` rows: start, periodic, end) to
+    their training time; a run that several findings' views hold (DASH) counts once."""
+    from analysis.runs import as_finding_sweeps
+
+    root = all_findings_sweep(sweeps, tmp_path / "all")
+    runs, steps = as_finding_sweeps(*load_runs(root))
+    assert runs["run_dir"].nunique() < len(runs)  # the views repeat the shared runs
+    rows = [json.loads(line) for f in root.rglob("metrics.jsonl") for line in f.read_text().splitlines() if line]
+    expected = sum(r["time/eval"] for r in rows if "time/eval" in r)
+    assert expected > 0
+    assert FD._eval_seconds(runs, steps) == pytest.approx(expected, rel=1e-12)
+    training = sum(json.loads((d / "summary.json").read_text())["time/elapsed"] for d in root.glob("*/*/"))
+    block = FD.results_section(runs, steps, paragraphs=False)
+    assert (f"compute time of all runs together {(training + expected) / 3600:.2f} h: training "
+            f"{training / 3600:.2f} h, held-out evaluations {expected / 3600:.2f} h") in block
 
 
 @pytest.mark.unit
